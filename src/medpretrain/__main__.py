@@ -1,0 +1,3 @@
+from medpretrain.cli import main
+
+main()

@@ -1,0 +1,178 @@
+"""The Python API: everything the command line does, one import away.
+
+    from medpretrain.api import prepare, finetune, evaluate, predict, demo
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from medpretrain.config import EvaluateConfig, FinetuneConfig, InferenceConfig
+from medpretrain.data.cache import PreparedData, prepare_dataset, prepare_pool
+from medpretrain.data.datasets import discover_pool
+from medpretrain.data.io import read_image, write_nifti
+from medpretrain.data.preprocess import PreprocessConfig, preprocess_image, restore_to_original
+from medpretrain.engine.finetune import finetune, read_run
+from medpretrain.errors import CacheError, DataError
+from medpretrain.evaluation.inference import load_trained_model, predict_probabilities
+from medpretrain.evaluation.metrics import case_metrics
+from medpretrain.evaluation.plots import save_overlay, save_training_curve
+from medpretrain.evaluation.report import write_evaluation
+
+log = logging.getLogger("medpretrain")
+
+__all__ = ["prepare", "prepare_dataset", "prepare_pool", "finetune", "evaluate", "predict", "FinetuneConfig",
+           "EvaluateConfig", "PreprocessConfig", "PreparedData"]
+
+
+def prepare(dataset: str | Path | None = None, pool: str | Path | None = None, out: str | Path = "prepared",
+            cfg: PreprocessConfig | None = None, workers: int = 1, strict: bool = False, seed: int = 0,
+            progress: bool = True) -> PreparedData:
+    """Prepare a labelled dataset (``dataset``) or an unlabelled pool (``pool``) into a cache at ``out``."""
+    cfg = cfg or PreprocessConfig()
+    if (dataset is None) == (pool is None):
+        raise DataError("give exactly one of --dataset DIR (labelled) or --pool DIR|GLOB|LIST.json (unlabelled)")
+    if dataset is not None:
+        return prepare_dataset(dataset, out, cfg, workers=workers, strict=strict, seed=seed, progress=progress)
+    return prepare_pool(pool, out, cfg, workers=workers, strict=strict, progress=progress)
+
+
+def _check_model_fits_data(meta: dict, data: PreparedData, run_dir: Path) -> None:
+    if data.kind != "labelled":
+        raise CacheError(f"{data.root} is an unlabelled pool; evaluation needs prepared labelled data")
+    if meta["in_channels"] != data.in_channels or meta["out_channels"] != data.num_classes:
+        raise CacheError(
+            f"run {run_dir} was trained for {meta['in_channels']} channel(s) and {meta['out_channels']} classes, "
+            f"but {data.root} has {data.in_channels} channel(s) and {data.num_classes} classes; "
+            "evaluate on data prepared from the same dataset"
+        )
+
+
+def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = None,
+             out: str | Path | None = None) -> dict:
+    """Evaluate a finished run on a split of prepared data.
+
+    Writes ``RUN/eval/`` (or ``out``): metrics.json, per_case.csv, report.md, overlays/*.png.
+    Metrics are computed on the prepared grid (the spacing of the prepared data), per case and class.
+    """
+    cfg = cfg or EvaluateConfig()
+    run_dir = Path(run)
+    out_dir = Path(out) if out else run_dir / "eval"
+    prepared = PreparedData(data)
+    model = load_trained_model(run_dir)
+    _check_model_fits_data(model.meta, prepared, run_dir)
+    inference = cfg.inference or InferenceConfig(**model.meta.get("inference", {}))
+    labels = model.labels
+    class_ids = [c for c in sorted(labels) if c != 0]
+    spacing = tuple(prepared.spacing)
+    case_ids = prepared.split(cfg.split)
+    per_case, cache = {}, {}
+    t0 = time.perf_counter()
+    for i, cid in enumerate(case_ids):
+        image = np.asarray(prepared.image(cid))
+        label = np.asarray(prepared.label(cid))
+        pred = predict_probabilities(model, image, inference).argmax(0).astype(np.uint8)
+        per_case[cid] = case_metrics(pred, label, class_ids, spacing, cfg.nsd_tolerance_mm)
+        cache[cid] = pred
+        log.info("evaluated %s (%d/%d): Dice %s", cid, i + 1, len(case_ids),
+                 ", ".join(f"{per_case[cid][c]['dice']:.3f}" for c in class_ids))
+    seconds_per_case = (time.perf_counter() - t0) / max(len(case_ids), 1)
+
+    overlays = []
+    if cfg.overlays:
+        mean_dice = {cid: float(np.mean([per_case[cid][c]["dice"] for c in class_ids])) for cid in case_ids}
+        ranked = sorted(case_ids, key=lambda c: mean_dice[c], reverse=True)
+        chosen = ranked if cfg.overlays < 0 or cfg.overlays >= len(ranked) else (
+            ranked[: (cfg.overlays + 1) // 2] + ranked[len(ranked) - cfg.overlays // 2:])
+        for cid in dict.fromkeys(chosen):
+            path = out_dir / "overlays" / f"{cid}.png"
+            save_overlay(np.asarray(prepared.image(cid))[0], np.asarray(prepared.label(cid)), cache[cid], path,
+                         title=f"{cid}  Dice {mean_dice[cid]:.3f}  (green: truth, red: prediction)", spacing=spacing)
+            overlays.append(path)
+    curve = save_training_curve(run_dir / "logs" / "csv" / "metrics.csv", out_dir / "training_curve.png")
+    run_info = read_run(run_dir)
+    context = {
+        "run": str(run_dir),
+        "model": model.meta["model"],
+        "steps": model.meta.get("global_step"),
+        "n_labeled": run_info.get("n_labeled"),
+        "data": str(prepared.root),
+        "split": cfg.split,
+        "n_cases": len(case_ids),
+        "spacing_mm": list(spacing),
+        "patch": list(model.patch),
+        "inference": inference.model_dump(),
+        "precision": model.precision,
+        "nsd_tolerance_mm": cfg.nsd_tolerance_mm,
+        "training": run_info.get("training", {}),
+        "inference_seconds_per_case": round(seconds_per_case, 2),
+    }
+    return write_evaluation(out_dir, per_case, labels, context, overlays=overlays, training_curve=curve)
+
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".nrrd", ".mha", ".mhd")
+
+
+def _group_channels(paths: Sequence[Path], in_channels: int) -> dict[str, list[Path]]:
+    """Group nnU-Net-style channel files (CASE_0000, CASE_0001, ...) into cases; single files otherwise."""
+    groups: dict[str, list[Path]] = {}
+    for p in sorted(paths):
+        name = p.name
+        for suffix in IMAGE_SUFFIXES:
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        if in_channels > 1 or (len(name) > 5 and name[-5] == "_" and name[-4:].isdigit()):
+            if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+                name = name[:-5]
+        groups.setdefault(name, []).append(p)
+    return groups
+
+
+def predict(run: str | Path, input: str | Path, out: str | Path,
+            inference: InferenceConfig | None = None) -> list[Path]:
+    """Segment image file(s) and write label maps in each input's ORIGINAL geometry (shape and affine).
+
+    Args:
+        run: a finished fine-tuning run.
+        input: an image file, a DICOM series folder, or a folder of images (nnU-Net channel files
+            ``CASE_0000`` are grouped per case).
+        out: folder for ``CASE.nii.gz`` label maps.
+        inference: overrides of the run's sliding-window settings.
+    """
+    model = load_trained_model(run)
+    inference = inference or InferenceConfig(**model.meta.get("inference", {}))
+    # The manifest's preprocess block holds the resolved spacing and modality the model was trained at.
+    cfg = PreprocessConfig(**model.meta["preprocess"])
+    spacing, modality = tuple(cfg.spacing), cfg.modality
+    sources = discover_pool(input)
+    if not sources:
+        raise DataError(f"no images found in {input} (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM folders)")
+    files = [p for s in sources for p in s.images]
+    groups = _group_channels(files, model.meta["in_channels"])
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for case_id, paths in groups.items():
+        images = [read_image(p) for p in paths]
+        image = images[0]
+        if len(images) > 1:
+            image.array = np.concatenate([im.array for im in images], axis=0)
+        if image.array.shape[0] != model.meta["in_channels"]:
+            raise DataError(
+                f"{paths[0]}: {image.array.shape[0]} channel(s) but the model expects {model.meta['in_channels']}; "
+                "give one file per channel named CASE_0000, CASE_0001, ... or a 4D file"
+            )
+        prepared = preprocess_image(image, cfg, spacing, modality)
+        probs = predict_probabilities(model, prepared.image, inference)
+        label = restore_to_original(probs, prepared.geometry, is_probability=True)
+        target = out_dir / f"{case_id}.nii.gz"
+        write_nifti(label.astype(np.uint8), np.asarray(prepared.geometry.original_affine), target, dtype=np.uint8)
+        written.append(target)
+        log.info("wrote %s", target)
+    return written

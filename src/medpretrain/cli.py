@@ -1,0 +1,236 @@
+"""The ``medpretrain`` command: a thin layer over ``medpretrain.api``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medpretrain.errors import MedpretrainError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Pretrain and fine-tune 3D medical image segmentation networks when labelled data are scarce.",
+)
+log = logging.getLogger("medpretrain")
+
+TCMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib64/libtcmalloc_minimal.so.4",
+)
+
+
+def _maybe_reexec_with_tcmalloc() -> None:
+    """Re-run this command with tcmalloc preloaded when it is installed (training steps up to 2.5x faster on
+    CPU: glibc malloc returns and re-faults the large activation buffers every step). Opt out with
+    MEDPRETRAIN_NO_TCMALLOC=1."""
+    if os.environ.get("MEDPRETRAIN_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    lib = next((p for p in TCMALLOC_PATHS if os.path.exists(p)), None)
+    if lib is None:
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(filter(None, [lib, env.get("LD_PRELOAD")]))
+    env["MEDPRETRAIN_NO_TCMALLOC"] = "1"  # never loop
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "medpretrain", *sys.argv[1:]], env)
+    except OSError:
+        return
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(show_path=False, rich_tracebacks=False)
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler()
+        fmt = "%(asctime)s %(levelname)s %(message)s"
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    for noisy in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    _setup_logging(verbose)
+
+
+def _tuple3(values, name, kind=float):
+    if values is None:
+        return None
+    if len(values) != 3:
+        raise typer.BadParameter(f"{name} takes three values X Y Z")
+    return tuple(kind(v) for v in values)
+
+
+@app.command()
+def prepare(
+    dataset: Optional[Path] = typer.Option(None, help="Labelled dataset folder (MSD, nnU-Net v2 raw, or images/ + labels/)."),
+    pool: Optional[str] = typer.Option(None, help="Unlabelled scans: a folder, a glob, or a JSON list of paths."),
+    out: Path = typer.Option(..., help="Output folder of the prepared cache."),
+    spacing: Optional[tuple[float, float, float]] = typer.Option(None, help="Target spacing X Y Z in mm (default: the dataset's median)."),
+    modality: Optional[str] = typer.Option(None, help="CT or MR (default: from dataset.json, else MR)."),
+    ct_window: tuple[float, float] = typer.Option((-175.0, 250.0), help="CT intensity window in HU."),
+    mr_percentiles: tuple[float, float] = typer.Option((0.5, 99.5), help="MR clipping percentiles."),
+    label_interpolation: str = typer.Option("linear", help="Label resampling: linear (one-hot, then argmax) or nearest."),
+    no_crop: bool = typer.Option(False, "--no-crop", help="Do not crop to the body box."),
+    nan_policy: str = typer.Option("error", help="NaN/Inf voxels: error (skip the case) or zero (replace, recorded)."),
+    max_voxels: Optional[int] = typer.Option(None, help="Refuse images with more voxels than this after resampling."),
+    workers: int = typer.Option(1, help="Parallel processes."),
+    strict: bool = typer.Option(False, help="Stop with an error at the first bad case instead of skipping it."),
+    seed: int = typer.Option(0, help="Seed of the 80/20 split when the dataset has no splits.json."),
+) -> None:
+    """Preprocess a labelled dataset or an unlabelled pool into a memory-mapped cache."""
+    from medpretrain.api import prepare as run_prepare
+    from medpretrain.config import make_config
+    from medpretrain.data.preprocess import PreprocessConfig
+
+    cfg = make_config(PreprocessConfig, {
+        "spacing": spacing, "modality": modality.upper() if modality else None, "ct_window": ct_window,
+        "mr_percentiles": mr_percentiles, "label_interpolation": label_interpolation,
+        "crop_foreground": not no_crop, "nan_policy": nan_policy, "max_voxels": max_voxels,
+    })
+    data = run_prepare(dataset=dataset, pool=pool, out=out, cfg=cfg, workers=workers, strict=strict, seed=seed)
+    skipped = data.manifest.get("skipped", [])
+    typer.echo(f"prepared {len(data.case_ids)} case(s) in {data.root}" + (f", skipped {len(skipped)}" if skipped else ""))
+
+
+@app.command()
+def finetune(
+    data: Path = typer.Option(..., help="Prepared labelled data (output of `prepare --dataset`)."),
+    out: Path = typer.Option(..., help="Run folder."),
+    model: Optional[str] = typer.Option(None, help="Registered model name (see `medpretrain models`). [default: unet]"),
+    config: Optional[Path] = typer.Option(None, help="YAML file of FinetuneConfig keys; options given here override it."),
+    init: Optional[Path] = typer.Option(None, help="Checkpoint to initialise from (ours, Lightning, or MONAI SSL)."),
+    init_part: Optional[str] = typer.Option(None, help="encoder or all. [default: encoder]"),
+    n_labeled: Optional[int] = typer.Option(None, help="Number of labelled training cases (seeded draw)."),
+    fraction: Optional[float] = typer.Option(None, help="Or a fraction of the labelled training cases."),
+    freeze_encoder: Optional[bool] = typer.Option(None, "--freeze-encoder", help="Train decoder and head only."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps. [default: 600]"),
+    patch: Optional[tuple[int, int, int]] = typer.Option(None, help="Patch X Y Z. [default: 64 64 48]"),
+    batch: Optional[int] = typer.Option(None, help="Patches per step and process. [default: 2]"),
+    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate. [default: 1e-3]"),
+    seed: Optional[int] = typer.Option(None, help="Seed of subset, initialisation and patches. [default: 0]"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints. [default: 100]"),
+    precision: Optional[str] = typer.Option(None, help="auto, 32-true, bf16-mixed or 16-mixed. [default: auto]"),
+    accelerator: Optional[str] = typer.Option(None, help="auto, cpu or gpu. [default: auto]"),
+    devices: Optional[str] = typer.Option(None, help="Devices (processes) per node for Lightning. [default: 1]"),
+    num_nodes: Optional[int] = typer.Option(None, help="Nodes for Lightning DDP. [default: 1]"),
+    strategy: Optional[str] = typer.Option(None, help="Lightning strategy, e.g. ddp. [default: auto]"),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers. [default: 2]"),
+    deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Bitwise-reproducible mode."),
+    resume: bool = typer.Option(False, help="Continue from the newest readable checkpoint in --out."),
+) -> None:
+    """Fine-tune (or train from scratch) a segmentation network on prepared labelled data."""
+    from medpretrain.api import finetune as run_finetune
+    from medpretrain.config import FinetuneConfig, load_config
+
+    cfg = load_config(FinetuneConfig, config, {
+        "model": model, "init": init, "init_part": init_part, "n_labeled": n_labeled, "fraction": fraction,
+        "freeze_encoder": freeze_encoder, "steps": steps, "patch": patch, "batch": batch, "lr": lr, "seed": seed,
+        "checkpoint_every": checkpoint_every, "precision": precision, "accelerator": accelerator,
+        "devices": int(devices) if devices and devices.isdigit() else devices, "num_nodes": num_nodes,
+        "strategy": strategy, "num_workers": num_workers, "deterministic": deterministic,
+    })
+    run = run_finetune(data, out, cfg, resume=resume)
+    typer.echo(f"run written to {run}")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., help="A finished run folder."),
+    data: Path = typer.Option(..., help="Prepared labelled data."),
+    split: str = typer.Option("test", help="Split of the prepared data."),
+    nsd_tolerance: float = typer.Option(2.0, help="NSD tolerance in mm."),
+    overlays: int = typer.Option(4, help="Overlay PNGs (half best, half worst cases); -1 for all."),
+    overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap. [default: the run's, 0.5]"),
+    out: Optional[Path] = typer.Option(None, help="Output folder. [default: RUN/eval]"),
+) -> None:
+    """Evaluate a run: metrics.json, per_case.csv, report.md and overlays/ in RUN/eval."""
+    from medpretrain.api import evaluate as run_evaluate
+    from medpretrain.config import EvaluateConfig, InferenceConfig, make_config
+
+    inference = make_config(InferenceConfig, {"overlap": overlap}) if overlap is not None else None
+    cfg = make_config(EvaluateConfig, {"split": split, "nsd_tolerance_mm": nsd_tolerance, "overlays": overlays,
+                                       "inference": inference})
+    metrics = run_evaluate(run, data, cfg, out)
+    overall = metrics["overall"]
+    typer.echo("  ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in overall.items()))
+
+
+@app.command()
+def predict(
+    run: Path = typer.Option(..., help="A finished run folder."),
+    input: Path = typer.Option(..., help="An image file, a DICOM series folder, or a folder of images."),
+    out: Path = typer.Option(..., help="Folder for the label maps (original geometry of each input)."),
+    overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap. [default: the run's, 0.5]"),
+) -> None:
+    """Segment images; label maps are written in each input's original geometry."""
+    from medpretrain.api import predict as run_predict
+    from medpretrain.config import InferenceConfig, make_config
+
+    inference = make_config(InferenceConfig, {"overlap": overlap}) if overlap is not None else None
+    written = run_predict(run, input, out, inference)
+    typer.echo(f"wrote {len(written)} label map(s) to {out}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
+    seed: int = typer.Option(0, help="Seed of the synthetic data and training."),
+    steps: Optional[int] = typer.Option(None, help="Fine-tuning steps. [default: 300]"),
+    fresh: bool = typer.Option(False, help="Delete --out first."),
+) -> None:
+    """Run the whole pipeline on built-in synthetic data (no download) and write OUT/report.md."""
+    from medpretrain.demo import DEMO_STEPS
+    from medpretrain.demo import demo as run_demo
+
+    report = run_demo(out, seed=seed, steps=steps or DEMO_STEPS, fresh=fresh)
+    typer.echo(f"report: {report}")
+
+
+@app.command()
+def models() -> None:
+    """List the registered networks and their presets."""
+    from medpretrain.models import list_models
+
+    for spec in list_models():
+        opts = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        typer.echo(f"{spec.name:18s} {spec.description}\n{'':18s} patch sides: multiple of {spec.divisor}, "
+                   f">= {spec.min_size}; options: {opts}")
+
+
+def main() -> None:
+    """Console-script entry point: known errors print one line and exit 1, without a traceback."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("finetune", "demo", "evaluate", "predict"):
+        _maybe_reexec_with_tcmalloc()
+    try:
+        app(standalone_mode=False)
+    except MedpretrainError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Abort):
+            typer.echo("aborted", err=True)
+            raise SystemExit(130) from None
+        raise

@@ -1,0 +1,198 @@
+"""Typed configuration of fine-tuning, inference and evaluation, loadable from YAML.
+
+Every field has a default; a YAML file sets any subset; command-line options override the file.
+Unknown keys are refused with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from medpretrain.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class AugmentConfig(_Strict):
+    """Patch augmentation (MONAI transforms), applied per sample in the DataLoader workers.
+
+    Args:
+        enabled: master switch.
+        flip_prob: probability of a flip along each axis.
+        rotate90_prob: probability of a 90-degree in-plane rotation (only when the patch's first two sides
+            are equal, so the patch keeps its shape).
+        affine_prob: probability of a small random affine (rotation up to ``rotate_deg``, scale up to
+            ``scale``).
+        intensity_prob: probability of each of a random intensity scale and shift (+-10%).
+        noise_prob: probability of Gaussian noise (std 0.05).
+    """
+
+    enabled: bool = True
+    flip_prob: float = 0.5
+    rotate90_prob: float = 0.0
+    affine_prob: float = 0.0
+    rotate_deg: float = 15.0
+    scale: float = 0.1
+    intensity_prob: float = 0.0
+    noise_prob: float = 0.0
+
+
+class InferenceConfig(_Strict):
+    """Sliding-window inference (MONAI ``sliding_window_inference``).
+
+    Args:
+        overlap: fraction of overlap between windows.
+        mode: blending of overlapping windows, ``gaussian`` or ``constant``.
+        sw_batch_size: windows per forward pass.
+        roi: window size; None uses the training patch.
+    """
+
+    overlap: float = 0.5
+    mode: Literal["gaussian", "constant"] = "gaussian"
+    sw_batch_size: int = 2
+    roi: tuple[int, int, int] | None = None
+
+
+class FinetuneConfig(_Strict):
+    """Supervised fine-tuning (or from-scratch training) of a segmentation network.
+
+    Args:
+        model: registered network name (``medpretrain models``).
+        model_options: overrides of the preset's options.
+        steps: optimizer steps (per process under DDP).
+        patch: training patch (X, Y, Z) in voxels of the prepared data.
+        batch: patches per step per process.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_fraction: share of steps spent warming up (one-cycle: cosine warm-up from lr/25, then cosine
+            decay to lr/1e4).
+        foreground_fraction: share of patches centred on a labelled voxel (nnU-Net uses 1/3).
+        seed: seeds the labelled subset, model initialisation and every patch.
+        n_labeled: use this many labelled training cases (drawn from ``seed``); None = all.
+        fraction: or this fraction of them.
+        freeze_encoder: train the decoder and head only (linear probing).
+        init: checkpoint to initialise from.
+        init_part: ``encoder`` or ``all`` (everything whose name and shape match).
+        checkpoint_every: steps between checkpoints (also the length of a data "epoch").
+        precision: ``auto`` = bf16 autocast where the hardware supports it (CUDA with bf16; CPUs with
+            AVX-512 BF16/AMX), else fp32; or a Lightning precision string.
+        accelerator, devices, num_nodes, strategy: passed to Lightning (DDP: ``--devices 2 --strategy ddp``).
+        num_workers: DataLoader workers (patch reading and augmentation).
+        deterministic: Lightning's deterministic mode (bitwise reproducible resume on CPU).
+        loss_lambda_dice, loss_lambda_ce: weights of MONAI DiceCELoss terms.
+    """
+
+    model: str = "unet"
+    model_options: dict[str, Any] = {}
+    steps: int = 600
+    patch: tuple[int, int, int] = (64, 64, 48)
+    batch: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_fraction: float = 0.3
+    foreground_fraction: float = 1.0 / 3.0
+    seed: int = 0
+    n_labeled: int | None = None
+    fraction: float | None = None
+    freeze_encoder: bool = False
+    init: Path | None = None
+    init_part: Literal["encoder", "all"] = "encoder"
+    checkpoint_every: int = 100
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    num_workers: int = 2
+    deterministic: bool = False
+    loss_lambda_dice: float = 1.0
+    loss_lambda_ce: float = 1.0
+    augment: AugmentConfig = AugmentConfig()
+    inference: InferenceConfig = InferenceConfig()
+
+    @field_validator("steps", "batch", "checkpoint_every")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("warmup_fraction", "foreground_fraction")
+    @classmethod
+    def _unit(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be within [0, 1]")
+        return v
+
+    @model_validator(mode="after")
+    def _subset(self):
+        if self.n_labeled is not None and self.fraction is not None:
+            raise ValueError("give either n_labeled or fraction, not both")
+        if self.n_labeled is not None and self.n_labeled < 1:
+            raise ValueError("n_labeled must be >= 1")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError("fraction must be within (0, 1]")
+        return self
+
+
+class EvaluateConfig(_Strict):
+    """Evaluation of a run on a split of prepared data.
+
+    Args:
+        split: split name in the prepared manifest.
+        nsd_tolerance_mm: tolerance of the normalised surface Dice.
+        overlays: number of overlay PNGs (half best, half worst cases by Dice); 0 = none, -1 = all.
+        inference: overrides of the run's inference settings.
+    """
+
+    split: str = "test"
+    nsd_tolerance_mm: float = 2.0
+    overlays: int = 4
+    inference: InferenceConfig | None = None
+
+
+def _format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{loc}'; valid keys: {', '.join(model.model_fields)}")
+        else:
+            lines.append(f"'{loc}' = {err.get('input')!r}: {err['msg']}")
+    return f"invalid configuration in {source}: " + "; ".join(lines)
+
+
+def make_config(model: type[_Strict], values: dict[str, Any], source: str = "options"):
+    """Validate ``values`` into ``model``; ConfigError naming the key, value and valid keys otherwise."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, model, source)) from None
+
+
+def load_config(model: type[_Strict], path: str | Path | None, overrides: dict[str, Any] | None = None):
+    """Read a YAML file (optional) into ``model``, then apply ``overrides`` (None values are ignored)."""
+    values: dict[str, Any] = {}
+    source = "options"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot parse YAML config {path}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must hold a mapping of keys to values, got {type(loaded).__name__}")
+        values.update(loaded)
+        source = str(path)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    return make_config(model, values, source)

@@ -1,0 +1,102 @@
+"""The Lightning module of supervised segmentation training (fine-tuning and training from scratch)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from monai.losses import DiceCELoss
+
+from medpretrain.config import FinetuneConfig
+from medpretrain.errors import TrainingError
+from medpretrain.models import build_model, get_spec
+
+
+def one_cycle_factor(step: int, total_steps: int, warmup_fraction: float, start_div: float = 25.0,
+                     final_div: float = 1e4) -> float:
+    """Learning-rate multiplier of the one-cycle schedule: cosine warm-up from 1/start_div to 1 over the first
+    ``warmup_fraction`` of the steps, then cosine decay to 1/final_div (PyTorch OneCycleLR's shape, defined for
+    any number of steps, including runs of one or two)."""
+    warmup = int(round(warmup_fraction * total_steps))
+    lo, end = 1.0 / start_div, 1.0 / final_div
+    if step < warmup:
+        return lo + (1.0 - lo) * (1 - math.cos(math.pi * step / warmup)) / 2
+    decay = max(total_steps - warmup - 1, 1)
+    t = min((step - warmup) / decay, 1.0)
+    return end + (1.0 - end) * (1 + math.cos(math.pi * t)) / 2
+
+
+def one_cycle_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+    """Warm-up then cosine decay, stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: one_cycle_factor(step, total_steps, warmup_fraction)
+    )
+
+
+class NonFiniteLossGuard:
+    """Raise TrainingError naming the step when a loss is NaN or Inf (before it reaches the weights)."""
+
+    @staticmethod
+    def check(loss: torch.Tensor, step: int) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingError(
+                f"loss is {loss.detach().float().item()} at step {step}: training stopped, the last good "
+                "checkpoint is intact; lower --lr, check the data (prepare refuses NaN voxels), or use "
+                "--precision 32"
+            )
+
+
+class SegmentationModule(pl.LightningModule):
+    """Trains a registered network with Dice + cross-entropy on labelled patches.
+
+    Args:
+        cfg: the fine-tuning configuration (model, optimiser, schedule, freezing).
+        in_channels: image channels.
+        out_channels: classes including background.
+    """
+
+    def __init__(self, cfg: FinetuneConfig, in_channels: int, out_channels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.spec = get_spec(cfg.model)
+        self.model = build_model(cfg.model, in_channels, out_channels, cfg.patch, **cfg.model_options)
+        self.loss_fn = DiceCELoss(
+            to_onehot_y=True, softmax=True, lambda_dice=cfg.loss_lambda_dice, lambda_ce=cfg.loss_lambda_ce
+        )
+        if cfg.freeze_encoder:
+            for name, p in self.model.named_parameters():
+                if self.spec.part_of(name) == "encoder":
+                    p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        # DynUNet with deep supervision returns stacked outputs in training; the first is full resolution.
+        return out[:, 0] if out.dim() == x.dim() + 1 else out
+
+    def on_train_epoch_start(self) -> None:
+        if self.cfg.freeze_encoder:
+            # Frozen encoder: keep its normalisation statistics and dropout fixed too (linear probing).
+            for name, module in self.model.named_modules():
+                if name and self.spec.part_of(name + ".") == "encoder":
+                    module.eval()
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch["image"])
+        loss = self.loss_fn(logits, batch["label"])
+        NonFiniteLossGuard.check(loss, self.global_step)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        sched = one_cycle_scheduler(opt, self.cfg.steps, self.cfg.warmup_fraction)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def steps_per_epoch(cfg: FinetuneConfig) -> int:
+    """Length of a data epoch: the checkpoint interval, capped by the run length."""
+    return min(cfg.checkpoint_every, cfg.steps)
+

@@ -1,0 +1,208 @@
+"""Trainer set-up shared by every training job: precision, logging, progress, checkpoints, DDP, resume."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from medpretrain.engine.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from medpretrain.errors import ConfigError, TrainingError
+
+log = logging.getLogger("medpretrain")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 autocast is faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return accelerator
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto``: bf16 autocast on CUDA GPUs with bf16 and on CPUs with native bf16, else 32-bit."""
+    if precision != "auto":
+        return precision
+    accelerator = resolve_accelerator(accelerator)
+    if accelerator in ("gpu", "cuda"):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_supports_bf16() else "32-true"
+
+
+def autocast_context(precision: str, device: torch.device):
+    """The autocast context matching a Lightning precision string, for inference outside the Trainer."""
+    if precision.startswith("bf16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision.startswith("16") and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def is_launcher_child() -> bool:
+    """True in the processes Lightning's DDP launcher starts (they re-run the command; rank 0 prepares)."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+class StepLogger(Callback):
+    """Plain progress lines (step, loss, speed, ETA) for logs written to files, where a live bar is noise."""
+
+    def __init__(self, total_steps: int, every: int | None = None):
+        self.total = total_steps
+        self.every = every or max(1, total_steps // 20)
+        self._t0 = None
+        self._s0 = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()
+        self._s0 = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if trainer.is_global_zero and (step % self.every == 0 or step == self.total):
+            elapsed = time.perf_counter() - self._t0
+            rate = (step - self._s0) / max(elapsed, 1e-9)
+            eta = (self.total - step) / max(rate, 1e-9)
+            loss = outputs["loss"].item() if isinstance(outputs, dict) else float(outputs)
+            log.info("step %d/%d  loss %.4f  %.2f s/step  ETA %.0f s", step, self.total, loss, 1 / max(rate, 1e-9), eta)
+
+
+class WallClock(Callback):
+    """Records training wall time and steps into ``run.json`` at the end."""
+
+    def __init__(self, run_file: Path):
+        self.run_file = run_file
+        self._t0 = 0.0
+        self._s0 = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()
+        self._s0 = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        wall = time.perf_counter() - self._t0
+        steps = trainer.global_step - self._s0
+        update_run_file(self.run_file, {"training": {
+            "steps_done": trainer.global_step,
+            "steps_this_session": steps,
+            "wall_time_s": round(wall, 2),
+            "s_per_step": round(wall / max(steps, 1), 4),
+            "world_size": trainer.world_size,
+        }})
+
+
+def update_run_file(path: Path, values: dict[str, Any]) -> None:
+    """Merge ``values`` into a JSON file, atomically."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(values)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def build_trainer(
+    run_dir: Path,
+    *,
+    max_steps: int,
+    epoch_steps: int,
+    precision: str,
+    accelerator: str,
+    devices: int | str,
+    num_nodes: int,
+    strategy: str,
+    deterministic: bool,
+    callbacks: Sequence[Callback] = (),
+) -> pl.Trainer:
+    """A Lightning Trainer writing checkpoints to ``run_dir/checkpoints`` every ``epoch_steps`` steps
+    (atomically; the two newest plus ``last.ckpt``) and logs to ``run_dir/logs`` (CSV and TensorBoard)."""
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        monitor="step",
+        mode="max",
+        save_top_k=2,
+        save_last=True,
+        every_n_train_steps=epoch_steps,
+    )
+    interactive = sys.stderr.isatty() and not is_launcher_child()
+    progress: list[Callback] = [RichProgressBar()] if interactive else [StepLogger(max_steps)]
+    loggers = [
+        CSVLogger(run_dir, name="logs", version="csv"),
+        TensorBoardLogger(run_dir, name="logs", version="tensorboard", default_hp_metric=False),
+    ]
+    return pl.Trainer(
+        default_root_dir=run_dir,
+        max_steps=max_steps,
+        max_epochs=-1,
+        limit_train_batches=epoch_steps,
+        accelerator=resolve_accelerator(accelerator),
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision,
+        deterministic=deterministic,
+        callbacks=[checkpoint, *progress, WallClock(run_dir / "run.json"), *callbacks],
+        logger=loggers,
+        log_every_n_steps=max(1, min(10, epoch_steps)),
+        enable_progress_bar=interactive,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        # Our StepSampler splits samples across ranks itself (deterministic and resumable).
+        use_distributed_sampler=False,
+        plugins=[AtomicCheckpointIO()],
+        benchmark=False,
+    )
+
+
+def resume_or_refuse(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a run silently."""
+    ckpt = find_resume_checkpoint(run_dir / "checkpoints")
+    if resume:
+        if ckpt is None:
+            log.warning("--resume given but %s has no checkpoint yet: starting from step 0", run_dir)
+        else:
+            log.info("resuming from %s", ckpt)
+        return ckpt
+    if ckpt is not None and not is_launcher_child():
+        raise TrainingError(
+            f"{run_dir} already holds a run with checkpoints; pass --resume to continue it, or choose a new --out"
+        )
+    return None
+
+
+def check_same_config(run_file: Path, config: dict[str, Any], ignore: Sequence[str] = ()) -> None:
+    """On resume, the training settings must be those of the interrupted run."""
+    if not run_file.exists():
+        return
+    old = json.loads(run_file.read_text()).get("config", {})
+    diff = {
+        k: (old.get(k), v) for k, v in config.items()
+        if k not in ignore and json.dumps(old.get(k), default=str) != json.dumps(v, default=str)
+    }
+    if diff:
+        raise ConfigError(
+            f"--resume with settings that differ from the run in {run_file.parent}: "
+            + "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            + "; resume with the original settings or start a new --out"
+        )

@@ -1,0 +1,95 @@
+"""Sliding-window inference with a trained run's exported model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from medpretrain.config import InferenceConfig
+from medpretrain.engine.trainer import autocast_context
+from medpretrain.errors import CheckpointError
+from medpretrain.models import build_model, read_state_dict
+
+
+@dataclass
+class TrainedModel:
+    """A network ready for inference, with what it was trained on.
+
+    Attributes:
+        network: the model in eval mode on ``device``.
+        meta: the contents of ``model.pt`` without the weights (model name, labels, preprocessing, patch...).
+        device: where it runs (CUDA when available).
+        precision: Lightning precision string used for autocast.
+    """
+
+    network: torch.nn.Module
+    meta: dict
+    device: torch.device
+    precision: str
+
+    @property
+    def labels(self) -> dict[int, str]:
+        return {int(k): v for k, v in self.meta["labels"].items()}
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        return tuple(self.meta["patch"])
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_trained_model(run_dir: str | Path, device: torch.device | None = None,
+                       precision: str | None = None) -> TrainedModel:
+    """Load ``RUN/model.pt`` written at the end of a fine-tuning run."""
+    path = Path(run_dir) / "model.pt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} does not exist: the run in {run_dir} has not finished; "
+            "finish it with `medpretrain finetune ... --out RUN --resume`"
+        )
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}; re-export it by resuming the run") from exc
+    state = read_state_dict(path)
+    meta = {k: v for k, v in meta.items() if k != "state_dict"}
+    network = build_model(meta["model"], meta["in_channels"], meta["out_channels"], meta["patch"],
+                          **meta.get("model_options", {}))
+    network.load_state_dict(state)
+    device = device or default_device()
+    network.to(device).eval()
+    if precision is None:
+        precision = meta.get("precision", "32-true")
+        if device.type == "cuda" and not precision.startswith(("bf16", "16")):
+            precision = "bf16-mixed"
+    return TrainedModel(network, meta, device, precision)
+
+
+@torch.no_grad()
+def predict_probabilities(model: TrainedModel, image: np.ndarray, cfg: InferenceConfig) -> np.ndarray:
+    """Class probabilities (C, X, Y, Z) float32 for a prepared image (channels, X, Y, Z).
+
+    MONAI sliding-window inference over windows of the training patch (or ``cfg.roi``), blended with
+    Gaussian weights; volumes smaller than a window are padded by MONAI and cropped back.
+    """
+    roi = tuple(cfg.roi) if cfg.roi else model.patch
+    x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(model.device)  # copy: mmap is read-only
+
+    def forward(batch):
+        out = model.network(batch)
+        if out.dim() == batch.dim() + 1:  # deep-supervision stacks: keep the full-resolution output
+            out = out[:, 0]
+        return out.float()
+
+    with autocast_context(model.precision, model.device):
+        logits = sliding_window_inference(
+            x, roi_size=roi, sw_batch_size=cfg.sw_batch_size, predictor=forward,
+            overlap=cfg.overlap, mode=cfg.mode,
+        )
+    return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
