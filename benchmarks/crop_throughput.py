@@ -61,7 +61,7 @@ def main() -> None:
         "note": "single process; la2018 volumes are small (~95x71x44) so the NIfTI path is a best case",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")
     print(json.dumps(result, indent=1))
 
 

@@ -26,7 +26,7 @@ BUDGET = {"model": "unet", "steps": 600, "patch": [64, 64, 48], "batch": 2, "lr"
 
 def sh(args: list[str], log: Path) -> None:
     print("$", " ".join(args), flush=True)
-    with open(log, "a") as fh:
+    with open(log, "a", encoding="utf-8") as fh:
         fh.write("$ " + " ".join(args) + "\n")
         fh.flush()
         subprocess.run(args, check=True, stdout=fh, stderr=subprocess.STDOUT)
@@ -67,8 +67,8 @@ def main() -> None:
                       "--precision", args.precision] + resume, log)
         if not (run / "eval" / "metrics.json").exists():
             sh(exe + ["evaluate", "--run", str(run), "--data", str(prepared), "--overlays", "2"], log)
-        metrics = json.loads((run / "eval" / "metrics.json").read_text())
-        info = json.loads((run / "run.json").read_text())
+        metrics = json.loads((run / "eval" / "metrics.json").read_text(encoding="utf-8"))
+        info = json.loads((run / "run.json").read_text(encoding="utf-8"))
         ov = metrics["overall"]
         row = {
             "method": "scratch", "model": BUDGET["model"], "n_labeled": n, "seed": args.seed, "steps": args.steps,
@@ -88,7 +88,7 @@ def main() -> None:
             shutil.copytree(run / "eval" / "overlays", dest / "overlays", dirs_exist_ok=True)
         shutil.copy(run / "run.json", dest / "run.json")
 
-    with open(args.out / "results.csv", "w", newline="") as fh:
+    with open(args.out / "results.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -111,7 +111,7 @@ def main() -> None:
             f"| {r['assd_mean']:.2f} ± {r['assd_std']:.2f} | {r['hd95_mean']:.2f} ± {r['hd95_std']:.2f} "
             f"| {r['precision']} | {r['train_wall_s']:.0f} | {r['s_per_step']:.2f} |")
     lines += ["", "Mean ± std over the 20 test cases. Per-case tables, curves and overlays: `nN/`.", ""]
-    (args.out / "README.md").write_text("\n".join(lines))
+    (args.out / "README.md").write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 
 

@@ -57,9 +57,9 @@ def make_nnunet(root: Path, n=4, shape=(24, 20, 16), spacing=(1.0, 1.0, 1.0), ch
         "file_ending": ".nii.gz",
     }
     meta.update(extra or {})
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     if split is not None:
-        (root / "splits.json").write_text(json.dumps(split))
+        (root / "splits.json").write_text(json.dumps(split), encoding="utf-8")
     return root
 
 
@@ -81,7 +81,7 @@ def make_msd(root: Path, n=3, shape=(24, 20, 16), channels=1) -> Path:
         "labels": {"0": "background", "1": "outer", "2": "inner"},
         "training": training,
     }
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     return root
 
 

@@ -40,7 +40,7 @@ def test_prepare_end_to_end(prepared, dataset):
     assert sorted(p.name for p in root.iterdir()) == sorted(
         ["manifest.json"] + [f"{c}{s}" for c in ids for s in (".npy", "_seg.npy", ".json")]
     )
-    m = json.loads((root / "manifest.json").read_text())
+    m = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
     assert m["format"] == "medpretrain-cache" and m["format_version"] == 1 and m["kind"] == "labelled"
     assert m["preprocess"]["spacing"] == [1.0, 1.0, 2.0] and m["preprocess"]["modality"] == "MR"
     assert m["labels"] == {"0": "background", "1": "outer", "2": "inner"} and m["skipped"] == []
@@ -128,9 +128,9 @@ def test_prepared_data_validation(prepared, tmp_path):
     os.remove(copy / "case_001_seg.npy")
     with pytest.raises(CacheError, match="case_001_seg.npy"):
         PreparedData(copy)
-    m = json.loads((copy / "manifest.json").read_text())
+    m = json.loads((copy / "manifest.json").read_text(encoding="utf-8"))
     m["format_version"] = 99
-    (copy / "manifest.json").write_text(json.dumps(m))
+    (copy / "manifest.json").write_text(json.dumps(m), encoding="utf-8")
     with pytest.raises(CacheError, match="re-run `medpretrain prepare`"):
         PreparedData(copy)
     with pytest.raises(CacheError, match="not in this cache"):
@@ -168,7 +168,7 @@ def test_la2018_three_cases_and_one_pool_file(tmp_path):
     assert data.case("la_000")["classes_present"] == [1]
 
     listing = tmp_path / "pool.json"
-    listing.write_text(json.dumps([{"image": str(ct), "modality": "CT"}]))
+    listing.write_text(json.dumps([{"image": str(ct), "modality": "CT"}]), encoding="utf-8")
     pool = prepare_pool(listing, tmp_path / "pool", PreprocessConfig(spacing=(4.0, 4.0, 4.0)), progress=False)
     (cid,) = pool.case_ids
     entry = pool.case(cid)

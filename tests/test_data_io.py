@@ -210,7 +210,7 @@ def test_nnunet_preferred_over_msd_and_splits_final(tmp_path):
     (root / "splits_final.json").write_text(json.dumps([
         {"train": ["case_000", "case_001"], "val": ["case_002"]},
         {"train": ["case_001", "case_002"], "val": ["case_000"]},
-    ]))
+    ]), encoding="utf-8")
     ds = discover_dataset(root)
     assert ds.layout == "nnunet" and ds.modality == "CT"
     assert ds.split == {"train": ["case_000", "case_001"], "test": ["case_002"]}
@@ -247,24 +247,24 @@ def test_discover_folders(tmp_path):
 
 def test_dataset_errors(tmp_path):
     root = make_nnunet(tmp_path / "a", n=2)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     del meta["file_ending"]
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(DataError, match=r"nnU-Net.*missing \['file_ending'\]"):
         discover_dataset(root)
 
     root = make_msd(tmp_path / "b", n=3)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta["training"][1]["label"] = "./labelsTr/gone.nii.gz"
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(DataError, match=r"do not exist: labelsTr/gone\.nii\.gz"):
         discover_dataset(root)
     meta["training"][1]["label"] = meta["training"][0]["label"]
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(DataError, match=r"duplicate case ids \['vol_0'\]"):
         discover_dataset(root)
     del meta["training"]
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(DataError, match="neither"):
         discover_dataset(root)
 
@@ -288,16 +288,16 @@ def test_discover_pool_folder_glob_json(tmp_path):
     save_nifti(tmp_path / "pool" / "a" / "scan.nii.gz", img, aff)
     save_nifti(tmp_path / "pool" / "b" / "scan.nii.gz", img, aff)
     sitk.WriteImage(_itk_image(img, (1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), str(tmp_path / "pool" / "c.mha"))
-    (tmp_path / "pool" / "notes.txt").write_text("ignored")
+    (tmp_path / "pool" / "notes.txt").write_text("ignored", encoding="utf-8")
     cases = discover_pool(tmp_path / "pool")
     assert [c.case_id for c in cases] == ["scan", "scan_2", "c"]
     assert all(c.label is None for c in cases)
     assert [c.case_id for c in discover_pool(str(tmp_path / "pool" / "*" / "*.nii.gz"))] == ["scan", "scan_2"]
     listing = tmp_path / "list.json"
-    listing.write_text(json.dumps([{"image": "pool/c.mha", "modality": "CT"}, str(tmp_path / "pool" / "a" / "scan.nii.gz")]))
+    listing.write_text(json.dumps([{"image": "pool/c.mha", "modality": "CT"}, str(tmp_path / "pool" / "a" / "scan.nii.gz")]), encoding="utf-8")
     cases = discover_pool(listing)
     assert [c.case_id for c in cases] == ["c", "scan"] and cases[0].modality == "CT" and cases[0].images[0].is_file()
-    listing.write_text(json.dumps(["pool/missing.nii.gz"]))
+    listing.write_text(json.dumps(["pool/missing.nii.gz"]), encoding="utf-8")
     with pytest.raises(DataError, match="missing.nii.gz"):
         discover_pool(listing)
     (tmp_path / "void").mkdir()

@@ -32,14 +32,14 @@ def test_layout_and_dataset_json(demo):
     for case_id in ids:
         assert (demo / "imagesTr" / f"{case_id}_0000.nii.gz").is_file()
         assert (demo / "labelsTr" / f"{case_id}.nii.gz").is_file()
-    ds = json.loads((demo / "dataset.json").read_text())
+    ds = json.loads((demo / "dataset.json").read_text(encoding="utf-8"))
     assert ds["channel_names"] == {"0": "MR"}
     assert ds["labels"] == {"background": 0, "organ_a": 1, "organ_b": 2}
     assert ds["numTraining"] == 4
     assert ds["file_ending"] == ".nii.gz"
     assert ds["training"][0] == {"image": "./imagesTr/demo_000_0000.nii.gz", "label": "./labelsTr/demo_000.nii.gz"}
     assert len(ds["training"]) == 4
-    splits = json.loads((demo / "splits.json").read_text())
+    splits = json.loads((demo / "splits.json").read_text(encoding="utf-8"))
     assert len(splits["test"]) == 1 and len(splits["train"]) == 3
     assert sorted(splits["train"] + splits["test"]) == ids
     assert not [p for p in demo.rglob(".*")]  # no temporary files left behind
@@ -86,7 +86,7 @@ def test_deterministic_and_seed_dependent(tmp_path, demo):
 
 def test_more_classes_all_present(tmp_path):
     root = make_demo_dataset(tmp_path / "d", n_cases=3, size=(32, 32, 24), seed=0, num_classes=3)
-    ds = json.loads((root / "dataset.json").read_text())
+    ds = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     assert ds["labels"]["organ_c"] == 3
     for i in range(3):
         _, lab = _load(root, f"demo_{i:03d}")

@@ -98,7 +98,7 @@ def test_labeled_subsets_are_nested_and_seeded():
 
 def test_finetune_evaluate_predict(prepared, tmp_path):
     run = finetune(prepared.root, tmp_path / "run", tiny_config(n_labeled=2))
-    info = json.loads((run / "run.json").read_text())
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
     assert info["training"]["steps_done"] == 4 and len(info["labeled_cases"]) == 2
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "logs" / "csv" / "metrics.csv").exists()
 
@@ -138,7 +138,7 @@ def test_freeze_encoder_keeps_encoder_weights(prepared, tmp_path):
     before = torch.load(init, weights_only=False)["state_dict"]
     after = _state(run)
     spec = get_spec("unet")
-    report = json.loads((run / "init_report.json").read_text())
+    report = json.loads((run / "init_report.json").read_text(encoding="utf-8"))
     assert report["loaded"] and not report["missing"]
     for name, tensor in after.items():
         if spec.part_of(name) == "encoder":
@@ -169,16 +169,16 @@ def test_kill_then_resume_equals_uninterrupted(prepared, tmp_path):
 
     run = tmp_path / "killed"
     script = tmp_path / "kill.py"
-    script.write_text(KILL_SCRIPT)
+    script.write_text(KILL_SCRIPT, encoding="utf-8")
     proc = subprocess.run([sys.executable, str(script), str(prepared.root), str(run), cfg.model_dump_json(), "3"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (run / "model.pt").exists()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2
 
     finetune(prepared.root, run, cfg, resume=True)
-    info = json.loads((run / "run.json").read_text())
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
     assert info["training"]["steps_done"] == 6
     ref, res = _state(reference), _state(run)
     for name in ref:
@@ -197,7 +197,7 @@ def test_truncated_last_checkpoint_falls_back(prepared, tmp_path):
 
 
 def _cli(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "medpretrain", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "medpretrain", *args], capture_output=True, text=True, encoding="utf-8", errors="replace",
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
@@ -208,7 +208,7 @@ def test_ddp_two_gloo_processes(prepared, tmp_path):
                 "--batch", "1", "--checkpoint-every", "2", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
                 "--num-workers", "0", "--precision", "32-true")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    info = json.loads((run / "run.json").read_text())
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
     assert info["training"]["world_size"] == 2 and info["training"]["steps_done"] == 4
     assert (run / "model.pt").exists()
 
@@ -217,7 +217,7 @@ def test_cli_errors_are_one_line(prepared, tmp_path):
     proc = _cli("finetune", "--data", str(prepared.root), "--out", str(tmp_path / "r"), "--model", "resnet")
     assert proc.returncode == 1 and "unknown model 'resnet'" in proc.stderr and "Traceback" not in proc.stderr
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("stpes: 3\n")
+    cfg.write_text("stpes: 3\n", encoding="utf-8")
     proc = _cli("finetune", "--data", str(prepared.root), "--out", str(tmp_path / "r"), "--config", str(cfg))
     assert proc.returncode == 1 and "unknown key 'stpes'" in proc.stderr and "steps" in proc.stderr
     proc = _cli("models")

@@ -59,7 +59,7 @@ def test_write_evaluation_writes_three_files(tmp_path):
 
     assert {p.name for p in out.iterdir()} == {"metrics.json", "per_case.csv", "report.md", "overlays"}
 
-    saved = json.loads((out / "metrics.json").read_text())
+    saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert saved == metrics
     assert saved["n_cases"] == 2
     assert saved["classes"]["organ_a"]["dice"]["mean"] == pytest.approx(0.7)
@@ -74,7 +74,7 @@ def test_write_evaluation_writes_three_files(tmp_path):
     assert [(r["case_id"], r["class_id"]) for r in rows] == [("case_a", "1"), ("case_a", "2"), ("case_b", "1"), ("case_b", "2")]
     assert rows[3]["class_name"] == "organ_b" and float(rows[3]["hd95"]) == 9.0 and rows[3]["pred_voxels"] == "10"
 
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     assert "| Class | Dice | NSD | ASSD (mm) | HD95 (mm) |" in report
     assert "| organ_a | 0.700 ± 0.283 |" in report
     assert "**overall**" in report
@@ -92,7 +92,7 @@ def test_write_evaluation_links_training_curve(tmp_path):
     curve.write_bytes(b"png")
     out = tmp_path / "run" / "eval"
     write_evaluation(out, _per_case(), {1: "a", 2: "b"}, {}, training_curve=curve)
-    assert "](../curve.png)" in (out / "report.md").read_text()
+    assert "](../curve.png)" in (out / "report.md").read_text(encoding="utf-8")
 
 
 def test_save_overlay_draws_red_and_green(tmp_path):
@@ -122,7 +122,7 @@ def test_save_training_curve_with_gaps(tmp_path):
         lr = f"{1e-3 * (1 - step / 60):.6g}" if step % 5 == 0 else ""
         lines.append(f"0,{step},{loss},{lr},")
     lines.append("0,59,,,0.4")
-    csv_path.write_text("\n".join(lines) + "\n")
+    csv_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = save_training_curve(csv_path, tmp_path / "curve.png", title="loss")
     assert out == tmp_path / "curve.png" and out.is_file()
     assert mpimg.imread(out).ndim == 3
@@ -131,9 +131,9 @@ def test_save_training_curve_with_gaps(tmp_path):
 def test_save_training_curve_returns_none_without_loss(tmp_path):
     assert save_training_curve(tmp_path / "missing.csv", tmp_path / "c.png") is None
     csv_path = tmp_path / "metrics.csv"
-    csv_path.write_text("epoch,step,train/lr\n0,1,0.001\n")
+    csv_path.write_text("epoch,step,train/lr\n0,1,0.001\n", encoding="utf-8")
     assert save_training_curve(csv_path, tmp_path / "c.png") is None
-    csv_path.write_text("epoch,step,train/loss\n0,1,\n0,2,\n")
+    csv_path.write_text("epoch,step,train/loss\n0,1,\n0,2,\n", encoding="utf-8")
     assert save_training_curve(csv_path, tmp_path / "c.png") is None
     assert not (tmp_path / "c.png").exists()
 

@@ -13,11 +13,12 @@ from typing import Sequence
 import numpy as np
 
 from medpretrain.config import EvaluateConfig, FinetuneConfig, InferenceConfig
-from medpretrain.data.cache import PreparedData, prepare_dataset, prepare_pool
+from medpretrain.data.cache import PreparedData, prepare, prepare_dataset, prepare_pool
 from medpretrain.data.datasets import discover_pool
 from medpretrain.data.io import read_image, write_nifti
 from medpretrain.data.preprocess import PreprocessConfig, preprocess_image, restore_to_original
-from medpretrain.engine.finetune import finetune, read_run
+from medpretrain.engine.finetune import finetune
+from medpretrain.engine.job import read_run
 from medpretrain.errors import CacheError, DataError
 from medpretrain.evaluation.inference import load_trained_model, predict_probabilities
 from medpretrain.evaluation.metrics import case_metrics
@@ -28,18 +29,6 @@ log = logging.getLogger("medpretrain")
 
 __all__ = ["prepare", "prepare_dataset", "prepare_pool", "finetune", "evaluate", "predict", "FinetuneConfig",
            "EvaluateConfig", "PreprocessConfig", "PreparedData"]
-
-
-def prepare(dataset: str | Path | None = None, pool: str | Path | None = None, out: str | Path = "prepared",
-            cfg: PreprocessConfig | None = None, workers: int = 1, strict: bool = False, seed: int = 0,
-            progress: bool = True) -> PreparedData:
-    """Prepare a labelled dataset (``dataset``) or an unlabelled pool (``pool``) into a cache at ``out``."""
-    cfg = cfg or PreprocessConfig()
-    if (dataset is None) == (pool is None):
-        raise DataError("give exactly one of --dataset DIR (labelled) or --pool DIR|GLOB|LIST.json (unlabelled)")
-    if dataset is not None:
-        return prepare_dataset(dataset, out, cfg, workers=workers, strict=strict, seed=seed, progress=progress)
-    return prepare_pool(pool, out, cfg, workers=workers, strict=strict, progress=progress)
 
 
 def _check_model_fits_data(meta: dict, data: PreparedData, run_dir: Path) -> None:

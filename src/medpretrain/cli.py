@@ -61,6 +61,8 @@ def _setup_logging(verbose: bool) -> None:
     log.propagate = False
     for noisy in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # nibabel reports the header "fixes" it applies on load (zero pixdim -> 1, ...); we check headers ourselves.
+    logging.getLogger("nibabel").setLevel(logging.ERROR)
 
 
 @app.callback()
@@ -94,8 +96,8 @@ def prepare(
     seed: int = typer.Option(0, help="Seed of the 80/20 split when the dataset has no splits.json."),
 ) -> None:
     """Preprocess a labelled dataset or an unlabelled pool into a memory-mapped cache."""
-    from medpretrain.api import prepare as run_prepare
     from medpretrain.config import make_config
+    from medpretrain.data.cache import prepare as run_prepare  # not via api: no torch/Lightning start-up
     from medpretrain.data.preprocess import PreprocessConfig
 
     cfg = make_config(PreprocessConfig, {
@@ -135,7 +137,6 @@ def finetune(
     resume: bool = typer.Option(False, help="Continue from the newest readable checkpoint in --out."),
 ) -> None:
     """Fine-tune (or train from scratch) a segmentation network on prepared labelled data."""
-    from medpretrain.api import finetune as run_finetune
     from medpretrain.config import FinetuneConfig, load_config
 
     cfg = load_config(FinetuneConfig, config, {
@@ -145,8 +146,78 @@ def finetune(
         "devices": int(devices) if devices and devices.isdigit() else devices, "num_nodes": num_nodes,
         "strategy": strategy, "num_workers": num_workers, "deterministic": deterministic,
     })
+    # Bad settings fail before the seconds-long Lightning import.
+    from medpretrain.models import get_spec
+
+    get_spec(cfg.model).check_patch(cfg.patch)
+    from medpretrain.api import finetune as run_finetune
+
     run = run_finetune(data, out, cfg, resume=resume)
     typer.echo(f"run written to {run}")
+
+
+@app.command()
+def pretrain(
+    method: str = typer.Option(..., help="Pretraining method (see `medpretrain methods`)."),
+    out: Path = typer.Option(..., help="Run folder; RUN/model.pt feeds `finetune --init`."),
+    data: Optional[Path] = typer.Option(None, help="Prepared unlabelled pool (`prepare --pool`); not needed by avsdb."),
+    model: Optional[str] = typer.Option(None, help="Registered model name. [default: the method's]"),
+    preset: Optional[str] = typer.Option(None, help="Named settings of the method, e.g. cpu or paper."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of the method's config keys; options here override it."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps. [default: the method's]"),
+    patch: Optional[tuple[int, int, int]] = typer.Option(None, help="Patch X Y Z. [default: the method's]"),
+    batch: Optional[int] = typer.Option(None, help="Samples per step and process."),
+    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate."),
+    seed: Optional[int] = typer.Option(None, help="Seed of initialisation and samples. [default: 0]"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints. [default: 100]"),
+    precision: Optional[str] = typer.Option(None, help="auto, 32-true, bf16-mixed or 16-mixed. [default: auto]"),
+    accelerator: Optional[str] = typer.Option(None, help="auto, cpu or gpu. [default: auto]"),
+    devices: Optional[str] = typer.Option(None, help="Devices (processes) per node. [default: 1]"),
+    num_nodes: Optional[int] = typer.Option(None, help="Nodes for Lightning DDP. [default: 1]"),
+    strategy: Optional[str] = typer.Option(None, help="Lightning strategy, e.g. ddp. [default: auto]"),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers. [default: 2]"),
+    deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Bitwise-reproducible mode."),
+    resume: bool = typer.Option(False, help="Continue from the newest readable checkpoint in --out."),
+) -> None:
+    """Pretrain a network with a registered method (self-supervised or formula-driven)."""
+    from medpretrain.engine.pretrain import pretrain as run_pretrain
+    from medpretrain.engine.pretrain import pretrain_config
+
+    cfg = pretrain_config(method, config, preset, {
+        "model": model, "steps": steps, "patch": patch, "batch": batch, "lr": lr, "seed": seed,
+        "checkpoint_every": checkpoint_every, "precision": precision, "accelerator": accelerator,
+        "devices": int(devices) if devices and devices.isdigit() else devices, "num_nodes": num_nodes,
+        "strategy": strategy, "num_workers": num_workers, "deterministic": deterministic,
+    })
+    run = run_pretrain(method, data, out, cfg, resume=resume)
+    typer.echo(f"pretrained model: {run / 'model.pt'}")
+
+
+generate_app = typer.Typer(no_args_is_help=True, help="Generate synthetic datasets.")
+app.add_typer(generate_app, name="generate")
+
+
+@generate_app.command("avsdb")
+def generate_avsdb(
+    n: int = typer.Option(..., help="Number of volumes."),
+    out: Path = typer.Option(..., help="Output folder (nnU-Net v2 raw / MSD layout)."),
+    seed: int = typer.Option(0, help="Seed; volume i is a pure function of (seed, i)."),
+    size: int = typer.Option(96, help="Cube side in voxels."),
+    classes: str = typer.Option("xy8-z2", help="Shape classes: xy8-z2, xy4-z2 or xy8-z4."),
+    shapes: int = typer.Option(20, help="Shapes per volume (scaled from 96^3 by volume)."),
+    no_overlap: bool = typer.Option(False, "--no-overlap", help="Place shapes without overlap."),
+    render: str = typer.Option("outline", help="outline (the authors' generator) or filled."),
+    workers: int = typer.Option(1, help="Parallel processes."),
+    preview: int = typer.Option(0, help="Write PNG sheets of the first N volumes to OUT/preview/."),
+) -> None:
+    """Write an AVS-DB dataset of formula-driven labelled volumes (usable by prepare and finetune)."""
+    from medpretrain.config import make_config
+    from medpretrain.synthetic.avsdb import AVSDBConfig, write_avsdb_dataset
+
+    cfg = make_config(AVSDBConfig, {"size": (size, size, size), "classes": classes, "n_shapes": shapes,
+                                    "overlap": not no_overlap, "render": render})
+    root = write_avsdb_dataset(out, n, cfg, seed=seed, workers=workers, preview=preview)
+    typer.echo(f"wrote {n} volumes to {root}")
 
 
 @app.command()
@@ -213,9 +284,21 @@ def models() -> None:
                    f">= {spec.min_size}; options: {opts}")
 
 
+@app.command()
+def methods() -> None:
+    """List the registered pretraining methods and their presets."""
+    from medpretrain.methods import list_methods
+
+    for m in list_methods():
+        presets = ", ".join(m.presets) or "-"
+        data = "prepared pool (--data)" if m.needs_data else "no data"
+        typer.echo(f"{m.name:16s} {m.description}\n{'':16s} needs: {data}; presets: {presets}; "
+                   f"config: {m.config_cls.__name__}")
+
+
 def main() -> None:
     """Console-script entry point: known errors print one line and exit 1, without a traceback."""
-    if len(sys.argv) > 1 and sys.argv[1] in ("finetune", "demo", "evaluate", "predict"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("finetune", "pretrain", "demo", "evaluate", "predict"):
         _maybe_reexec_with_tcmalloc()
     try:
         app(standalone_mode=False)

@@ -59,33 +59,27 @@ class InferenceConfig(_Strict):
     roi: tuple[int, int, int] | None = None
 
 
-class FinetuneConfig(_Strict):
-    """Supervised fine-tuning (or from-scratch training) of a segmentation network.
+class TrainingConfig(_Strict):
+    """What every training job (fine-tuning and each pretraining method) shares: network, optimiser,
+    schedule, checkpoints and the Lightning hardware settings.
 
     Args:
         model: registered network name (``medpretrain models``).
         model_options: overrides of the preset's options.
         steps: optimizer steps (per process under DDP).
-        patch: training patch (X, Y, Z) in voxels of the prepared data.
+        patch: training patch (X, Y, Z) in voxels.
         batch: patches per step per process.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup_fraction: share of steps spent warming up (one-cycle: cosine warm-up from lr/25, then cosine
             decay to lr/1e4).
-        foreground_fraction: share of patches centred on a labelled voxel (nnU-Net uses 1/3).
-        seed: seeds the labelled subset, model initialisation and every patch.
-        n_labeled: use this many labelled training cases (drawn from ``seed``); None = all.
-        fraction: or this fraction of them.
-        freeze_encoder: train the decoder and head only (linear probing).
-        init: checkpoint to initialise from.
-        init_part: ``encoder`` or ``all`` (everything whose name and shape match).
+        seed: seeds model initialisation and every sample.
         checkpoint_every: steps between checkpoints (also the length of a data "epoch").
         precision: ``auto`` = bf16 autocast where the hardware supports it (CUDA with bf16; CPUs with
             AVX-512 BF16/AMX), else fp32; or a Lightning precision string.
         accelerator, devices, num_nodes, strategy: passed to Lightning (DDP: ``--devices 2 --strategy ddp``).
-        num_workers: DataLoader workers (patch reading and augmentation).
+        num_workers: DataLoader workers (sample reading/synthesis and augmentation).
         deterministic: Lightning's deterministic mode (bitwise reproducible resume on CPU).
-        loss_lambda_dice, loss_lambda_ce: weights of MONAI DiceCELoss terms.
     """
 
     model: str = "unet"
@@ -96,13 +90,7 @@ class FinetuneConfig(_Strict):
     lr: float = 1e-3
     weight_decay: float = 1e-5
     warmup_fraction: float = 0.3
-    foreground_fraction: float = 1.0 / 3.0
     seed: int = 0
-    n_labeled: int | None = None
-    fraction: float | None = None
-    freeze_encoder: bool = False
-    init: Path | None = None
-    init_part: Literal["encoder", "all"] = "encoder"
     checkpoint_every: int = 100
     precision: str = "auto"
     accelerator: str = "auto"
@@ -111,10 +99,6 @@ class FinetuneConfig(_Strict):
     strategy: str = "auto"
     num_workers: int = 2
     deterministic: bool = False
-    loss_lambda_dice: float = 1.0
-    loss_lambda_ce: float = 1.0
-    augment: AugmentConfig = AugmentConfig()
-    inference: InferenceConfig = InferenceConfig()
 
     @field_validator("steps", "batch", "checkpoint_every")
     @classmethod
@@ -123,9 +107,44 @@ class FinetuneConfig(_Strict):
             raise ValueError("must be >= 1")
         return v
 
-    @field_validator("warmup_fraction", "foreground_fraction")
+    @field_validator("warmup_fraction")
     @classmethod
     def _unit(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be within [0, 1]")
+        return v
+
+
+class FinetuneConfig(TrainingConfig):
+    """Supervised fine-tuning (or from-scratch training) of a segmentation network; the shared training
+    settings are those of ``TrainingConfig``.
+
+    Args:
+        foreground_fraction: share of patches centred on a labelled voxel (nnU-Net uses 1/3).
+        n_labeled: use this many labelled training cases (drawn from ``seed``); None = all.
+        fraction: or this fraction of them.
+        freeze_encoder: train the decoder and head only (linear probing).
+        init: checkpoint to initialise from.
+        init_part: ``encoder`` or ``all`` (everything whose name and shape match).
+        loss_lambda_dice, loss_lambda_ce: weights of MONAI DiceCELoss terms.
+        augment: patch augmentation.
+        inference: sliding-window settings stored with the model for evaluate/predict.
+    """
+
+    foreground_fraction: float = 1.0 / 3.0
+    n_labeled: int | None = None
+    fraction: float | None = None
+    freeze_encoder: bool = False
+    init: Path | None = None
+    init_part: Literal["encoder", "all"] = "encoder"
+    loss_lambda_dice: float = 1.0
+    loss_lambda_ce: float = 1.0
+    augment: AugmentConfig = AugmentConfig()
+    inference: InferenceConfig = InferenceConfig()
+
+    @field_validator("foreground_fraction")
+    @classmethod
+    def _unit_fg(cls, v: float) -> float:
         if not 0.0 <= v <= 1.0:
             raise ValueError("must be within [0, 1]")
         return v
@@ -185,7 +204,7 @@ def load_config(model: type[_Strict], path: str | Path | None, overrides: dict[s
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"cannot parse YAML config {path}: {exc}") from None
         if not isinstance(loaded, dict):

@@ -92,7 +92,7 @@ def demo(out: str | Path = "runs/demo", seed: int = 0, steps: int = DEMO_STEPS, 
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k[:-2]} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", f"Full evaluation report: [{eval_dir}/report.md]({eval_dir}/report.md)", ""]
-    report.write_text("\n".join(lines))
-    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    report.write_text("\n".join(lines), encoding="utf-8")
+    (out / "timings.json").write_text(json.dumps(timings, indent=1), encoding="utf-8")
     log.info("demo finished in %.0f s: %s", timings["total_s"], report)
     return report

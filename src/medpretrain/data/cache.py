@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from medpretrain.data.datasets import CaseSource, check_split, discover_dataset, discover_pool, make_split
+from medpretrain.atomic import atomic_save_npy, atomic_write_json
 from medpretrain.data.io import Image3D, read_header, read_image
 from medpretrain.data.preprocess import Geometry, PreprocessConfig, preprocess_case
 from medpretrain.errors import CacheError, DataError
@@ -36,42 +35,6 @@ FORMAT_VERSION = 1
 MAX_FOREGROUND_COORDS = 1000
 
 log = logging.getLogger("medpretrain")
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """``np.save`` to ``path`` atomically.
-
-    Args:
-        path: destination ``.npy`` file.
-        array: the array.
-    """
-    _atomic_write_bytes(Path(path), lambda f: np.save(f, array, allow_pickle=False))
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    """Write JSON to ``path`` atomically.
-
-    Args:
-        path: destination file.
-        obj: a JSON-serialisable object.
-    """
-    data = json.dumps(obj, indent=1).encode("utf-8")
-    _atomic_write_bytes(Path(path), lambda f: f.write(data))
 
 
 def _jsonable(obj):
@@ -514,6 +477,21 @@ def prepare_pool(
     _write_manifest(out_dir, manifest)
     _log_skipped(skipped, out_dir)
     return PreparedData(out_dir)
+
+
+def prepare(dataset=None, pool=None, out="prepared", cfg: PreprocessConfig | None = None, workers: int = 1,
+            strict: bool = False, seed: int = 0, progress: bool = True) -> "PreparedData":
+    """Prepare a labelled dataset (``dataset``) or an unlabelled pool (``pool``) into a cache at ``out``.
+
+    Lives here rather than in ``medpretrain.api`` so that ``medpretrain prepare`` starts without
+    importing torch/Lightning (seconds of start-up it does not need); the API re-exports it.
+    """
+    cfg = cfg or PreprocessConfig()
+    if (dataset is None) == (pool is None):
+        raise DataError("give exactly one of --dataset DIR (labelled) or --pool DIR|GLOB|LIST.json (unlabelled)")
+    if dataset is not None:
+        return prepare_dataset(dataset, out, cfg, workers=workers, strict=strict, seed=seed, progress=progress)
+    return prepare_pool(pool, out, cfg, workers=workers, strict=strict, progress=progress)
 
 
 class PreparedData:

@@ -171,15 +171,13 @@ def _channel_list(raw, path: Path) -> list[str]:
     raise DataError(f"{path}: cannot read channel names {raw!r}; use {{\"0\": \"CT\"}}")
 
 
-def _first_missing(paths: list[Path], root: Path, what: str) -> None:
+def _first_missing(paths: list[Path], root: Path, what: str, where: str = "listed in dataset.json",
+                   fix: str = "fix the paths in dataset.json or add the files") -> None:
     missing = [p for p in paths if not p.exists()]
     if missing:
         shown = ", ".join(str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise DataError(
-            f"{root}: {len(missing)} {what} listed in dataset.json do not exist: {shown}{more}; "
-            "fix the paths in dataset.json or add the files"
-        )
+        raise DataError(f"{root}: {len(missing)} {what} {where} do not exist: {shown}{more}; {fix}")
 
 
 def _check_duplicates(ids: list[str], where: Path) -> None:
@@ -227,7 +225,9 @@ def _discover_nnunet(root: Path, meta: dict, meta_path: Path) -> tuple[list[Case
             f"{images_dir}: dataset.json declares {len(channels)} channel(s) (_0000.._{len(channels) - 1:04d}) "
             f"but {'; '.join(bad_channels[:5])}; add the missing channel files or fix channel_names"
         )
-    _first_missing([c.label for c in cases if c.label is not None], root, "label files")
+    # nnU-Net's dataset.json lists no files: the labels are the ones imagesTr/ implies.
+    _first_missing([c.label for c in cases if c.label is not None], root, "label file(s)",
+                   where="of the cases in imagesTr/", fix="add the labels or move those cases' images out of imagesTr/")
     return cases, channels
 
 
@@ -253,8 +253,8 @@ def _discover_msd(root: Path, meta: dict, meta_path: Path) -> tuple[list[CaseSou
         if label is None:
             raise DataError(f"{meta_path}: training entry {i} ({entry!r}) has no 'label'; every training case needs one")
         cases.append(CaseSource(_msd_id(images[0], label), images, label))
-    _first_missing([p for c in cases for p in c.images], root, "image files")
-    _first_missing([c.label for c in cases if c.label is not None], root, "label files")
+    _first_missing([p for c in cases for p in c.images], root, "image file(s)")
+    _first_missing([c.label for c in cases if c.label is not None], root, "label file(s)")
     raw_channels = meta.get("modality") or meta.get("channel_names") or {"0": "image"}
     return cases, _channel_list(raw_channels, meta_path)
 

@@ -10,12 +10,12 @@ whichever format the scan came in.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from medpretrain.atomic import atomic_path
 from medpretrain.errors import DataError
 
 # Suffixes read by nibabel and by SimpleITK. Longest first so ".nii.gz" wins over ".gz".
@@ -131,6 +131,23 @@ def _check_spacing(spacing, path: Path) -> None:
         )
 
 
+def _stored_zooms(img) -> tuple:
+    """The voxel sizes a nibabel image's affine is built from, as stored in the file.
+
+    nibabel silently loads a zero pixdim as 1 and a negative one as its absolute value. A NIfTI
+    without an sform builds its affine from pixdim, so such a file would get a made-up voxel size:
+    read the stored pixdim instead, for ``_check_spacing`` to refuse.
+    """
+    import nibabel as nib
+
+    hdr = img.header
+    if isinstance(hdr, nib.Nifti1Header) and int(hdr["sform_code"]) == 0:
+        holder = img.file_map.get("header", img.file_map["image"])
+        with holder.get_prepare_fileobj("rb") as f:
+            return type(hdr).from_fileobj(f, check=False).get_zooms()
+    return hdr.get_zooms()
+
+
 def _format_name(path: Path) -> str:
     suffix = image_suffix(path)
     return {
@@ -150,7 +167,7 @@ def _read_nibabel(path: Path) -> Image3D:
 
     try:
         img = nib.load(str(path))
-        header_zooms = img.header.get_zooms()
+        header_zooms = _stored_zooms(img)
         proxy = img.dataobj
         slope = getattr(proxy, "slope", 1.0)
         inter = getattr(proxy, "inter", 0.0)
@@ -377,14 +394,19 @@ def read_header(path: str | os.PathLike) -> tuple[tuple[int, int, int], int, np.
             img = nib.load(str(p))
             shape = tuple(int(s) for s in img.shape)
             affine = np.asarray(img.affine, dtype=np.float64)
-            zooms = img.header.get_zooms()
+            zooms = _stored_zooms(img)
         except Exception as exc:
             raise DataError(
                 f"cannot read {p}: {_reason(exc)}; is it a complete {_format_name(p)} file? (re-export or re-download it)"
             ) from exc
         if len(shape) < 3:
-            raise DataError(f"{p}: is a {len(shape)}D image of shape {shape}; a 3D volume is needed")
+            raise DataError(
+                f"{p}: is a {len(shape)}D image of shape {shape}; a 3D volume is needed "
+                "(pass the whole volume, not a single slice)"
+            )
         _check_spacing(zooms[:3], p)
+        # An sform with a zero column has a zero voxel size whatever pixdim says.
+        _check_spacing(affine_spacing(affine), p)
         if len(shape) == 3:
             channels = 1
         elif len(shape) == 5 and shape[3] == 1:
@@ -392,7 +414,10 @@ def read_header(path: str | os.PathLike) -> tuple[tuple[int, int, int], int, np.
         elif len(shape) == 4:
             channels = shape[3]
         else:
-            raise DataError(f"{p}: has shape {shape}; only 3D or 4D (3D x channels) images are supported")
+            raise DataError(
+                f"{p}: has shape {shape}; only 3D or 4D (3D x channels) images are supported "
+                "(split the extra dimensions into separate files)"
+            )
         return shape[:3], int(channels), affine  # type: ignore[return-value]
     if p.is_file() and suffix in ITK_SUFFIXES:
         import SimpleITK as sitk
@@ -408,7 +433,10 @@ def read_header(path: str | os.PathLike) -> tuple[tuple[int, int, int], int, np.
         dim = reader.GetDimension()
         size = reader.GetSize()
         if dim < 3:
-            raise DataError(f"{p}: is a {dim}D image of size {size}; a 3D volume is needed")
+            raise DataError(
+                f"{p}: is a {dim}D image of size {size}; a 3D volume is needed "
+                "(pass the whole volume, not a single slice)"
+            )
         if dim == 3:
             spacing, direction, origin = reader.GetSpacing(), reader.GetDirection(), reader.GetOrigin()
             channels = reader.GetNumberOfComponents()
@@ -471,13 +499,6 @@ def write_nifti(array3d: np.ndarray, affine: np.ndarray, path: str | os.PathLike
     img.set_sform(np.asarray(affine, dtype=np.float64), code=1)
     img.set_data_dtype(out_dtype)
     # The temporary keeps the real suffix so nibabel picks the same compression.
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp" + suffix, dir=p.parent)
-    os.close(fd)
-    try:
+    with atomic_path(p, keep_suffix=suffix) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return p

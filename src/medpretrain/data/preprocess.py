@@ -403,7 +403,8 @@ def preprocess_case(
         lo, hi = img[c].min(), img[c].max()
         if lo == hi:
             which = f"channel {c}" if img.shape[0] > 1 else "image"
-            raise DataError(f"{src}: {which} is constant (all voxels = {float(lo):g}); is it empty or corrupted?")
+            raise DataError(f"{src}: {which} is constant (all voxels = {float(lo):g}); is it empty or corrupted? "
+                            "(re-export it or remove the case)")
 
     original_affine = np.asarray(image.affine, dtype=np.float64)
     original_shape = list(image.spatial_shape)

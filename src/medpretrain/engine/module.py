@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from monai.losses import DiceCELoss
 
-from medpretrain.config import FinetuneConfig
+from medpretrain.config import TrainingConfig
 from medpretrain.errors import TrainingError
 from medpretrain.models import build_model, get_spec
 
@@ -48,23 +48,25 @@ class NonFiniteLossGuard:
 
 
 class SegmentationModule(pl.LightningModule):
-    """Trains a registered network with Dice + cross-entropy on labelled patches.
+    """Trains a registered network on labelled patches (real or synthetic) with a segmentation loss.
 
     Args:
-        cfg: the fine-tuning configuration (model, optimiser, schedule, freezing).
+        cfg: the training configuration (model, optimiser, schedule).
         in_channels: image channels.
         out_channels: classes including background.
+        loss_fn: loss on (logits, integer label map); default MONAI DiceCELoss with softmax.
+        freeze_encoder: train the decoder and head only (linear probing).
     """
 
-    def __init__(self, cfg: FinetuneConfig, in_channels: int, out_channels: int):
+    def __init__(self, cfg: TrainingConfig, in_channels: int, out_channels: int,
+                 loss_fn: torch.nn.Module | None = None, freeze_encoder: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.freeze_encoder = freeze_encoder
         self.spec = get_spec(cfg.model)
         self.model = build_model(cfg.model, in_channels, out_channels, cfg.patch, **cfg.model_options)
-        self.loss_fn = DiceCELoss(
-            to_onehot_y=True, softmax=True, lambda_dice=cfg.loss_lambda_dice, lambda_ce=cfg.loss_lambda_ce
-        )
-        if cfg.freeze_encoder:
+        self.loss_fn = loss_fn if loss_fn is not None else DiceCELoss(to_onehot_y=True, softmax=True)
+        if freeze_encoder:
             for name, p in self.model.named_parameters():
                 if self.spec.part_of(name) == "encoder":
                     p.requires_grad_(False)
@@ -75,7 +77,7 @@ class SegmentationModule(pl.LightningModule):
         return out[:, 0] if out.dim() == x.dim() + 1 else out
 
     def on_train_epoch_start(self) -> None:
-        if self.cfg.freeze_encoder:
+        if self.freeze_encoder:
             # Frozen encoder: keep its normalisation statistics and dropout fixed too (linear probing).
             for name, module in self.model.named_modules():
                 if name and self.spec.part_of(name + ".") == "encoder":
@@ -94,9 +96,4 @@ class SegmentationModule(pl.LightningModule):
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         sched = one_cycle_scheduler(opt, self.cfg.steps, self.cfg.warmup_fraction)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def steps_per_epoch(cfg: FinetuneConfig) -> int:
-    """Length of a data epoch: the checkpoint interval, capped by the run length."""
-    return min(cfg.checkpoint_every, cfg.steps)
 

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from medpretrain.atomic import atomic_write_json
 from medpretrain.engine.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from medpretrain.errors import ConfigError, TrainingError
 
@@ -26,7 +27,7 @@ log = logging.getLogger("medpretrain")
 def cpu_supports_bf16() -> bool:
     """True on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 autocast is faster."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -113,11 +114,9 @@ class WallClock(Callback):
 
 def update_run_file(path: Path, values: dict[str, Any]) -> None:
     """Merge ``values`` into a JSON file, atomically."""
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     data.update(values)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(path, data)
 
 
 def build_trainer(
@@ -195,7 +194,7 @@ def check_same_config(run_file: Path, config: dict[str, Any], ignore: Sequence[s
     """On resume, the training settings must be those of the interrupted run."""
     if not run_file.exists():
         return
-    old = json.loads(run_file.read_text()).get("config", {})
+    old = json.loads(run_file.read_text(encoding="utf-8")).get("config", {})
     diff = {
         k: (old.get(k), v) for k, v in config.items()
         if k not in ignore and json.dumps(old.get(k), default=str) != json.dumps(v, default=str)

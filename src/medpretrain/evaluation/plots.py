@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +19,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+
+from medpretrain.atomic import atomic_write_bytes
 
 #: PNG resolution of every figure written here.
 DPI = 110
@@ -31,20 +31,6 @@ GT_COLOR = (0.0, 0.85, 0.0)
 PRED_COLOR = (1.0, 0.0, 0.0)
 # One line style per class keeps "green = truth, red = prediction" while still telling classes apart.
 _CLASS_STYLES = ("solid", "dashed", "dotted", "dashdot")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Unique name, created like any other file so the result gets the usual umask permissions.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _png_bytes(fig: Figure, max_bytes: int | None = None) -> bytes:
@@ -159,7 +145,7 @@ def save_overlay(
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
-    _atomic_write_bytes(path, _png_bytes(fig, MAX_PNG_BYTES))
+    atomic_write_bytes(path, _png_bytes(fig, MAX_PNG_BYTES))
     return path
 
 
@@ -217,7 +203,7 @@ def save_training_curve(metrics_csv, path, title: str = "") -> Path | None:
     metrics_csv = Path(metrics_csv)
     if not metrics_csv.is_file():
         return None
-    with metrics_csv.open(newline="") as f:
+    with metrics_csv.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fieldnames = list(reader.fieldnames or [])
         rows = list(reader)
@@ -274,7 +260,7 @@ def save_training_curve(metrics_csv, path, title: str = "") -> Path | None:
         ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
-    _atomic_write_bytes(path, _png_bytes(fig))
+    atomic_write_bytes(path, _png_bytes(fig))
     return path
 
 
@@ -328,5 +314,5 @@ def save_label_efficiency_plot(rows: list[dict], path, metric: str = "dice") -> 
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     path = Path(path)
-    _atomic_write_bytes(path, _png_bytes(fig))
+    atomic_write_bytes(path, _png_bytes(fig))
     return path

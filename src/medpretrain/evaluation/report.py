@@ -7,12 +7,12 @@ import io
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from medpretrain.atomic import atomic_write_text
 from medpretrain.evaluation.metrics import HIGHER_IS_BETTER, METRIC_NAMES, summarize
 
 PER_CASE_COLUMNS = (
@@ -35,20 +35,6 @@ EMPTY_CASE_NOTE = (
     "them, Dice = NSD = 0 and ASSD = HD95 = the diagonal of the volume in mm (the worst distance "
     "possible, so that means stay finite)."
 )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Unique name, created like any other file so the result gets the usual umask permissions.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _json_safe(value):
@@ -235,7 +221,7 @@ def write_evaluation(
     # Strict JSON: NaN (only possible from hand-made inputs) becomes null rather than an invalid token.
     metrics = _json_safe(metrics)
 
-    _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -253,8 +239,8 @@ def write_evaluation(
                 else:
                     row.append(repr(float(v)))
             writer.writerow(row)
-    _atomic_write_text(out_dir / "per_case.csv", buf.getvalue())
+    atomic_write_text(out_dir / "per_case.csv", buf.getvalue())
 
     report = _render_markdown(out_dir, per_case, class_names, metrics, context, list(overlays), training_curve)
-    _atomic_write_text(out_dir / "report.md", report)
+    atomic_write_text(out_dir / "report.md", report)
     return metrics

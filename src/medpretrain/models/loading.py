@@ -61,7 +61,7 @@ class LoadReport:
         )
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1))
+        path.write_text(json.dumps(asdict(self), indent=1), encoding="utf-8")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ decoder and output head, so checkpoints can be loaded encoder-only or whole and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,8 @@ class ModelSpec:
         head_prefixes: parameter-name prefixes of the output layer(s), replaced when the class count changes.
         divisor: every patch/input side must be a multiple of this (total down-sampling).
         min_size: smallest input side the network accepts.
+        min_bottleneck_voxels: fewest voxels the deepest feature map (``patch / divisor``) may have; 2 for
+            networks with instance normalisation there, which fails on a single voxel.
         defaults: the preset's options, shown by ``medpretrain models`` and overridable.
     """
 
@@ -35,6 +38,7 @@ class ModelSpec:
     head_prefixes: tuple[str, ...]
     divisor: int = 16
     min_size: int = 16
+    min_bottleneck_voxels: int = 1
     defaults: dict[str, Any] = field(default_factory=dict)
 
     def part_of(self, parameter_name: str) -> str:
@@ -53,6 +57,14 @@ class ModelSpec:
             raise ConfigError(
                 f"patch {tuple(patch)} does not fit model '{self.name}': every side must be a multiple of "
                 f"{self.divisor} and at least {self.min_size}; nearest valid patch: {tuple(valid)}"
+            )
+        bottleneck = [p // self.divisor for p in patch]
+        if math.prod(bottleneck) < self.min_bottleneck_voxels:
+            valid = [2 * patch[0], *patch[1:]]
+            raise ConfigError(
+                f"patch {tuple(patch)} leaves model '{self.name}' a {'x'.join(map(str, bottleneck))} voxel "
+                f"bottleneck; its instance normalisation needs at least {self.min_bottleneck_voxels} voxels there: "
+                f"make a side at least {2 * self.divisor}, e.g. patch {tuple(valid)}"
             )
 
 
@@ -149,26 +161,28 @@ register_model(ModelSpec(
     name="unet",
     description="MONAI BasicUNet, features 16..128 (CPU preset; the spine's calibrated baseline)",
     factory=_basic_unet, encoder_prefixes=_UNET_ENCODER, head_prefixes=("final_conv.",),
-    divisor=16, min_size=16, defaults={"features": (16, 16, 32, 64, 128, 16), "dropout": 0.0},
+    divisor=16, min_size=16, min_bottleneck_voxels=2,
+    defaults={"features": (16, 16, 32, 64, 128, 16), "dropout": 0.0},
 ))
 register_model(ModelSpec(
     name="unet-large",
     description="MONAI BasicUNet, features 32..256 (MONAI's default width, GPU)",
     factory=_basic_unet, encoder_prefixes=_UNET_ENCODER, head_prefixes=("final_conv.",),
-    divisor=16, min_size=16, defaults={"features": (32, 32, 64, 128, 256, 32), "dropout": 0.0},
+    divisor=16, min_size=16, min_bottleneck_voxels=2,
+    defaults={"features": (32, 32, 64, 128, 256, 32), "dropout": 0.0},
 ))
 register_model(ModelSpec(
     name="dynunet",
     description="MONAI DynUNet, nnU-Net-like residual U-Net, 5 levels, filters 32..320 (GPU)",
     factory=_dynunet, encoder_prefixes=_DYNUNET_ENCODER, head_prefixes=_DYNUNET_HEAD,
-    divisor=16, min_size=16,
+    divisor=16, min_size=16, min_bottleneck_voxels=2,
     defaults={"filters": (32, 64, 128, 256, 320), "levels": 5, "deep_supervision": False},
 ))
 register_model(ModelSpec(
     name="dynunet-small",
     description="MONAI DynUNet, 5 levels, filters 16..256 (CPU preset)",
     factory=_dynunet, encoder_prefixes=_DYNUNET_ENCODER, head_prefixes=_DYNUNET_HEAD,
-    divisor=16, min_size=16,
+    divisor=16, min_size=16, min_bottleneck_voxels=2,
     defaults={"filters": (16, 32, 64, 128, 256), "levels": 5, "deep_supervision": False},
 ))
 register_model(ModelSpec(

@@ -16,10 +16,7 @@ so re-running gives the same arrays and adding cases does not change the earlier
 
 from __future__ import annotations
 
-import json
-import os
 import string
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +24,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from medpretrain.atomic import atomic_write_json
+from medpretrain.data.io import write_nifti
 from medpretrain.errors import ConfigError
 
 GENERATOR_VERSION = 1
@@ -132,7 +131,6 @@ def _make_case(
 
     label = np.zeros(shape, dtype=np.uint8)
     occupied = ~body
-    voxel_mm3 = float(np.prod(spacing))
     for k in range(1, num_classes + 1):
         kind = "blob" if k % 2 == 1 else "tube"
         scale = 0.85 ** ((k - 1) // 2)  # later pairs of organs are smaller
@@ -179,31 +177,6 @@ def _make_case(
     bias = np.exp(rng.uniform(0.10, 0.25) * _fourier_field(rng, grid, extent, n_components=4, max_cycles=0.8))
     image = image * bias + rng.uniform(0.03, 0.05) * rng.standard_normal(shape).astype(np.float32)
     return image.astype(np.float32), label
-
-
-def _atomic_save_nifti(img: nib.Nifti1Image, path: Path) -> None:
-    # nibabel picks the format from the suffix, so the temporary name must end in .nii.gz too.
-    tmp = path.parent / f".{path.name[:-7]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.nii.gz"
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_json(obj, path: Path) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _nifti(array: np.ndarray, affine: np.ndarray, dtype) -> nib.Nifti1Image:
@@ -273,8 +246,8 @@ def make_demo_dataset(
     for i, case_id in enumerate(case_ids):
         rng = np.random.default_rng([int(seed), i])
         image, label = _make_case(rng, size_t, spacing_a, int(num_classes))
-        _atomic_save_nifti(_nifti(image, affine, np.float32), out / "imagesTr" / f"{case_id}_0000.nii.gz")
-        _atomic_save_nifti(_nifti(label, affine, np.uint8), out / "labelsTr" / f"{case_id}.nii.gz")
+        write_nifti(image, affine, out / "imagesTr" / f"{case_id}_0000.nii.gz")
+        write_nifti(label, affine, out / "labelsTr" / f"{case_id}.nii.gz")
         training.append({"image": f"./imagesTr/{case_id}_0000.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"})
 
     dataset = {
@@ -298,11 +271,11 @@ def make_demo_dataset(
             "spacing": spacing_a.tolist(),
         },
     }
-    _atomic_write_json(dataset, out / "dataset.json")
+    atomic_write_json(out / "dataset.json", dataset, indent=2)
 
     n_test = max(1, int(round(TEST_FRACTION * len(case_ids)))) if len(case_ids) >= 2 else 0
     order = np.random.default_rng([int(seed), 10**6]).permutation(len(case_ids))
     test = sorted(case_ids[j] for j in order[:n_test])
     train = sorted(case_ids[j] for j in order[n_test:])
-    _atomic_write_json({"seed": int(seed), "train": train, "test": test}, out / "splits.json")
+    atomic_write_json(out / "splits.json", {"seed": int(seed), "train": train, "test": test}, indent=2)
     return out

@@ -1,0 +1,139 @@
+"""One training job, whatever it trains: run folder, resume, seeding, trainer, final checkpoint, export.
+
+Fine-tuning and every pretraining method go through ``run_training``, so they share logging, checkpoints,
+resume, DDP and the exported ``model.pt`` layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset
+
+from medpretrain.atomic import atomic_torch_save
+from medpretrain.config import TrainingConfig
+from medpretrain.data.sampling import StepSampler
+from medpretrain.engine.trainer import (
+    build_trainer, check_same_config, is_launcher_child, resolve_precision, resume_or_refuse, update_run_file,
+)
+from medpretrain.errors import ConfigError
+
+log = logging.getLogger("medpretrain")
+
+MODEL_FILE = "model.pt"
+RUN_FILE = "run.json"
+MODEL_FORMAT_VERSION = 1
+# Settings that may change between an interrupted run and its resume.
+RESUME_MAY_CHANGE = ("num_workers", "devices", "num_nodes", "strategy", "accelerator")
+
+
+def steps_per_epoch(cfg: TrainingConfig) -> int:
+    """Length of a data epoch: the checkpoint interval, capped by the run length."""
+    return min(cfg.checkpoint_every, cfg.steps)
+
+
+class StepDataModule(pl.LightningDataModule):
+    """Serves ``checkpoint_every`` steps of samples per epoch and process from an index-addressed dataset
+    (each item a pure function of its index); rank-aware and resumable through ``StepSampler``."""
+
+    def __init__(self, dataset: Dataset, cfg: TrainingConfig):
+        super().__init__()
+        self.dataset = dataset
+        self.cfg = cfg
+
+    def train_dataloader(self):
+        cfg, trainer = self.cfg, self.trainer
+        sampler = StepSampler(
+            steps_per_epoch(cfg), cfg.batch, rank=trainer.global_rank, world_size=trainer.world_size,
+            current_step=lambda: trainer.global_step,
+        )
+        return DataLoader(
+            self.dataset, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.num_workers,
+            persistent_workers=False, pin_memory=False, drop_last=True,
+        )
+
+
+def run_training(
+    run_dir: str | Path,
+    cfg: TrainingConfig,
+    *,
+    kind: str,
+    build_module: Callable[[bool], pl.LightningModule],
+    dataset: Dataset,
+    run_info: dict[str, Any],
+    model_meta: Callable[[pl.LightningModule], dict[str, Any]],
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> Path:
+    """Train ``build_module(fresh)`` on ``dataset`` for ``cfg.steps`` steps in ``run_dir``.
+
+    Args:
+        run_dir: run folder (``run.json``, ``checkpoints/``, ``logs/``, ``model.pt``).
+        cfg: the job's configuration (saved in ``run.json``; a resume must use the same).
+        kind: ``finetune`` or ``pretrain:<method>``, recorded in ``run.json`` and ``model.pt``.
+        build_module: returns the LightningModule; its argument is True for a fresh run (load initial weights
+            then) and False when the weights come from a checkpoint being resumed.
+        dataset: index-addressed training samples.
+        run_info: extra facts for ``run.json`` (data, subset, classes...).
+        model_meta: returns what ``model.pt`` stores beside the weights (model name, channels, classes...).
+        resume: continue from the newest readable checkpoint in ``run_dir``.
+        callbacks: extra Lightning callbacks.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_file = run_dir / RUN_FILE
+    config_dump = cfg.model_dump(mode="json")
+    ckpt = resume_or_refuse(run_dir, resume)
+    if ckpt is not None:
+        check_same_config(run_file, config_dump, ignore=RESUME_MAY_CHANGE)
+    precision = resolve_precision(cfg.precision, cfg.accelerator)
+    if not is_launcher_child():
+        update_run_file(run_file, {"kind": kind, "config": config_dump, "precision": precision, **run_info})
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(ckpt is None)
+    epoch_steps = steps_per_epoch(cfg)
+    trainer = build_trainer(
+        run_dir,
+        max_steps=cfg.steps,
+        epoch_steps=epoch_steps,
+        precision=precision,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        deterministic=cfg.deterministic,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, datamodule=StepDataModule(dataset, cfg), ckpt_path=str(ckpt) if ckpt else None)
+    if trainer.global_step % epoch_steps:
+        # The run ended between two checkpoint steps: keep its final state resumable too.
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    if trainer.is_global_zero:
+        atomic_torch_save({
+            "format": "medpretrain-model",
+            "format_version": MODEL_FORMAT_VERSION,
+            "kind": kind,
+            "model": cfg.model,
+            "model_options": cfg.model_options,
+            "patch": list(cfg.patch),
+            "precision": precision,
+            "global_step": trainer.global_step,
+            **model_meta(module),
+            "state_dict": module.model.state_dict(),
+        }, run_dir / MODEL_FILE)
+        log.info("run finished at step %d: %s", trainer.global_step, run_dir / MODEL_FILE)
+    return run_dir
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """The run's ``run.json``; ConfigError if the folder is not a run."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a medpretrain run (no {RUN_FILE}); pass the --out of a finetune run")
+    return json.loads(path.read_text(encoding="utf-8"))
