@@ -204,7 +204,7 @@ def generate_avsdb(
     seed: int = typer.Option(0, help="Seed; volume i is a pure function of (seed, i)."),
     size: int = typer.Option(96, help="Cube side in voxels."),
     classes: str = typer.Option("xy8-z2", help="Shape classes: xy8-z2, xy4-z2 or xy8-z4."),
-    shapes: int = typer.Option(20, help="Shapes per volume (scaled from 96^3 by volume)."),
+    shapes: int = typer.Option(20, help="Shapes per volume (their sizes scale with --size)."),
     no_overlap: bool = typer.Option(False, "--no-overlap", help="Place shapes without overlap."),
     render: str = typer.Option("outline", help="outline (the authors' generator) or filled."),
     workers: int = typer.Option(1, help="Parallel processes."),
@@ -262,26 +262,16 @@ def predict(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
     seed: int = typer.Option(0, help="Seed of the synthetic data and training."),
-    steps: Optional[int] = typer.Option(None, help="Fine-tuning steps. [default: 300]"),
+    steps: int = typer.Option(300, help="Fine-tuning steps of each run."),
+    pretrain_steps: int = typer.Option(300, help="AVS-DB pretraining steps (0 skips pretraining)."),
+    n_labeled: int = typer.Option(3, help="Labelled training cases of each fine-tuning run."),
     fresh: bool = typer.Option(False, help="Delete --out first."),
 ) -> None:
     """Run the whole pipeline on built-in synthetic data (no download) and write OUT/report.md."""
-    from medpretrain.demo import DEMO_STEPS
     from medpretrain.demo import demo as run_demo
 
-    report = run_demo(out, seed=seed, steps=steps or DEMO_STEPS, fresh=fresh)
+    report = run_demo(out, seed=seed, steps=steps, pretrain_steps=pretrain_steps, n_labeled=n_labeled, fresh=fresh)
     typer.echo(f"report: {report}")
-
-
-@app.command()
-def models() -> None:
-    """List the registered networks and their presets."""
-    from medpretrain.models import list_models
-
-    for spec in list_models():
-        opts = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
-        typer.echo(f"{spec.name:18s} {spec.description}\n{'':18s} patch sides: multiple of {spec.divisor}, "
-                   f">= {spec.min_size}; options: {opts}")
 
 
 @app.command()

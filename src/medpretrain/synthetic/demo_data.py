@@ -20,7 +20,6 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -158,7 +157,8 @@ def _make_case(
     image += body * (0.05 * _texture(rng, shape, sigma=1.5))
     organ_means = []
     for k in range(1, num_classes + 1):
-        mean = tissue_mean + rng.choice([-1.0, 1.0]) * rng.uniform(0.12, 0.22)
+        # Like real organs, each class keeps its contrast sign across cases (odd brighter, even darker).
+        mean = tissue_mean + (1.0 if k % 2 else -1.0) * rng.uniform(0.12, 0.22)
         organ_means.append(mean)
         region = label == k
         tex = _texture(rng, shape, sigma=rng.uniform(0.8, 1.6))
@@ -177,15 +177,6 @@ def _make_case(
     bias = np.exp(rng.uniform(0.10, 0.25) * _fourier_field(rng, grid, extent, n_components=4, max_cycles=0.8))
     image = image * bias + rng.uniform(0.03, 0.05) * rng.standard_normal(shape).astype(np.float32)
     return image.astype(np.float32), label
-
-
-def _nifti(array: np.ndarray, affine: np.ndarray, dtype) -> nib.Nifti1Image:
-    img = nib.Nifti1Image(array.astype(dtype), affine)
-    img.header.set_data_dtype(dtype)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    return img
 
 
 def make_demo_dataset(
