@@ -222,3 +222,7 @@ def test_cli_errors_are_one_line(prepared, tmp_path):
     assert proc.returncode == 1 and "unknown key 'stpes'" in proc.stderr and "steps" in proc.stderr
     proc = _cli("models")
     assert proc.returncode == 0 and "swinunetr" in proc.stdout
+    proc = _cli("methods")
+    assert proc.returncode == 0 and "avsdb" in proc.stdout
+    proc = _cli("pretrain", "--method", "simclr", "--out", str(tmp_path / "p"))
+    assert proc.returncode == 1 and "registered methods: avsdb" in proc.stderr

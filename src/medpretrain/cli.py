@@ -114,25 +114,25 @@ def prepare(
 def finetune(
     data: Path = typer.Option(..., help="Prepared labelled data (output of `prepare --dataset`)."),
     out: Path = typer.Option(..., help="Run folder."),
-    model: Optional[str] = typer.Option(None, help="Registered model name (see `medpretrain models`). [default: unet]"),
+    model: Optional[str] = typer.Option(None, help="Registered model name (see `medpretrain models`). (default: unet)"),
     config: Optional[Path] = typer.Option(None, help="YAML file of FinetuneConfig keys; options given here override it."),
     init: Optional[Path] = typer.Option(None, help="Checkpoint to initialise from (ours, Lightning, or MONAI SSL)."),
-    init_part: Optional[str] = typer.Option(None, help="encoder or all. [default: encoder]"),
+    init_part: Optional[str] = typer.Option(None, help="encoder or all. (default: encoder)"),
     n_labeled: Optional[int] = typer.Option(None, help="Number of labelled training cases (seeded draw)."),
     fraction: Optional[float] = typer.Option(None, help="Or a fraction of the labelled training cases."),
     freeze_encoder: Optional[bool] = typer.Option(None, "--freeze-encoder", help="Train decoder and head only."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps. [default: 600]"),
-    patch: Optional[tuple[int, int, int]] = typer.Option(None, help="Patch X Y Z. [default: 64 64 48]"),
-    batch: Optional[int] = typer.Option(None, help="Patches per step and process. [default: 2]"),
-    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate. [default: 1e-3]"),
-    seed: Optional[int] = typer.Option(None, help="Seed of subset, initialisation and patches. [default: 0]"),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints. [default: 100]"),
-    precision: Optional[str] = typer.Option(None, help="auto, 32-true, bf16-mixed or 16-mixed. [default: auto]"),
-    accelerator: Optional[str] = typer.Option(None, help="auto, cpu or gpu. [default: auto]"),
-    devices: Optional[str] = typer.Option(None, help="Devices (processes) per node for Lightning. [default: 1]"),
-    num_nodes: Optional[int] = typer.Option(None, help="Nodes for Lightning DDP. [default: 1]"),
-    strategy: Optional[str] = typer.Option(None, help="Lightning strategy, e.g. ddp. [default: auto]"),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers. [default: 2]"),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps. (default: 600)"),
+    patch: Optional[tuple[int, int, int]] = typer.Option(None, help="Patch X Y Z. (default: 64 64 48)"),
+    batch: Optional[int] = typer.Option(None, help="Patches per step and process. (default: 2)"),
+    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate. (default: 1e-3)"),
+    seed: Optional[int] = typer.Option(None, help="Seed of subset, initialisation and patches. (default: 0)"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints. (default: 100)"),
+    precision: Optional[str] = typer.Option(None, help="auto, 32-true, bf16-mixed or 16-mixed. (default: auto)"),
+    accelerator: Optional[str] = typer.Option(None, help="auto, cpu or gpu. (default: auto)"),
+    devices: Optional[str] = typer.Option(None, help="Devices (processes) per node for Lightning. (default: 1)"),
+    num_nodes: Optional[int] = typer.Option(None, help="Nodes for Lightning DDP. (default: 1)"),
+    strategy: Optional[str] = typer.Option(None, help="Lightning strategy, e.g. ddp. (default: auto)"),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers. (default: 2)"),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Bitwise-reproducible mode."),
     resume: bool = typer.Option(False, help="Continue from the newest readable checkpoint in --out."),
 ) -> None:
@@ -161,21 +161,21 @@ def pretrain(
     method: str = typer.Option(..., help="Pretraining method (see `medpretrain methods`)."),
     out: Path = typer.Option(..., help="Run folder; RUN/model.pt feeds `finetune --init`."),
     data: Optional[Path] = typer.Option(None, help="Prepared unlabelled pool (`prepare --pool`); not needed by avsdb."),
-    model: Optional[str] = typer.Option(None, help="Registered model name. [default: the method's]"),
+    model: Optional[str] = typer.Option(None, help="Registered model name. (default: the method's)"),
     preset: Optional[str] = typer.Option(None, help="Named settings of the method, e.g. cpu or paper."),
     config: Optional[Path] = typer.Option(None, help="YAML file of the method's config keys; options here override it."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps. [default: the method's]"),
-    patch: Optional[tuple[int, int, int]] = typer.Option(None, help="Patch X Y Z. [default: the method's]"),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps. (default: the method's)"),
+    patch: Optional[tuple[int, int, int]] = typer.Option(None, help="Patch X Y Z. (default: the method's)"),
     batch: Optional[int] = typer.Option(None, help="Samples per step and process."),
     lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate."),
-    seed: Optional[int] = typer.Option(None, help="Seed of initialisation and samples. [default: 0]"),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints. [default: 100]"),
-    precision: Optional[str] = typer.Option(None, help="auto, 32-true, bf16-mixed or 16-mixed. [default: auto]"),
-    accelerator: Optional[str] = typer.Option(None, help="auto, cpu or gpu. [default: auto]"),
-    devices: Optional[str] = typer.Option(None, help="Devices (processes) per node. [default: 1]"),
-    num_nodes: Optional[int] = typer.Option(None, help="Nodes for Lightning DDP. [default: 1]"),
-    strategy: Optional[str] = typer.Option(None, help="Lightning strategy, e.g. ddp. [default: auto]"),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers. [default: 2]"),
+    seed: Optional[int] = typer.Option(None, help="Seed of initialisation and samples. (default: 0)"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints. (default: 100)"),
+    precision: Optional[str] = typer.Option(None, help="auto, 32-true, bf16-mixed or 16-mixed. (default: auto)"),
+    accelerator: Optional[str] = typer.Option(None, help="auto, cpu or gpu. (default: auto)"),
+    devices: Optional[str] = typer.Option(None, help="Devices (processes) per node. (default: 1)"),
+    num_nodes: Optional[int] = typer.Option(None, help="Nodes for Lightning DDP. (default: 1)"),
+    strategy: Optional[str] = typer.Option(None, help="Lightning strategy, e.g. ddp. (default: auto)"),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers. (default: 2)"),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Bitwise-reproducible mode."),
     resume: bool = typer.Option(False, help="Continue from the newest readable checkpoint in --out."),
 ) -> None:
@@ -227,8 +227,8 @@ def evaluate(
     split: str = typer.Option("test", help="Split of the prepared data."),
     nsd_tolerance: float = typer.Option(2.0, help="NSD tolerance in mm."),
     overlays: int = typer.Option(4, help="Overlay PNGs (half best, half worst cases); -1 for all."),
-    overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap. [default: the run's, 0.5]"),
-    out: Optional[Path] = typer.Option(None, help="Output folder. [default: RUN/eval]"),
+    overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap. (default: the run's, 0.5)"),
+    out: Optional[Path] = typer.Option(None, help="Output folder. (default: RUN/eval)"),
 ) -> None:
     """Evaluate a run: metrics.json, per_case.csv, report.md and overlays/ in RUN/eval."""
     from medpretrain.api import evaluate as run_evaluate
@@ -247,7 +247,7 @@ def predict(
     run: Path = typer.Option(..., help="A finished run folder."),
     input: Path = typer.Option(..., help="An image file, a DICOM series folder, or a folder of images."),
     out: Path = typer.Option(..., help="Folder for the label maps (original geometry of each input)."),
-    overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap. [default: the run's, 0.5]"),
+    overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap. (default: the run's, 0.5)"),
 ) -> None:
     """Segment images; label maps are written in each input's original geometry."""
     from medpretrain.api import predict as run_predict
@@ -275,6 +275,17 @@ def demo(
 
 
 @app.command()
+def models() -> None:
+    """List the registered networks and their presets."""
+    from medpretrain.models import list_models
+
+    for spec in list_models():
+        opts = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        typer.echo(f"{spec.name:18s} {spec.description}\n{'':18s} patch sides: multiple of {spec.divisor}, "
+                   f">= {spec.min_size}; options: {opts}")
+
+
+@app.command()
 def methods() -> None:
     """List the registered pretraining methods and their presets."""
     from medpretrain.methods import list_methods
@@ -291,19 +302,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("finetune", "pretrain", "demo", "evaluate", "predict"):
         _maybe_reexec_with_tcmalloc()
     try:
-        app(standalone_mode=False)
+        app(prog_name="medpretrain")  # typer handles usage errors and --help itself (exit code 2)
     except MedpretrainError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(1) from None
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Abort):
-            typer.echo("aborted", err=True)
-            raise SystemExit(130) from None
-        raise
