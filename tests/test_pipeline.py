@@ -226,3 +226,20 @@ def test_cli_errors_are_one_line(prepared, tmp_path):
     assert proc.returncode == 0 and "avsdb" in proc.stdout
     proc = _cli("pretrain", "--method", "simclr", "--out", str(tmp_path / "p"))
     assert proc.returncode == 1 and "registered methods: avsdb" in proc.stderr
+
+
+def test_predict_groups_channel_files_only_for_multichannel_models(tmp_path):
+    from medpretrain.api import _group_channels
+    from medpretrain.data.datasets import CaseSource
+    from medpretrain.errors import DataError
+
+    def src(name, folder="a"):
+        return CaseSource(case_id=f"{folder}_{name}", images=[tmp_path / folder / f"{name}.nii.gz"], label=None)
+
+    single = _group_channels([src("amos_0001"), src("amos_0004"), src("image", "b"), src("image", "c")], 1)
+    assert len(single) == 4 and all(len(v) == 1 for v in single.values())
+    multi = _group_channels([src("x_0001"), src("x_0000"), src("y_0000", "b"), src("y_0001", "b")], 2)
+    assert multi == {"x": [tmp_path / "a" / "x_0000.nii.gz", tmp_path / "a" / "x_0001.nii.gz"],
+                     "y": [tmp_path / "b" / "y_0000.nii.gz", tmp_path / "b" / "y_0001.nii.gz"]}
+    with pytest.raises(DataError, match="channel files"):
+        _group_channels([src("x_0000")], 2)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -54,3 +57,39 @@ def test_avsdb_pretrain_then_finetune_init(tmp_path):
     # Everything but the 17-class head loads into the 3-class network.
     assert {m[0] for m in report["shape_mismatch"]} == {"final_conv.weight", "final_conv.bias"}
     assert not report["missing"] and all(spec.part_of(n) != "head" for n in report["loaded"])
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from lightning.pytorch.callbacks import Callback
+    from medpretrain.engine.pretrain import pretrain, pretrain_config
+
+    class KillAfter(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step == int(sys.argv[3]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    cfg = pretrain_config("avsdb", overrides=json.loads(sys.argv[2]))
+    pretrain("avsdb", None, sys.argv[1], cfg, callbacks=[KillAfter()])
+""").replace("import os,", "import json, os,")
+
+
+@pytest.mark.slow
+def test_pretraining_killed_then_resumed_equals_uninterrupted(tmp_path):
+    overrides = {**TINY, "steps": 5, "checkpoint_every": 2}
+    cfg = pretrain_config("avsdb", overrides=overrides)
+    reference = pretrain("avsdb", None, tmp_path / "reference", cfg)
+
+    run, script = tmp_path / "killed", tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script), str(run), json.dumps(overrides), "3"],
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+    pretrain("avsdb", None, run, cfg, resume=True)
+    assert json.loads((run / "run.json").read_text(encoding="utf-8"))["training"]["steps_done"] == 5
+    ref = torch.load(reference / "model.pt", weights_only=False)["state_dict"]
+    res = torch.load(run / "model.pt", weights_only=False)["state_dict"]
+    for name in ref:
+        torch.testing.assert_close(res[name], ref[name], rtol=0, atol=0, msg=name)

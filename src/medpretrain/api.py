@@ -8,14 +8,13 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from medpretrain.config import EvaluateConfig, FinetuneConfig, InferenceConfig
 from medpretrain.data.cache import PreparedData, prepare, prepare_dataset, prepare_pool
 from medpretrain.data.datasets import discover_pool
-from medpretrain.data.io import read_image, write_nifti
+from medpretrain.data.io import IMAGE_SUFFIXES, read_image, strip_image_suffix, write_nifti
 from medpretrain.data.preprocess import PreprocessConfig, preprocess_image, restore_to_original
 from medpretrain.engine.finetune import finetune
 from medpretrain.engine.job import read_run
@@ -34,6 +33,14 @@ __all__ = ["prepare", "prepare_dataset", "prepare_pool", "finetune", "evaluate",
 def _check_model_fits_data(meta: dict, data: PreparedData, run_dir: Path) -> None:
     if data.kind != "labelled":
         raise CacheError(f"{data.root} is an unlabelled pool; evaluation needs prepared labelled data")
+    trained, here = meta.get("preprocess"), data.manifest.get("preprocess")
+    if trained is not None and trained != here:
+        diff = sorted(k for k in set(trained) | set(here) if trained.get(k) != here.get(k))
+        raise CacheError(
+            f"{data.root} was prepared with other settings than the data run {run_dir} was trained on "
+            f"(differ: {', '.join(f'{k}={here.get(k)!r} vs {trained.get(k)!r}' for k in diff)}); "
+            "prepare the evaluation data with the run's settings"
+        )
     if meta["in_channels"] != data.in_channels or meta["out_channels"] != data.num_classes:
         raise CacheError(
             f"run {run_dir} was trained for {meta['in_channels']} channel(s) and {meta['out_channels']} classes, "
@@ -55,7 +62,7 @@ def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = Non
     prepared = PreparedData(data)
     model = load_trained_model(run_dir)
     _check_model_fits_data(model.meta, prepared, run_dir)
-    inference = cfg.inference or InferenceConfig(**model.meta.get("inference", {}))
+    inference = _inference_settings(model, cfg.inference)
     labels = model.labels
     class_ids = [c for c in sorted(labels) if c != 0]
     spacing = tuple(prepared.spacing)
@@ -104,23 +111,38 @@ def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = Non
     return write_evaluation(out_dir, per_case, labels, context, overlays=overlays, training_curve=curve)
 
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".nrrd", ".mha", ".mhd")
+def _group_channels(sources, in_channels: int) -> dict[str, list[Path]]:
+    """One entry per case. A single-channel model: every file is its own case (named by its unique case id).
+    A multi-channel model: nnU-Net channel files ``CASE_0000 .. CASE_{C-1}`` in the same folder form a case,
+    or a file that already holds all channels (4D) is a case by itself."""
+    if in_channels == 1:
+        return {s.case_id: list(s.images) for s in sources}
+    groups: dict[tuple[Path, str], dict[int, Path]] = {}
+    singles: dict[str, list[Path]] = {}
+    for src in sources:
+        for path in src.images:
+            stem = strip_image_suffix(path.name)
+            if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+                groups.setdefault((path.parent, stem[:-5]), {})[int(stem[-4:])] = path
+            else:
+                singles[src.case_id] = [path]
+    cases = dict(singles)
+    for (folder, base), channels in sorted(groups.items()):
+        if sorted(channels) != list(range(in_channels)):
+            raise DataError(
+                f"{folder}: case {base} has channel files {sorted(channels)}; the model expects "
+                f"{base}_0000 .. {base}_{in_channels - 1:04d} ({in_channels} channels)"
+            )
+        name = base if base not in cases else f"{folder.name}_{base}"
+        cases[name] = [channels[c] for c in range(in_channels)]
+    return cases
 
 
-def _group_channels(paths: Sequence[Path], in_channels: int) -> dict[str, list[Path]]:
-    """Group nnU-Net-style channel files (CASE_0000, CASE_0001, ...) into cases; single files otherwise."""
-    groups: dict[str, list[Path]] = {}
-    for p in sorted(paths):
-        name = p.name
-        for suffix in IMAGE_SUFFIXES:
-            if name.endswith(suffix):
-                name = name[: -len(suffix)]
-                break
-        if in_channels > 1 or (len(name) > 5 and name[-5] == "_" and name[-4:].isdigit()):
-            if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
-                name = name[:-5]
-        groups.setdefault(name, []).append(p)
-    return groups
+def _inference_settings(model, override: InferenceConfig | None) -> InferenceConfig:
+    """The run's stored sliding-window settings, with only the fields the user set replaced."""
+    stored = model.meta.get("inference", {})
+    changed = override.model_dump(exclude_unset=True) if override is not None else {}
+    return InferenceConfig(**{**stored, **changed})
 
 
 def predict(run: str | Path, input: str | Path, out: str | Path,
@@ -135,15 +157,19 @@ def predict(run: str | Path, input: str | Path, out: str | Path,
         inference: overrides of the run's sliding-window settings.
     """
     model = load_trained_model(run)
-    inference = inference or InferenceConfig(**model.meta.get("inference", {}))
+    if "preprocess" not in model.meta:
+        raise DataError(
+            f"{run} holds a pretrained network ({model.meta.get('kind', 'pretraining')}), not a segmentation model "
+            "of real classes; fine-tune it first (`medpretrain finetune --init RUN/model.pt`) and predict with that run"
+        )
+    inference = _inference_settings(model, inference)
     # The manifest's preprocess block holds the resolved spacing and modality the model was trained at.
     cfg = PreprocessConfig(**model.meta["preprocess"])
     spacing, modality = tuple(cfg.spacing), cfg.modality
     sources = discover_pool(input)
     if not sources:
         raise DataError(f"no images found in {input} (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM folders)")
-    files = [p for s in sources for p in s.images]
-    groups = _group_channels(files, model.meta["in_channels"])
+    groups = _group_channels(sources, model.meta["in_channels"])
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -151,6 +177,11 @@ def predict(run: str | Path, input: str | Path, out: str | Path,
         images = [read_image(p) for p in paths]
         image = images[0]
         if len(images) > 1:
+            for other, path in zip(images[1:], paths[1:]):
+                if other.array.shape[1:] != image.array.shape[1:] or not np.allclose(
+                        other.affine, image.affine, atol=1e-3):
+                    raise DataError(f"{path}: channel file does not lie on the grid of {paths[0]} "
+                                    f"(shape {other.array.shape[1:]} vs {image.array.shape[1:]}); resample it first")
             image.array = np.concatenate([im.array for im in images], axis=0)
         if image.array.shape[0] != model.meta["in_channels"]:
             raise DataError(
@@ -161,7 +192,7 @@ def predict(run: str | Path, input: str | Path, out: str | Path,
         probs = predict_probabilities(model, prepared.image, inference)
         label = restore_to_original(probs, prepared.geometry, is_probability=True)
         target = out_dir / f"{case_id}.nii.gz"
-        write_nifti(label.astype(np.uint8), np.asarray(prepared.geometry.original_affine), target, dtype=np.uint8)
+        write_nifti(label, np.asarray(prepared.geometry.original_affine), target)
         written.append(target)
         log.info("wrote %s", target)
     return written

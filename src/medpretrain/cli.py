@@ -39,6 +39,9 @@ def _maybe_reexec_with_tcmalloc() -> None:
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(filter(None, [lib, env.get("LD_PRELOAD")]))
     env["MEDPRETRAIN_NO_TCMALLOC"] = "1"  # never loop
+    # -m (not -c) so that Lightning's DDP launcher can re-run the command; safe path: a medpretrain/ folder in
+    # the working directory must not shadow the installed package (Python >= 3.11).
+    env["PYTHONSAFEPATH"] = "1"
     try:
         os.execve(sys.executable, [sys.executable, "-m", "medpretrain", *sys.argv[1:]], env)
     except OSError:
@@ -299,7 +302,8 @@ def methods() -> None:
 
 def main() -> None:
     """Console-script entry point: known errors print one line and exit 1, without a traceback."""
-    if len(sys.argv) > 1 and sys.argv[1] in ("finetune", "pretrain", "demo", "evaluate", "predict"):
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if command in ("finetune", "pretrain", "demo", "evaluate", "predict"):
         _maybe_reexec_with_tcmalloc()
     try:
         app(prog_name="medpretrain")  # typer handles usage errors and --help itself (exit code 2)

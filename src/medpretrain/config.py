@@ -180,7 +180,9 @@ def _format_validation_error(exc: ValidationError, model: type[BaseModel], sourc
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
+        if not loc:  # a check across fields
+            lines.append(err["msg"].removeprefix("Value error, "))
+        elif err["type"] == "extra_forbidden":
             lines.append(f"unknown key '{loc}'; valid keys: {', '.join(model.model_fields)}")
         else:
             lines.append(f"'{loc}' = {err.get('input')!r}: {err['msg']}")
@@ -195,9 +197,11 @@ def make_config(model: type[_Strict], values: dict[str, Any], source: str = "opt
         raise ConfigError(_format_validation_error(exc, model, source)) from None
 
 
-def load_config(model: type[_Strict], path: str | Path | None, overrides: dict[str, Any] | None = None):
-    """Read a YAML file (optional) into ``model``, then apply ``overrides`` (None values are ignored)."""
-    values: dict[str, Any] = {}
+def load_config(model: type[_Strict], path: str | Path | None, overrides: dict[str, Any] | None = None,
+                base: dict[str, Any] | None = None):
+    """``base`` values (e.g. a preset), then a YAML file (optional), then ``overrides`` (None values are
+    ignored), validated into ``model``."""
+    values: dict[str, Any] = dict(base or {})
     source = "options"
     if path is not None:
         path = Path(path)

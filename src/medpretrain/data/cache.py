@@ -133,9 +133,21 @@ def _process_case(task: dict) -> dict:
         fg = _foreground_coords(prepared.label, _case_seed(task["seed"], case_id))
         entry["foreground"] = fg
         entry["classes_present"] = sorted(int(c) for c in fg)
-    record = {"case_id": case_id, "preprocess": task["preprocess"], **entry}
+    record = {"case_id": case_id, "preprocess": task["preprocess"], "sources": _fingerprint(task),
+              "seed": task["seed"], **entry}
     atomic_write_json(out_dir / f"{case_id}.json", _jsonable(record))  # last: marks the case complete
     return {"case_id": case_id, "entry": _jsonable(entry)}
+
+
+def _fingerprint(task: dict) -> list[list]:
+    """Size and modification time of every source file: a file fixed in place makes its case be redone."""
+    paths = list(task["images"]) + ([task["label"]] if task["label"] else [])
+    out = []
+    for p in paths:
+        p = Path(p)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        out.append([str(p), sum(f.stat().st_size for f in files), max((f.stat().st_mtime_ns for f in files), default=0)])
+    return out
 
 
 def _existing_entry(out_dir: Path, task: dict) -> dict | None:
@@ -157,8 +169,10 @@ def _existing_entry(out_dir: Path, task: dict) -> dict | None:
         return None
     if record.get("source_label") != (str(task["label"]) if task["label"] else None):
         return None
-    record.pop("case_id", None)
-    record.pop("preprocess", None)
+    if record.get("seed") != task["seed"] or record.get("sources") != _fingerprint(task):
+        return None
+    for key in ("case_id", "preprocess", "sources", "seed"):
+        record.pop(key, None)
     return record
 
 

@@ -22,34 +22,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
-def is_readable_checkpoint(path: Path) -> bool:
-    """True if the file loads as a Lightning checkpoint with a global step."""
+def checkpoint_step(path: Path) -> int | None:
+    """The global step of a readable Lightning checkpoint, or None if the file is truncated or foreign."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception:
-        return False
-    return isinstance(obj, dict) and "state_dict" in obj and "global_step" in obj
+        return None
+    if isinstance(obj, dict) and "state_dict" in obj and "global_step" in obj:
+        return int(obj["global_step"])
+    return None
 
 
 def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest readable checkpoint in ``checkpoint_dir``: ``last.ckpt`` first, then ``step*.ckpt`` by step.
+    """The readable checkpoint with the highest global step in ``checkpoint_dir`` (``last.ckpt`` wins ties).
 
-    Truncated or corrupt files are reported and skipped, so the previous good checkpoint is used.
+    Truncated or corrupt files are reported and skipped, so the previous good checkpoint is used. The step
+    decides, not the name: a kill between Lightning's two writes can leave ``step*.ckpt`` newer than
+    ``last.ckpt``.
     """
     if not checkpoint_dir.is_dir():
         return None
-    candidates = []
-    last = checkpoint_dir / "last.ckpt"
-    if last.exists():
-        candidates.append(last)
-    candidates += sorted(checkpoint_dir.glob("step*.ckpt"), reverse=True)
+    candidates = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: p.name != "last.ckpt")
+    best, best_step = None, -1
     for path in candidates:
-        if is_readable_checkpoint(path):
-            return path
-        log.warning("checkpoint %s is truncated or unreadable; trying the previous one", path)
-    if candidates:
+        step = checkpoint_step(path)
+        if step is None:
+            log.warning("checkpoint %s is truncated or unreadable; trying the previous one", path)
+        elif step > best_step:
+            best, best_step = path, step
+    if candidates and best is None:
         raise CheckpointError(
             f"no readable checkpoint in {checkpoint_dir} (tried {', '.join(p.name for p in candidates)}); "
             "start again without --resume in a new --out"
         )
-    return None
+    return best

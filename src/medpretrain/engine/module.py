@@ -76,6 +76,9 @@ class SegmentationModule(pl.LightningModule):
         # DynUNet with deep supervision returns stacked outputs in training; the first is full resolution.
         return out[:, 0] if out.dim() == x.dim() + 1 else out
 
+    def on_train_start(self) -> None:
+        self.on_train_epoch_start()  # a resumed run restarts mid-epoch, where Lightning skips the epoch hook
+
     def on_train_epoch_start(self) -> None:
         if self.freeze_encoder:
             # Frozen encoder: keep its normalisation statistics and dropout fixed too (linear probing).

@@ -22,13 +22,9 @@ def pretrain_config(method: str, config_file: str | Path | None = None, preset: 
                     overrides: dict[str, Any] | None = None) -> TrainingConfig:
     """The method's configuration: its defaults, then a preset, then a YAML file, then ``overrides``."""
     m = get_method(method)
-    values: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in m.presets:
-            raise ConfigError(f"method '{method}' has no preset '{preset}'; its presets: {', '.join(m.presets)}")
-        values.update(m.presets[preset])
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return load_config(m.config_cls, config_file, values)
+    if preset is not None and preset not in m.presets:
+        raise ConfigError(f"method '{method}' has no preset '{preset}'; its presets: {', '.join(m.presets)}")
+    return load_config(m.config_cls, config_file, overrides, base=m.presets.get(preset, {}) if preset else None)
 
 
 def pretrain(method: str, data_dir: str | Path | None, out_dir: str | Path, cfg: TrainingConfig,

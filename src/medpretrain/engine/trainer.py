@@ -45,7 +45,8 @@ def resolve_precision(precision: str, accelerator: str) -> str:
         return precision
     accelerator = resolve_accelerator(accelerator)
     if accelerator in ("gpu", "cuda"):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        # Emulated bf16 (pre-Ampere GPUs) is slower than fp16 autocast.
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
@@ -60,7 +61,7 @@ def autocast_context(precision: str, device: torch.device):
 
 def is_launcher_child() -> bool:
     """True in the processes Lightning's DDP launcher starts (they re-run the command; rank 0 prepares)."""
-    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+    return any(os.environ.get(var, "0") != "0" for var in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 class StepLogger(Callback):

@@ -65,9 +65,10 @@ def load_trained_model(run_dir: str | Path, device: torch.device | None = None,
     device = device or default_device()
     network.to(device).eval()
     if precision is None:
-        precision = meta.get("precision", "32-true")
-        if device.type == "cuda" and not precision.startswith(("bf16", "16")):
-            precision = "bf16-mixed"
+        # The training run's precision, re-resolved for this device (a CPU-trained model may run on a GPU).
+        from medpretrain.engine.trainer import resolve_precision
+
+        precision = resolve_precision("auto", "gpu" if device.type == "cuda" else "cpu")
     return TrainedModel(network, meta, device, precision)
 
 

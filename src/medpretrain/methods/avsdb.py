@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import model_validator
+
 from medpretrain.config import TrainingConfig
 from medpretrain.methods import PretrainMethod, register_method
 from medpretrain.synthetic.avsdb import AVSDBConfig, AVSDBDataset, class_names
@@ -34,6 +36,13 @@ class AVSDBPretrainConfig(TrainingConfig):
     generator: AVSDBConfig = AVSDBConfig(size=(64, 64, 64))
     samples: int | None = 5000
     loss: Literal["dice", "dicece"] = "dice"
+
+    @model_validator(mode="after")
+    def _patch_fits_volume(self):
+        if any(p > g for p, g in zip(self.patch, self.generator.size)):
+            raise ValueError(f"patch {tuple(self.patch)} is larger than the generated volumes "
+                             f"{tuple(self.generator.size)}; set generator.size at least as large as the patch")
+        return self
 
 
 def _loss(cfg: AVSDBPretrainConfig):
