@@ -1,16 +1,24 @@
-"""la2018 fine-tuning from an AVS-DB-pretrained `unet` vs from scratch, at the same budget.
+"""la2018 fine-tuning from an AVS-DB-pretrained `unet` vs from scratch, at the same budget, plus small-scale
+versions of the paper's ablations.
 
-Reproduce (2 CPU cores; one pretraining of ~10 min, then ~8 min per fine-tuning run):
+Reproduce (2 CPU cores; ~10 min per pretraining, ~6.5 min per fine-tuning run + evaluation):
 
     python benchmarks/avsdb_la2018.py --shared ../shared --work runs/bench --out docs/results/avsdb/la2018 \
-        --seeds 0 1 2 --n-labeled 4 8
+        --seeds 0 1 2 --n-labeled 4 8 --ablations xy4-z2 no-overlap filled --ablation-n 4 --ablation-seeds 0
 
-Budget of every fine-tuning run (both arms): the spine's calibrated scratch recipe (BasicUNet 16..128,
-1.25 mm, patch 64x64x48, batch 2, DiceCE, flips, AdamW 1e-3 one-cycle, 600 steps); for a seed the
-labelled cases are identical in both arms. The pretrained arm loads encoder and decoder (`--init-part
-all`; the 17-class head is replaced). Pretraining: `medpretrain pretrain --method avsdb` CPU preset
-(64^3 outline volumes, 20 shapes, 16 classes, 5,000-volume database, Dice loss, batch 2, AdamW 1e-3),
-`--pretrain-steps` steps. Finished runs are reused (scratch runs are shared with la2018_scratch.py).
+Budget of every fine-tuning run (every arm): the spine's calibrated scratch recipe (BasicUNet 16..128,
+1.25 mm, patch 64x64x48, batch 2, DiceCE, flips, AdamW 1e-3 one-cycle, 600 steps); for a seed the labelled
+cases are identical in every arm. Pretrained arms load encoder and decoder (`--init-part all`; the
+synthetic-class head is replaced). Pretraining: `medpretrain pretrain --method avsdb --preset cpu` (64^3
+volumes, 20 shapes, 5,000-volume database, Dice loss, batch 2, AdamW 1e-3), `--pretrain-steps` steps; an
+ablation changes one generator setting of that preset (Table 1 of the paper):
+
+- `xy4-z2`: 4 cross-sections x {prism, hourglass} = 8 classes instead of 16 (Table 1a);
+- `no-overlap`: shapes placed without overlap (Table 1b);
+- `filled`: textured filled shapes instead of the public generator's outlines (our addition).
+
+Every finished run is recorded in `OUT/records.jsonl` (overall metrics, per-case Dice, wall time); a
+re-run skips recorded runs, so the script can be re-run with more seeds or ablations, or after a crash.
 """
 
 from __future__ import annotations
@@ -18,24 +26,50 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from _common import sh
 
 FINETUNE = ["--model", "unet", "--steps", "600", "--patch", "64", "64", "48", "--batch", "2", "--lr", "0.001",
             "--precision", "auto"]
 METRICS = ("dice", "nsd", "assd", "hd95")
+# Generator settings of each pretraining arm, over the cpu preset (64^3, xy8-z2, overlap, outline).
+ARMS = {
+    "avsdb": {},
+    "xy4-z2": {"classes": "xy4-z2"},
+    "no-overlap": {"overlap": False},
+    "filled": {"render": "filled"},
+}
 
 
-def sh(args: list[str], log: Path) -> None:
-    print("$", " ".join(args), flush=True)
-    with open(log, "a", encoding="utf-8") as fh:
-        fh.write("$ " + " ".join(args) + "\n")
-        fh.flush()
-        subprocess.run(args, check=True, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def load_records(path: Path) -> dict[tuple, dict]:
+    records = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)
+                records[(r["arm"], r["n_labeled"], r["seed"])] = r
+    return records
+
+
+def pretrain(exe, work: Path, arm: str, steps: int, log: Path) -> tuple[Path, float]:
+    pre = work / (f"pretrain-avsdb-unet-{steps}steps" if arm == "avsdb" else f"pretrain-avsdb-{arm}-unet-{steps}steps")
+    if not (pre / "model.pt").exists():
+        pre.mkdir(parents=True, exist_ok=True)
+        extra = []
+        if ARMS[arm]:
+            cfg = pre / "ablation.yaml"
+            cfg.write_text(json.dumps({"generator": ARMS[arm]}) + "\n", encoding="utf-8")  # JSON is YAML
+            extra = ["--config", str(cfg)]
+        resume = ["--resume"] if (pre / "checkpoints").exists() else []
+        sh(exe + ["pretrain", "--method", "avsdb", "--preset", "cpu", "--model", "unet", "--steps", str(steps),
+                  "--out", str(pre)] + extra + resume, log)
+    info = json.loads((pre / "run.json").read_text(encoding="utf-8"))
+    return pre / "model.pt", float(info.get("training", {}).get("wall_time_s", float("nan")))
 
 
 def finetune_and_evaluate(exe, prepared: Path, run: Path, n: int, seed: int, init: Path | None, log: Path) -> dict:
@@ -48,11 +82,22 @@ def finetune_and_evaluate(exe, prepared: Path, run: Path, n: int, seed: int, ini
         sh(exe + ["evaluate", "--run", str(run), "--data", str(prepared), "--overlays", "0"], log)
     metrics = json.loads((run / "eval" / "metrics.json").read_text(encoding="utf-8"))
     info = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    per_case = {}
     with open(run / "eval" / "per_case.csv", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            per_case[row["case_id"]] = float(row["dice"])
-    return {"overall": metrics["overall"], "per_case_dice": per_case, "wall_s": info["training"]["wall_time_s"]}
+        per_case = {row["case_id"]: float(row["dice"]) for row in csv.DictReader(fh)}
+    return {**{m: round(metrics["overall"][m]["mean"], 4) for m in METRICS}, "per_case_dice": per_case,
+            "train_wall_s": info["training"]["wall_time_s"]}
+
+
+def paired(rec: dict, scratch: dict) -> tuple[float, str]:
+    """Mean per-case Dice gain over scratch and the number of improved cases (same seed, same cases)."""
+    if rec.get("per_case_dice") and scratch.get("per_case_dice"):
+        diffs = [rec["per_case_dice"][c] - scratch["per_case_dice"][c] for c in scratch["per_case_dice"]]
+        return round(float(np.mean(diffs)), 4), f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+    return rec["paired_dice_gain_vs_scratch"], rec["cases_improved"]  # recorded before per-case records existed
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
 
 
 def main() -> None:
@@ -63,73 +108,112 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n-labeled", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--ablations", nargs="*", default=["xy4-z2", "no-overlap", "filled"], choices=list(ARMS)[1:])
+    ap.add_argument("--ablation-n", type=int, nargs="+", default=[4])
+    ap.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--run-only", nargs="+", choices=["scratch", *ARMS], default=None,
+                    help="run only these arms' missing jobs (e.g. two invocations with OMP_NUM_THREADS=1 side by "
+                         "side on a 2-core machine); the report is written once every job is recorded")
     args = ap.parse_args()
     exe = [sys.executable, "-m", "medpretrain"]
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "commands.log"
+    rec_path = args.out / "records.jsonl"
+    records = load_records(rec_path)
+
+    jobs = [(arm, n, s) for s in args.seeds for n in args.n_labeled for arm in ("scratch", "avsdb")]
+    for arm in args.ablations:
+        for s in args.ablation_seeds:
+            for n in args.ablation_n:
+                for job in (("scratch", n, s), ("avsdb", n, s), (arm, n, s)):
+                    if job not in jobs:
+                        jobs.append(job)
+
     prepared = args.work / "la2018-prepared"
-    sh(exe + ["prepare", "--dataset", str(args.shared / "data" / "la2018"), "--out", str(prepared),
-              "--spacing", "1.25", "1.25", "1.25", "--modality", "MR", "--workers", "2"], log)
+    pretrain_wall = {}
+    if any(job not in records for job in jobs):
+        sh(exe + ["prepare", "--dataset", str(args.shared / "data" / "la2018"), "--out", str(prepared),
+                  "--spacing", "1.25", "1.25", "1.25", "--modality", "MR", "--workers", "2"], log)
+    for arm, n, seed in jobs:
+        if (arm, n, seed) in records or (args.run_only and arm not in args.run_only):
+            continue
+        init = None
+        if arm != "scratch":
+            init, pretrain_wall[arm] = pretrain(exe, args.work, arm, args.pretrain_steps, log)
+        name = (f"scratch-unet-n{n}-s{seed}-600steps-auto" if arm == "scratch" else
+                f"avsdb{args.pretrain_steps}-unet-n{n}-s{seed}-600steps" if arm == "avsdb" else
+                f"avsdb{args.pretrain_steps}-{arm}-unet-n{n}-s{seed}-600steps")
+        res = finetune_and_evaluate(exe, prepared, args.work / name, n, seed, init, log)
+        rec = {"arm": arm, "model": "unet", "n_labeled": n, "seed": seed, "steps": 600,
+               "pretrain_steps": None if arm == "scratch" else args.pretrain_steps,
+               "pretrain_wall_s": pretrain_wall.get(arm), **res}
+        records[(arm, n, seed)] = rec
+        with open(rec_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
 
-    pre = args.work / f"pretrain-avsdb-unet-{args.pretrain_steps}steps"
-    t = time.perf_counter()
-    if not (pre / "model.pt").exists():
-        resume = ["--resume"] if (pre / "checkpoints").exists() else []
-        sh(exe + ["pretrain", "--method", "avsdb", "--preset", "cpu", "--model", "unet", "--steps",
-                  str(args.pretrain_steps), "--out", str(pre)] + resume, log)
-    pre_info = json.loads((pre / "run.json").read_text(encoding="utf-8"))
-    print(f"pretraining: {time.perf_counter() - t:.0f} s (cached if ~0)")
-
+    records = load_records(rec_path)  # another invocation may have added runs meanwhile
+    missing = [job for job in jobs if job not in records]
+    if missing:
+        print(f"{len(missing)} job(s) not recorded yet ({missing}); report not written")
+        return
     rows = []
-    for seed in args.seeds:
-        for n in args.n_labeled:
-            arms = {
-                "scratch": finetune_and_evaluate(
-                    exe, prepared, args.work / f"scratch-unet-n{n}-s{seed}-600steps-auto", n, seed, None, log),
-                "avsdb": finetune_and_evaluate(
-                    exe, prepared, args.work / f"avsdb{args.pretrain_steps}-unet-n{n}-s{seed}-600steps", n, seed,
-                    pre / "model.pt", log),
-            }
-            for method, res in arms.items():
-                rows.append({"method": method, "model": "unet", "n_labeled": n, "seed": seed, "steps": 600,
-                             **{m: round(res["overall"][m]["mean"], 4) for m in METRICS},
-                             "train_wall_s": res["wall_s"]})
-            diffs = [arms["avsdb"]["per_case_dice"][c] - arms["scratch"]["per_case_dice"][c]
-                     for c in arms["scratch"]["per_case_dice"]]
-            rows[-1]["paired_dice_gain_vs_scratch"] = round(float(np.mean(diffs)), 4)
-            rows[-1]["cases_improved"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
-
-    fields = ["method", "model", "n_labeled", "seed", "steps", *METRICS, "train_wall_s",
+    for arm, n, seed in jobs:
+        r = records[(arm, n, seed)]
+        row = {k: r.get(k) for k in ("arm", "model", "n_labeled", "seed", "steps", *METRICS, "train_wall_s")}
+        if arm != "scratch":
+            row["paired_dice_gain_vs_scratch"], row["cases_improved"] = paired(r, records[("scratch", n, seed)])
+        rows.append(row)
+    fields = ["arm", "model", "n_labeled", "seed", "steps", *METRICS, "train_wall_s",
               "paired_dice_gain_vs_scratch", "cases_improved"]
     with open(args.out / "results.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
-    lines = ["# la2018: AVS-DB-pretrained `unet` vs scratch", "",
-             "Command: `python benchmarks/avsdb_la2018.py --shared ../shared --work runs/bench "
-             f"--out {args.out} --seeds {' '.join(map(str, args.seeds))} "
-             f"--n-labeled {' '.join(map(str, args.n_labeled))} --pretrain-steps {args.pretrain_steps}`", "",
-             f"Pretraining: {args.pretrain_steps} steps of the avsdb CPU preset "
-             f"({pre_info.get('training', {}).get('wall_time_s', '?')} s). Fine-tuning budget per run: 600 steps, "
-             "patch 64x64x48, batch 2 (the calibrated scratch recipe); 20 test cases; Dice mean over cases.", "",
-             "| n labelled | method | seeds | Dice mean ± std over seeds | NSD | ASSD (mm) | HD95 (mm) |",
-             "|---|---|---|---|---|---|---|"]
+    cmd = (f"python benchmarks/avsdb_la2018.py --shared ../shared --work runs/bench --out {args.out} "
+           f"--seeds {' '.join(map(str, args.seeds))} --n-labeled {' '.join(map(str, args.n_labeled))} "
+           f"--pretrain-steps {args.pretrain_steps}"
+           + (f" --ablations {' '.join(args.ablations)} --ablation-n {' '.join(map(str, args.ablation_n))} "
+              f"--ablation-seeds {' '.join(map(str, args.ablation_seeds))}" if args.ablations else ""))
+    lines = ["# la2018: AVS-DB-pretrained `unet` vs scratch", "", f"Command: `{cmd}`", "",
+             f"Pretraining: {args.pretrain_steps} steps of the avsdb CPU preset (batch 2, so "
+             f"{2 * args.pretrain_steps} synthetic volumes seen; the paper sees 5,000 volumes x many epochs). "
+             "Fine-tuning budget per run: 600 steps, patch 64x64x48, batch 2 (the calibrated scratch recipe); "
+             "20 test cases. Per run, a metric is the mean over the 20 test cases; below, mean ± sample std of "
+             "that over seeds.", "",
+             "| n labelled | arm | seeds | Dice | NSD | ASSD (mm) | HD95 (mm) |", "|---|---|---|---|---|---|---|"]
     for n in args.n_labeled:
-        for method in ("scratch", "avsdb"):
-            sel = [r for r in rows if r["n_labeled"] == n and r["method"] == method]
-            stat = {m: (np.mean([r[m] for r in sel]), np.std([r[m] for r in sel])) for m in METRICS}
-            lines.append(f"| {n} | {method} | {len(sel)} | " + " | ".join(
-                f"{stat[m][0]:.3f} ± {stat[m][1]:.3f}" for m in METRICS) + " |")
+        for arm in ("scratch", "avsdb"):
+            sel = [records[(arm, n, s)] for s in args.seeds]
+            lines.append(f"| {n} | {arm} | {len(sel)} | " + " | ".join(mean_std([r[m] for r in sel])
+                                                                          for m in METRICS) + " |")
     lines += ["", "Paired per seed (same labelled cases, same test cases):", "",
               "| n labelled | seed | Dice scratch | Dice avsdb | mean per-case gain | cases improved |",
               "|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["method"] == "avsdb":
-            s = next(x for x in rows if x["method"] == "scratch" and x["n_labeled"] == r["n_labeled"]
-                     and x["seed"] == r["seed"])
-            lines.append(f"| {r['n_labeled']} | {r['seed']} | {s['dice']:.3f} | {r['dice']:.3f} | "
-                         f"{r['paired_dice_gain_vs_scratch']:+.3f} | {r['cases_improved']} |")
+    gains = {}
+    for seed in args.seeds:
+        for n in args.n_labeled:
+            s, a = records[("scratch", n, seed)], records[("avsdb", n, seed)]
+            g, imp = paired(a, s)
+            gains.setdefault(n, []).append(g)
+            lines.append(f"| {n} | {seed} | {s['dice']:.3f} | {a['dice']:.3f} | {g:+.3f} | {imp} |")
+    lines += ["", "Mean paired Dice gain over seeds: " + "; ".join(
+        f"n={n}: {np.mean(v):+.3f} (seeds with a gain: {sum(x > 0 for x in v)}/{len(v)})" for n, v in gains.items())]
+    if args.ablations:
+        lines += ["", "## Ablations (paper Table 1, small scale)", "",
+                  f"Each arm: {args.pretrain_steps} pretraining steps, then the same fine-tuning; n labelled "
+                  f"{', '.join(map(str, args.ablation_n))}, seeds {', '.join(map(str, args.ablation_seeds))}.", "",
+                  "| n labelled | arm | generator change | Dice | NSD | HD95 (mm) | paired gain vs scratch |",
+                  "|---|---|---|---|---|---|---|"]
+        for n in args.ablation_n:
+            for arm in ("scratch", "avsdb", *args.ablations):
+                sel = [records[(arm, n, s)] for s in args.ablation_seeds]
+                gain = "" if arm == "scratch" else mean_std(
+                    [paired(records[(arm, n, s)], records[("scratch", n, s)])[0] for s in args.ablation_seeds])
+                change = "none (xy8-z2, overlap, outline)" if arm == "avsdb" else json.dumps(ARMS.get(arm, {})) \
+                    if arm != "scratch" else "no pretraining"
+                lines.append(f"| {n} | {arm} | {change} | " + " | ".join(
+                    mean_std([r[m] for r in sel]) for m in ("dice", "nsd", "hd95")) + f" | {gain} |")
     (args.out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

@@ -19,26 +19,18 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import scipy
+from _common import cpu_model
 
 from medpretrain.atomic import atomic_write_json
 from medpretrain.synthetic.avsdb import AVSDBConfig, _render_filled, _render_outline, _rng, place_shapes
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure(cfg: AVSDBConfig, n: int, warmup: int = 3) -> dict:
@@ -91,7 +83,7 @@ def main() -> None:
         "command": "python benchmarks/avsdb_speed.py --out " + str(args.out) + (f" --n {args.n}" if args.n != 200 else ""),
         "config": AVSDBConfig().model_dump(mode="json") | {"render": "outline | filled"},
         "threads": 1,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "numpy": np.__version__,

@@ -16,20 +16,15 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _common import sh
+
 BUDGET = {"model": "unet", "steps": 600, "patch": [64, 64, 48], "batch": 2, "lr": 1e-3, "seed": 0}
 
 
-def sh(args: list[str], log: Path) -> None:
-    print("$", " ".join(args), flush=True)
-    with open(log, "a", encoding="utf-8") as fh:
-        fh.write("$ " + " ".join(args) + "\n")
-        fh.flush()
-        subprocess.run(args, check=True, stdout=fh, stderr=subprocess.STDOUT)
 
 
 def main() -> None:

@@ -88,3 +88,15 @@ def make_msd(root: Path, n=3, shape=(24, 20, 16), channels=1) -> Path:
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+def init_report_of_one_step_finetune(model_pt: Path, prepared_root: Path, out: Path) -> dict:
+    """Fine-tune a tiny unet for one step from ``model_pt`` (encoder and decoder, ``--init-part all``) and
+    return its ``init_report.json`` (what loaded, what was missing, shape mismatches)."""
+    from medpretrain.config import AugmentConfig, FinetuneConfig
+    from medpretrain.engine.finetune import finetune
+
+    run = finetune(prepared_root, out, FinetuneConfig(
+        model="unet", steps=1, patch=(32, 32, 16), batch=1, num_workers=0, precision="32-true",
+        init=model_pt, init_part="all", augment=AugmentConfig(enabled=False)))
+    return json.loads((run / "init_report.json").read_text(encoding="utf-8"))

@@ -243,3 +243,15 @@ def test_predict_groups_channel_files_only_for_multichannel_models(tmp_path):
                      "y": [tmp_path / "b" / "y_0000.nii.gz", tmp_path / "b" / "y_0001.nii.gz"]}
     with pytest.raises(DataError, match="channel files"):
         _group_channels([src("x_0000")], 2)
+
+
+def test_predict_names_single_channel_outputs_like_nnunet(tmp_path):
+    from medpretrain.api import _group_channels
+    from medpretrain.data.datasets import CaseSource
+
+    def src(name):
+        return CaseSource(case_id=name, images=[tmp_path / f"{name}.nii.gz"], label=None)
+
+    # CASE_0000 -> CASE (nnU-Net's prediction names); a clash keeps the full id; other digits are kept
+    names = _group_channels([src("la_001_0000"), src("la_002_0000"), src("la_002"), src("amos_0001")], 1)
+    assert sorted(names) == ["amos_0001", "la_001", "la_002", "la_002_0000"]

@@ -10,10 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from medpretrain.config import AugmentConfig, FinetuneConfig
+from _niftis import init_report_of_one_step_finetune
 from medpretrain.data.cache import prepare_dataset
 from medpretrain.data.preprocess import PreprocessConfig
-from medpretrain.engine.finetune import finetune
 from medpretrain.engine.pretrain import pretrain, pretrain_config
 from medpretrain.errors import ConfigError, TrainingError
 from medpretrain.methods import get_method, list_methods
@@ -49,10 +48,7 @@ def test_avsdb_pretrain_then_finetune_init(tmp_path):
 
     raw = make_demo_dataset(tmp_path / "raw", n_cases=3, size=(40, 36, 20), seed=1)
     data = prepare_dataset(raw, tmp_path / "prepared", PreprocessConfig(modality="MR"), progress=False)
-    ft = finetune(data.root, tmp_path / "ft", FinetuneConfig(
-        model="unet", steps=1, patch=(32, 32, 16), batch=1, num_workers=0, precision="32-true",
-        init=run / "model.pt", init_part="all", augment=AugmentConfig(enabled=False)))
-    report = json.loads((ft / "init_report.json").read_text(encoding="utf-8"))
+    report = init_report_of_one_step_finetune(run / "model.pt", data.root, tmp_path / "ft")
     spec = get_spec("unet")
     # Everything but the 17-class head loads into the 3-class network.
     assert {m[0] for m in report["shape_mismatch"]} == {"final_conv.weight", "final_conv.bias"}

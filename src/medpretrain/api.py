@@ -112,11 +112,17 @@ def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = Non
 
 
 def _group_channels(sources, in_channels: int) -> dict[str, list[Path]]:
-    """One entry per case. A single-channel model: every file is its own case (named by its unique case id).
-    A multi-channel model: nnU-Net channel files ``CASE_0000 .. CASE_{C-1}`` in the same folder form a case,
-    or a file that already holds all channels (4D) is a case by itself."""
+    """One entry per case. A single-channel model: every file is its own case, named by its unique case id
+    less nnU-Net's channel suffix ``_0000`` (``CASE_0000.nii.gz`` -> ``CASE``, as nnU-Net names predictions)
+    unless that name is taken. A multi-channel model: nnU-Net channel files ``CASE_0000 .. CASE_{C-1}`` in the
+    same folder form a case, or a file that already holds all channels (4D) is a case by itself."""
     if in_channels == 1:
-        return {s.case_id: list(s.images) for s in sources}
+        ids = {s.case_id for s in sources}
+        cases = {}
+        for s in sources:
+            base = s.case_id[:-5] if s.case_id.endswith("_0000") else s.case_id
+            cases[base if base == s.case_id or (base not in ids and base not in cases) else s.case_id] = list(s.images)
+        return cases
     groups: dict[tuple[Path, str], dict[int, Path]] = {}
     singles: dict[str, list[Path]] = {}
     for src in sources:

@@ -197,11 +197,28 @@ def make_config(model: type[_Strict], values: dict[str, Any], source: str = "opt
         raise ConfigError(_format_validation_error(exc, model, source)) from None
 
 
+def _merge_nested(model: type[BaseModel], base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``; a partial mapping given for a nested settings object (e.g. ``generator:``)
+    changes only the keys it names and keeps the rest from ``base`` or from the field's default."""
+    merged = dict(base)
+    for key, value in update.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        sub = getattr(field, "annotation", None) if field is not None else None
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            start = merged.get(key, field.default)
+            if isinstance(start, BaseModel):
+                start = start.model_dump()
+            merged[key] = _merge_nested(sub, start if isinstance(start, dict) else {}, value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(model: type[_Strict], path: str | Path | None, overrides: dict[str, Any] | None = None,
                 base: dict[str, Any] | None = None):
     """``base`` values (e.g. a preset), then a YAML file (optional), then ``overrides`` (None values are
-    ignored), validated into ``model``."""
-    values: dict[str, Any] = dict(base or {})
+    ignored), validated into ``model``. Nested settings merge key by key (see ``_merge_nested``)."""
+    values: dict[str, Any] = _merge_nested(model, {}, dict(base or {}))
     source = "options"
     if path is not None:
         path = Path(path)
@@ -213,7 +230,7 @@ def load_config(model: type[_Strict], path: str | Path | None, overrides: dict[s
             raise ConfigError(f"cannot parse YAML config {path}: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must hold a mapping of keys to values, got {type(loaded).__name__}")
-        values.update(loaded)
+        values = _merge_nested(model, values, loaded)
         source = str(path)
     for key, value in (overrides or {}).items():
         if value is not None:

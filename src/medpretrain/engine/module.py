@@ -72,9 +72,36 @@ class SegmentationModule(pl.LightningModule):
                     p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
+        """Full-resolution logits, whatever the network returns in training."""
+        return self._full_resolution(self.model(x), x)
+
+    @staticmethod
+    def _full_resolution(out, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(out, (tuple, list)):
+            # Deep supervision (e.g. PCT-Net in training): outputs per scale, full resolution first.
+            return out[0]
         # DynUNet with deep supervision returns stacked outputs in training; the first is full resolution.
         return out[:, 0] if out.dim() == x.dim() + 1 else out
+
+    def compute_loss(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch: ``loss_fn`` on the logits, or, when the network returns a tuple of
+        outputs per scale, ``DeepSupervisionLoss`` over all of them (weights 1, 1/2, 1/4 ... normalised)."""
+        out = self.model(image)
+        if isinstance(out, (tuple, list)):
+            return self._deep_supervision_loss()(out, label)
+        return self.loss_fn(self._full_resolution(out, image), label)
+
+    def _deep_supervision_loss(self):
+        # Built on first use, on the device the loss already lives on, and kept out of the module's
+        # registered children: it holds no learnable state, and registering it would add keys to every
+        # checkpoint of a loss with class-weight buffers (breaking resumes of runs written before).
+        ds = self.__dict__.get("_ds_loss")
+        if ds is None:
+            from medpretrain.blocks.deep_supervision import DeepSupervisionLoss
+
+            ds = DeepSupervisionLoss(self.loss_fn)
+            self.__dict__["_ds_loss"] = ds
+        return ds
 
     def on_train_start(self) -> None:
         self.on_train_epoch_start()  # a resumed run restarts mid-epoch, where Lightning skips the epoch hook
@@ -87,8 +114,7 @@ class SegmentationModule(pl.LightningModule):
                     module.eval()
 
     def training_step(self, batch, batch_idx):
-        logits = self(batch["image"])
-        loss = self.loss_fn(logits, batch["label"])
+        loss = self.compute_loss(batch["image"], batch["label"])
         NonFiniteLossGuard.check(loss, self.global_step)
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["image"].shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)

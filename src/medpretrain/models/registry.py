@@ -24,10 +24,12 @@ class ModelSpec:
         encoder_prefixes: parameter-name prefixes that form the encoder (what ``--init-part encoder`` loads
             and ``--freeze-encoder`` freezes).
         head_prefixes: parameter-name prefixes of the output layer(s), replaced when the class count changes.
-        divisor: every patch/input side must be a multiple of this (total down-sampling).
+        divisor: every patch/input side must be a multiple of this (total down-sampling); one number for
+            all sides, or one per side in patch order (X, Y, Z) for networks that down-sample anisotropically.
         min_size: smallest input side the network accepts.
         min_bottleneck_voxels: fewest voxels the deepest feature map (``patch / divisor``) may have; 2 for
             networks with instance normalisation there, which fails on a single voxel.
+        bottleneck_norm: the normalisation named when the bottleneck is too small.
         defaults: the preset's options, shown by ``medpretrain models`` and overridable.
     """
 
@@ -36,10 +38,15 @@ class ModelSpec:
     factory: Callable[..., nn.Module]
     encoder_prefixes: tuple[str, ...]
     head_prefixes: tuple[str, ...]
-    divisor: int = 16
+    divisor: int | tuple[int, int, int] = 16
     min_size: int = 16
     min_bottleneck_voxels: int = 1
     defaults: dict[str, Any] = field(default_factory=dict)
+    bottleneck_norm: str = "instance normalisation"
+
+    def divisors(self, ndim: int = 3) -> tuple[int, ...]:
+        """The divisor of each of ``ndim`` patch sides."""
+        return (self.divisor,) * ndim if isinstance(self.divisor, int) else tuple(self.divisor)
 
     def part_of(self, parameter_name: str) -> str:
         """'encoder', 'head' or 'decoder' for a parameter (or buffer) name of this network."""
@@ -51,20 +58,31 @@ class ModelSpec:
 
     def check_patch(self, patch: Sequence[int]) -> None:
         """Raise ConfigError naming the nearest valid sizes if ``patch`` does not fit the network."""
-        bad = [p for p in patch if p % self.divisor or p < self.min_size]
+        divisors = self.divisors(len(patch))
+        if len(divisors) != len(patch):
+            raise ConfigError(f"patch {tuple(patch)} for model '{self.name}' must have {len(divisors)} sides")
+        if isinstance(self.divisor, int):
+            rule = f"every side must be a multiple of {self.divisor} and at least {self.min_size}"
+        else:
+            rule = (f"the sides (X, Y, Z) must be multiples of {tuple(divisors)} respectively and at least "
+                    f"{self.min_size}")
+        bad = [p for p, d in zip(patch, divisors) if p % d or p < self.min_size]
         if bad:
-            valid = [max(self.min_size, int(round(p / self.divisor)) * self.divisor) for p in patch]
+            # The smallest multiple of each side's divisor that is at least min_size.
+            lows = [-(-self.min_size // d) * d for d in divisors]
+            valid = [max(lo, int(round(p / d)) * d) for p, d, lo in zip(patch, divisors, lows)]
+            while math.prod(v // d for v, d in zip(valid, divisors)) < self.min_bottleneck_voxels:
+                valid[0] *= 2  # suggest a patch that passes the bottleneck check below too
             raise ConfigError(
-                f"patch {tuple(patch)} does not fit model '{self.name}': every side must be a multiple of "
-                f"{self.divisor} and at least {self.min_size}; nearest valid patch: {tuple(valid)}"
+                f"patch {tuple(patch)} does not fit model '{self.name}': {rule}; nearest valid patch: {tuple(valid)}"
             )
-        bottleneck = [p // self.divisor for p in patch]
+        bottleneck = [p // d for p, d in zip(patch, divisors)]
         if math.prod(bottleneck) < self.min_bottleneck_voxels:
             valid = [2 * patch[0], *patch[1:]]
             raise ConfigError(
                 f"patch {tuple(patch)} leaves model '{self.name}' a {'x'.join(map(str, bottleneck))} voxel "
-                f"bottleneck; its instance normalisation needs at least {self.min_bottleneck_voxels} voxels there: "
-                f"make a side at least {2 * self.divisor}, e.g. patch {tuple(valid)}"
+                f"bottleneck; its {self.bottleneck_norm} needs at least {self.min_bottleneck_voxels} voxels there: "
+                f"make a side at least {2 * divisors[0]}, e.g. patch {tuple(valid)}"
             )
 
 
@@ -212,4 +230,41 @@ register_model(ModelSpec(
     factory=_swinunetr, encoder_prefixes=("swinViT.",), head_prefixes=("out.",),
     divisor=32, min_size=64,
     defaults={"feature_size": 12, "use_v2": True, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24)},
+))
+
+
+# --- PCT-Net (MIS-FM) -----------------------------------------------------------------------------------
+
+
+def _pctnet(in_channels, out_channels, patch, **options):
+    from medpretrain.models.pctnet import PCTNet
+
+    # Any valid size runs through one built model, so the training patch is not needed.
+    return PCTNet(in_channels, out_channels, **options)
+
+
+# Embedding modules and the encoder half of the pyramid; the head is the four 1x1x1 output convolutions.
+_PCTNET_ENCODER = ("embeddings.", "pyramid_ct.down3.", "pyramid_ct.down4.", "pyramid_ct.convtrans_e2.",
+                   "pyramid_ct.convtrans_e3.", "pyramid_ct.convtrans_e4.")
+_PCTNET_HEAD = tuple(f"pred_heads.{m}.out_conv{i}." for m in range(3) for i in range(2)) + (
+    "pyramid_ct.out_conv2.", "pyramid_ct.out_conv3.")
+# Patch order (X, Y, Z): in-plane X, Y are down-sampled 16 times, the slice axis Z 8 times (resolution mode
+# 1; a model built with another resolution_mode checks its own sizes at forward time). Batch normalisation
+# in training needs more than one value per channel, hence two bottleneck voxels for batch size 1.
+_PCTNET_SIZES = dict(divisor=(16, 16, 8), min_size=8, min_bottleneck_voxels=2,
+                     bottleneck_norm="batch normalisation (with batch size 1)")
+
+register_model(ModelSpec(
+    name="pctnet",
+    description="PCT-Net of MIS-FM, channels 24..512, the authors' parameter names (released weights load; GPU)",
+    factory=_pctnet, encoder_prefixes=_PCTNET_ENCODER, head_prefixes=_PCTNET_HEAD, **_PCTNET_SIZES,
+    defaults={"features": (24, 48, 128, 256, 512), "num_heads": (4, 8, 16), "window_size": 6, "mlp_ratio": 4.0,
+              "dropout": 0.2, "drop_path": 0.2, "resolution_mode": 1, "deep_supervision": True},
+))
+register_model(ModelSpec(
+    name="pctnet-small",
+    description="PCT-Net with half the channels (12..256; heads 2/4/8, 32 channels each; CPU preset)",
+    factory=_pctnet, encoder_prefixes=_PCTNET_ENCODER, head_prefixes=_PCTNET_HEAD, **_PCTNET_SIZES,
+    defaults={"features": (12, 24, 64, 128, 256), "num_heads": (2, 4, 8), "window_size": 6, "mlp_ratio": 4.0,
+              "dropout": 0.2, "drop_path": 0.2, "resolution_mode": 1, "deep_supervision": True},
 ))
