@@ -86,27 +86,28 @@ def prepare(
     dataset: Optional[Path] = typer.Option(None, help="Labelled dataset folder (MSD, nnU-Net v2 raw, or images/ + labels/)."),
     pool: Optional[str] = typer.Option(None, help="Unlabelled scans: a folder, a glob, or a JSON list of paths."),
     out: Path = typer.Option(..., help="Output folder of the prepared cache."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of preprocessing keys (see PreprocessConfig); options here override it."),
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, help="Target spacing X Y Z in mm (default: the dataset's median)."),
     modality: Optional[str] = typer.Option(None, help="CT or MR (default: from dataset.json, else MR)."),
-    ct_window: tuple[float, float] = typer.Option((-175.0, 250.0), help="CT intensity window in HU."),
-    mr_percentiles: tuple[float, float] = typer.Option((0.5, 99.5), help="MR clipping percentiles."),
-    label_interpolation: str = typer.Option("linear", help="Label resampling: linear (one-hot, then argmax) or nearest."),
+    ct_window: Optional[tuple[float, float]] = typer.Option(None, help="CT intensity window in HU. (default: -175 250)"),
+    mr_percentiles: Optional[tuple[float, float]] = typer.Option(None, help="MR clipping percentiles. (default: 0.5 99.5)"),
+    label_interpolation: Optional[str] = typer.Option(None, help="Label resampling: linear (one-hot, then argmax) or nearest. (default: linear)"),
     no_crop: bool = typer.Option(False, "--no-crop", help="Do not crop to the body box."),
-    nan_policy: str = typer.Option("error", help="NaN/Inf voxels: error (skip the case) or zero (replace, recorded)."),
+    nan_policy: Optional[str] = typer.Option(None, help="NaN/Inf voxels: error (skip the case) or zero (replace, recorded). (default: error)"),
     max_voxels: Optional[int] = typer.Option(None, help="Refuse images with more voxels than this after resampling."),
     workers: int = typer.Option(1, help="Parallel processes."),
     strict: bool = typer.Option(False, help="Stop with an error at the first bad case instead of skipping it."),
     seed: int = typer.Option(0, help="Seed of the 80/20 split when the dataset has no splits.json."),
 ) -> None:
     """Preprocess a labelled dataset or an unlabelled pool into a memory-mapped cache."""
-    from medpretrain.config import make_config
+    from medpretrain.config import load_config
     from medpretrain.data.cache import prepare as run_prepare  # not via api: no torch/Lightning start-up
     from medpretrain.data.preprocess import PreprocessConfig
 
-    cfg = make_config(PreprocessConfig, {
+    cfg = load_config(PreprocessConfig, config, {
         "spacing": spacing, "modality": modality.upper() if modality else None, "ct_window": ct_window,
         "mr_percentiles": mr_percentiles, "label_interpolation": label_interpolation,
-        "crop_foreground": not no_crop, "nan_policy": nan_policy, "max_voxels": max_voxels,
+        "crop_foreground": False if no_crop else None, "nan_policy": nan_policy, "max_voxels": max_voxels,
     })
     data = run_prepare(dataset=dataset, pool=pool, out=out, cfg=cfg, workers=workers, strict=strict, seed=seed)
     skipped = data.manifest.get("skipped", [])
@@ -275,6 +276,23 @@ def demo(
 
     report = run_demo(out, seed=seed, steps=steps, pretrain_steps=pretrain_steps, n_labeled=n_labeled, fresh=fresh)
     typer.echo(f"report: {report}")
+
+
+@app.command()
+def benchmark(
+    config: Path = typer.Option(..., help="Benchmark YAML (profiles: benchmarks/*.yaml; keys: medpretrain.benchmark.BenchmarkConfig)."),
+    out: Path = typer.Option(..., help="Benchmark folder: prepared data, checkpoints, runs, logs and the report."),
+    parallel: Optional[int] = typer.Option(None, help="Jobs side by side, each with cores/parallel threads. (default: the config's)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs and their commands; run nothing."),
+) -> None:
+    """Pretrain every method, fine-tune at several labelled-set sizes and seeds, and report the label efficiency.
+
+    Re-running the same command after a crash or Ctrl-C runs only what is missing."""
+    from medpretrain.benchmark import run_benchmark
+
+    report = run_benchmark(config, out, parallel=parallel, dry_run=dry_run)
+    if not dry_run:
+        typer.echo(f"report: {report}")
 
 
 @app.command()

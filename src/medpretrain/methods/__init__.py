@@ -33,6 +33,8 @@ class PretrainMethod:
             downstream.
         model_meta: ``(cfg) -> dict`` stored in ``model.pt`` (in/out channels, class names...).
         presets: named settings (e.g. ``cpu``, ``paper``) selectable with ``--preset``.
+        models: name prefixes of the registered networks the method can pretrain (e.g. ``("swinunetr",)``
+            for a method built on the Swin encoder); empty = any network.
     """
 
     name: str
@@ -43,6 +45,11 @@ class PretrainMethod:
     build_module: Callable[["TrainingConfig"], "pl.LightningModule"]
     model_meta: Callable[["TrainingConfig"], dict[str, Any]]
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    models: tuple[str, ...] = ()
+
+    def supports(self, model: str) -> bool:
+        """Whether the method can pretrain the registered network ``model``."""
+        return not self.models or model.startswith(self.models)
 
 
 _METHODS: dict[str, PretrainMethod] = {}
@@ -69,4 +76,4 @@ def get_method(name: str) -> PretrainMethod:
 
 def _load_builtin() -> None:
     # Imported lazily: method modules pull in torch/MONAI, which the CLI's fast paths avoid.
-    from medpretrain.methods import avsdb, volume_fusion  # noqa: F401
+    from medpretrain.methods import asa, avsdb, volume_fusion  # noqa: F401

@@ -1,0 +1,223 @@
+"""The label-efficiency benchmark's outputs: results.csv, summary.json, report.md, label_efficiency.png.
+
+Statistics. Each run is scored by its mean over the test cases. A table cell is the mean ± sample std
+(ddof 1) of that over seeds. The gain of a method over scratch is paired twice over: per seed (same labelled
+cases, same initialisation seed of the new layers, same patches), and per test case within a seed; the
+report gives the mean per-seed gain, how many seeds gained, and a two-sided Wilcoxon signed-rank test over
+all (seed, test case) pairs of Dice (scipy), which uses the pairing that a mean over seeds throws away.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medpretrain.atomic import atomic_write_json, atomic_write_text
+from medpretrain.evaluation.plots import save_label_efficiency_plot
+
+if TYPE_CHECKING:
+    from medpretrain.benchmark import BenchmarkConfig, Job
+
+METRICS = ("dice", "nsd", "assd", "hd95")
+SCRATCH = "scratch"
+
+
+def _read_run(job: "Job") -> dict[str, Any] | None:
+    run = Path(job.info["run"])
+    metrics_path = run / "eval" / "metrics.json"
+    if not metrics_path.exists():
+        return None
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    per_case: dict[str, dict[str, float]] = {}
+    with open(run / "eval" / "per_case.csv", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            # mean over classes per case, as the overall numbers are
+            per_case.setdefault(row["case_id"], {}).setdefault("_rows", []).append(float(row["dice"]))
+    case_dice = {cid: float(np.mean(v["_rows"])) for cid, v in per_case.items()}
+    training = info.get("training", {})
+    return {
+        "method": job.info["method"], "backbone": job.info["backbone"], "model": info.get("config", {}).get("model"),
+        "n_labeled": job.info["n_labeled"], "n_cases": len(info.get("labeled_cases", [])), "seed": job.info["seed"],
+        **{m: metrics["overall"][m]["mean"] for m in METRICS},
+        "classes": {c: {m: v[m]["mean"] for m in METRICS} for c, v in metrics.get("classes", {}).items()},
+        "wall_s": training.get("wall_time_s"), "steps": training.get("steps_done"),
+        "precision": training.get("precision", info.get("config", {}).get("precision")),
+        "case_dice": case_dice, "run": str(run),
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _wilcoxon_p(diffs: list[float]) -> float | None:
+    diffs = [d for d in diffs if d != 0.0]
+    if len(diffs) < 6:  # too few pairs for a meaningful signed-rank test
+        return None
+    from scipy.stats import wilcoxon
+
+    return float(wilcoxon(diffs).pvalue)
+
+
+def _size_key(n) -> float:
+    return math.inf if n == "all" else float(n)
+
+
+def summarize_runs(rows: list[dict]) -> dict[str, Any]:
+    """Mean ± std per (backbone, method, n) and the paired gain of each method over scratch."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["backbone"], r["method"], r["n_labeled"]), []).append(r)
+    table = []
+    for (backbone, method, n), sel in sorted(groups.items(), key=lambda kv: (kv[0][0], _size_key(kv[0][2]),
+                                                                            kv[0][1] != SCRATCH, kv[0][1])):
+        entry = {"backbone": backbone, "method": method, "n_labeled": n, "seeds": sorted(r["seed"] for r in sel),
+                 "n_cases": sel[0]["n_cases"]}
+        for m in METRICS:
+            entry[m] = dict(zip(("mean", "std"), _mean_std([r[m] for r in sel])))
+        classes = sorted({c for r in sel for c in r["classes"]})
+        entry["classes"] = {c: {m: dict(zip(("mean", "std"), _mean_std([r["classes"][c][m] for r in sel
+                                                                          if c in r["classes"]])))
+                                for m in METRICS} for c in classes}
+        entry["wall_s"] = _mean_std([r["wall_s"] for r in sel if r["wall_s"] is not None])[0]
+        if method != SCRATCH:
+            scratch = {r["seed"]: r for r in groups.get((backbone, SCRATCH, n), [])}
+            paired = [(r, scratch[r["seed"]]) for r in sel if r["seed"] in scratch]
+            if paired:
+                per_seed = [r["dice"] - s["dice"] for r, s in paired]
+                case_diffs = [r["case_dice"][c] - s["case_dice"][c] for r, s in paired for c in s["case_dice"]
+                              if c in r["case_dice"]]
+                mean, std = _mean_std(per_seed)
+                entry["gain_vs_scratch"] = {
+                    "dice_mean": mean, "dice_std": std, "seeds_paired": len(paired),
+                    "seeds_improved": sum(d > 0 for d in per_seed),
+                    "cases_improved": sum(d > 0 for d in case_diffs), "case_pairs": len(case_diffs),
+                    "wilcoxon_p": _wilcoxon_p(case_diffs),
+                }
+        table.append(entry)
+    return {"groups": table}
+
+
+def _fmt(stat: dict, metric: str) -> str:
+    mean, std = stat["mean"], stat["std"]
+    if not math.isfinite(mean):
+        return "–"
+    digits = 3 if metric in ("dice", "nsd") else 2
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _best_worst_overlays(rows: list[dict], out: Path) -> list[str]:
+    """Copy the best and worst test-case overlays of each method's seed-0 run at the smallest size."""
+    lines = []
+    if not rows:
+        return lines
+    smallest = min((r["n_labeled"] for r in rows), key=_size_key)
+    seed0 = min(r["seed"] for r in rows)
+    dest = out / "overlays"
+    for r in sorted((r for r in rows if r["n_labeled"] == smallest and r["seed"] == seed0),
+                    key=lambda r: (r["backbone"], r["method"] != SCRATCH, r["method"])):
+        if not r["case_dice"]:
+            continue
+        ranked = sorted(r["case_dice"], key=r["case_dice"].get)
+        pngs = []
+        picks = [("best", ranked[-1])] + ([("worst", ranked[0])] if len(ranked) > 1 else [])
+        for tag, cid in picks:
+            src = Path(r["run"]) / "eval" / "overlays" / f"{cid}.png"
+            if src.exists():
+                dest.mkdir(parents=True, exist_ok=True)
+                target = dest / f"{r['method']}-{r['backbone']}-{tag}-{cid}.png"
+                shutil.copyfile(src, target)
+                pngs.append(f"{tag} {cid} (Dice {r['case_dice'][cid]:.3f}): ![]({target.relative_to(out).as_posix()})")
+        if pngs:
+            lines.append(f"- {r['method']} / {r['backbone']}, n = {smallest}, seed {seed0}: " + "; ".join(pngs))
+    return lines
+
+
+def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: list["Job"],
+                           pretrain_jobs: list["Job"], failed: dict[str, str]) -> Path:
+    """Collect every finished run of the benchmark and write its four outputs; returns ``report.md``."""
+    out = Path(out)
+    rows = [r for r in (_read_run(j) for j in finetune_jobs) if r is not None]
+    summary = summarize_runs(rows)
+    pretraining = {}
+    for j in pretrain_jobs:
+        run_file = Path(j.info["run"]) / "run.json"
+        if run_file.exists():
+            info = json.loads(run_file.read_text(encoding="utf-8"))
+            t = info.get("training", {})
+            cfg_used = info.get("config", {})
+            pretraining[j.name] = {"method": j.info["method"], "backbone": j.info["backbone"],
+                                   "steps": t.get("steps_done"), "wall_s": t.get("wall_time_s"),
+                                   "patch": cfg_used.get("patch"), "batch": cfg_used.get("batch")}
+    summary.update({"name": cfg.name, "budgets": {k: json.loads(v.model_dump_json()) for k, v in cfg.backbones.items()},
+                    "seeds": cfg.seeds, "n_labeled": cfg.n_labeled, "pretraining": pretraining,
+                    "runs_finished": len(rows), "runs_planned": len(finetune_jobs), "failed": failed})
+    atomic_write_json(out / "summary.json", summary)
+
+    fields = ["method", "backbone", "model", "n_labeled", "n_cases", "seed", *METRICS, "wall_s", "steps", "precision"]
+    lines = [",".join(fields)]
+    for r in sorted(rows, key=lambda r: (r["backbone"], r["method"], _size_key(r["n_labeled"]), r["seed"])):
+        lines.append(",".join("" if r[f] is None else (f"{r[f]:.4f}" if isinstance(r[f], float) else str(r[f]))
+                              for f in fields))
+    atomic_write_text(out / "results.csv", "\n".join(lines) + "\n")
+
+    plot_rows = [{"method": f"{r['method']} ({r['backbone']})" if len(cfg.backbones) > 1 else r["method"],
+                  "n_labeled": r["n_cases"], "seed": r["seed"], "dice": r["dice"]} for r in rows]
+    save_label_efficiency_plot(plot_rows, out / "label_efficiency.png", "dice")
+
+    md = [f"# Label-efficiency benchmark: {cfg.name}", "",
+          f"Finished runs: {len(rows)} of {len(finetune_jobs)} planned"
+          + (f"; failed or skipped: {', '.join(failed)}" if failed else "") + ".", "",
+          "## Budgets (identical for every method of a backbone, scratch included)", "",
+          "| backbone | network | fine-tuning steps | patch | batch | lr | precision |", "|---|---|---|---|---|---|---|"]
+    for name, b in cfg.backbones.items():
+        md.append(f"| {name} | {b.model} | {b.steps} | {'x'.join(map(str, b.patch))} | {b.batch} | {b.lr:g} | "
+                  f"{b.precision} |")
+    if pretraining:
+        md += ["", "| pretraining | backbone | steps | patch | batch | wall time (s) |", "|---|---|---|---|---|---|"]
+        for p in pretraining.values():
+            patch = "x".join(map(str, p["patch"])) if p["patch"] else "?"
+            md.append(f"| {p['method']} | {p['backbone']} | {p['steps']} | {patch} | {p['batch']} | "
+                      f"{p['wall_s'] if p['wall_s'] is not None else '?'} |")
+    md += ["", f"Seeds: {', '.join(map(str, cfg.seeds))}. Each cell: mean ± sample std over seeds of the mean over "
+           "the test cases.", "", "## Results", "",
+           "| backbone | n labelled | method | seeds | Dice | NSD | ASSD (mm) | HD95 (mm) | fine-tune wall (s) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for g in summary["groups"]:
+        md.append(f"| {g['backbone']} | {g['n_labeled']} ({g['n_cases']}) | {g['method']} | {len(g['seeds'])} | "
+                  + " | ".join(_fmt(g[m], m) for m in METRICS) + f" | {g['wall_s']:.0f} |")
+    md += ["", "## Gain over scratch (paired: same seed, labelled cases and test cases)", "",
+           "| backbone | n labelled | method | Dice gain (mean ± std over seeds) | seeds improved | test cases "
+           "improved | Wilcoxon p (seed x case pairs) |", "|---|---|---|---|---|---|---|"]
+    for g in summary["groups"]:
+        gain = g.get("gain_vs_scratch")
+        if gain:
+            p = "–" if gain["wilcoxon_p"] is None else f"{gain['wilcoxon_p']:.3g}"
+            md.append(f"| {g['backbone']} | {g['n_labeled']} | {g['method']} | {gain['dice_mean']:+.3f} ± "
+                      f"{gain['dice_std']:.3f} | {gain['seeds_improved']}/{gain['seeds_paired']} | "
+                      f"{gain['cases_improved']}/{gain['case_pairs']} | {p} |")
+    classes = sorted({c for g in summary["groups"] for c in g["classes"]})
+    if len(classes) > 1 or classes:
+        md += ["", "## Per class (Dice)", "", "| backbone | n labelled | method | " + " | ".join(classes) + " |",
+               "|---|---|---|" + "---|" * len(classes)]
+        for g in summary["groups"]:
+            md.append(f"| {g['backbone']} | {g['n_labeled']} | {g['method']} | " + " | ".join(
+                _fmt(g["classes"][c]["dice"], "dice") if c in g["classes"] else "–" for c in classes) + " |")
+    md += ["", "## Label efficiency", "", "![Dice vs labelled cases](label_efficiency.png)", ""]
+    overlays = _best_worst_overlays(rows, out)
+    if overlays:
+        md += ["## Best and worst test cases (red: prediction, green: ground truth)", "", *overlays, ""]
+    md += ["Files: `results.csv` (one row per run), `summary.json` (everything above), `runs/*/eval/` (per-case "
+           "metrics and overlays), `logs/` (every command and its output), `jobs.json` (the commands)."]
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    return out / "report.md"

@@ -1,0 +1,141 @@
+"""The label-efficiency benchmark: planning, fairness, caching and resume, report statistics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medpretrain.benchmark import BenchmarkConfig, load_benchmark_config, plan, run_benchmark
+from medpretrain.errors import ConfigError
+from medpretrain.evaluation.benchmark_report import summarize_runs
+from medpretrain.synthetic.demo_data import make_demo_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_AVSDB = {"patch": [32, 32, 32], "batch": 1, "num_workers": 0, "precision": "32-true",
+              "generator": {"size": [32, 32, 32], "n_shapes": 4}}
+
+
+def _config(dataset: Path, **kw) -> BenchmarkConfig:
+    values = {
+        "name": "tiny", "dataset": str(dataset), "preprocess": {"modality": "MR", "spacing": [1.5, 1.5, 2.0]},
+        "backbones": {"unet": {"model": "unet", "steps": 2, "patch": [32, 32, 16], "batch": 1,
+                               "precision": "32-true",
+                               "finetune": {"num_workers": 0, "checkpoint_every": 1, "augment": {"enabled": False}}}},
+        "methods": {"avsdb": {"preset": None, "steps": 2, "config": TINY_AVSDB}},
+        "n_labeled": [2], "seeds": [0, 1], "parallel": 2, "overlays": 2, "workers": 1,
+    }
+    values.update(kw)
+    return BenchmarkConfig.model_validate(values)
+
+
+def test_plan_is_fair_and_every_registered_method_joins(tmp_path):
+    cfg = _config(tmp_path / "ds", methods=None, n_labeled=[2, "all"], pool=[str(tmp_path / "pool")])
+    jobs = plan(cfg, tmp_path / "out")
+    from medpretrain.methods import list_methods
+
+    registered = {m.name for m in list_methods() if m.supports("unet")}
+    pretrained = {j.info["method"] for j in jobs if j.kind == "pretrain"}
+    assert pretrained == registered and {"avsdb", "volume-fusion"} <= pretrained
+    finetunes = [j for j in jobs if j.kind == "finetune"]
+    assert len(finetunes) == (len(registered) + 1) * 2 * 2
+    # one fine-tuning config file per backbone: the same budget for every method, scratch included
+    configs = {c[c.index("--config") + 1] for j in finetunes for c in j.commands[:1]}
+    assert configs == {str(tmp_path / "out" / "configs" / "finetune-unet.yaml")}
+    for j in finetunes:
+        ft = j.commands[0]
+        assert ("--init" in ft) == (j.info["method"] != "scratch")
+        assert ft[ft.index("--seed") + 1] == str(j.info["seed"])
+    # a method that needs a pool waits for it; pretrained fine-tunes wait for their checkpoint
+    vf = next(j for j in jobs if j.name == "pretrain-volume-fusion-unet")
+    assert "prepare-pool" in vf.needs
+    assert all(f"pretrain-{j.info['method']}-unet" in j.needs for j in finetunes if j.info["method"] != "scratch")
+
+
+def test_config_errors_name_the_key_and_valid_values(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "dataset": "d", "backbones": {"u": {"model": "unet"}},
+                                   "seedz": [0]}), encoding="utf-8")
+    with pytest.raises(ConfigError, match="unknown key 'seedz'"):
+        load_benchmark_config(bad)
+    with pytest.raises(ConfigError, match="registered methods"):
+        plan(_config(tmp_path, methods={"simclr": {}}), tmp_path / "out")
+    with pytest.raises(ConfigError, match="no preset 'gpu'"):
+        plan(_config(tmp_path, methods={"avsdb": {"preset": "gpu"}}), tmp_path / "out")
+
+
+def test_summary_pairs_by_seed_and_case():
+    def row(method, seed, dice, cases):
+        return {"method": method, "backbone": "unet", "n_labeled": 4, "n_cases": 4, "seed": seed, "dice": dice,
+                "nsd": dice, "assd": 1.0, "hd95": 2.0, "classes": {"organ": {m: dice for m in
+                                                                           ("dice", "nsd", "assd", "hd95")}},
+                "wall_s": 10.0, "case_dice": cases}
+
+    rows = [row("scratch", 0, 0.70, {f"c{i}": 0.70 for i in range(8)}),
+            row("scratch", 1, 0.60, {f"c{i}": 0.60 for i in range(8)}),
+            row("avsdb", 0, 0.75, {f"c{i}": 0.70 + 0.01 * (i + 1) for i in range(8)}),
+            row("avsdb", 1, 0.55, {f"c{i}": 0.55 for i in range(8)})]
+    groups = {g["method"]: g for g in summarize_runs(rows)["groups"]}
+    assert groups["scratch"]["dice"]["mean"] == pytest.approx(0.65)
+    assert groups["scratch"]["dice"]["std"] == pytest.approx(math.sqrt(0.005))  # ddof 1
+    gain = groups["avsdb"]["gain_vs_scratch"]
+    assert gain["dice_mean"] == pytest.approx(0.0) and gain["seeds_improved"] == 1 and gain["seeds_paired"] == 2
+    assert gain["cases_improved"] == 8 and gain["case_pairs"] == 16
+    assert 0.0 < gain["wilcoxon_p"] <= 1.0
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_runs_caches_and_resumes(tmp_path):
+    raw = make_demo_dataset(tmp_path / "raw", n_cases=5, size=(40, 36, 20), seed=2)
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(json.loads(_config(raw).model_dump_json())), encoding="utf-8")
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "medpretrain", "benchmark", "--config", str(cfg_file), "--out",
+                           str(out)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[6/6]" in proc.stderr  # the progress view counts every job
+
+    with open(out / "results.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("avsdb", "0"), ("avsdb", "1"), ("scratch", "0"),
+                                                              ("scratch", "1")]
+    assert all(r["steps"] == "2" and 0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    # identical labelled cases across methods for a seed
+    labeled = {(r["method"], r["seed"]): json.loads((out / "runs" / f"{r['method']}-unet-n2-s{r['seed']}" /
+                                                     "run.json").read_text(encoding="utf-8"))["labeled_cases"]
+               for r in rows}
+    assert labeled[("avsdb", "0")] == labeled[("scratch", "0")] != labeled[("scratch", "1")]
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["runs_finished"] == 4 and not summary["failed"]
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "Gain over scratch" in report and "label_efficiency.png" in report
+    assert (out / "label_efficiency.png").stat().st_size > 1000
+    assert list((out / "overlays").glob("*.png"))
+
+    # re-running runs nothing; a lost evaluation is redone alone, without training again
+    model = out / "runs" / "scratch-unet-n2-s1" / "model.pt"
+    mtime = model.stat().st_mtime_ns
+    (out / "runs" / "scratch-unet-n2-s1" / "eval" / "metrics.json").unlink()
+    run_benchmark(cfg_file, out)
+    assert model.stat().st_mtime_ns == mtime
+    assert (out / "runs" / "scratch-unet-n2-s1" / "eval" / "metrics.json").exists()
+    log = (out / "logs" / "scratch-unet-n2-s1.log").read_text(encoding="utf-8")
+    assert log.count("$ medpretrain finetune") == 1 and log.count("$ medpretrain evaluate") == 2
+
+    # other settings for the same folder are refused, not mixed in
+    changed = _config(raw)
+    changed.backbones["unet"].steps = 3
+    with pytest.raises(ConfigError, match="other settings"):
+        run_benchmark(changed, out)
+
+
+def test_committed_profiles_validate():
+    for path in sorted((REPO / "benchmarks").glob("*.yaml")):
+        cfg = load_benchmark_config(path)
+        assert cfg.backbones and cfg.seeds
