@@ -90,7 +90,7 @@ from medpretrain.engine.module import NonFiniteLossGuard, one_cycle_scheduler
 from medpretrain.errors import CacheError, ConfigError
 from medpretrain.methods import PretrainMethod, register_method
 # Crop reading and resizing are shared with Volume Fusion (memory-mapped reads, background padding).
-from medpretrain.methods.volume_fusion import _background_fill, read_crop, resize_linear
+from medpretrain.data.crops import background_fill, read_crop, resize_linear
 from medpretrain.models import build_model
 
 # First words of the sample seed sequences: keep ASA's draws independent of other datasets' (seed, i) streams.
@@ -197,8 +197,9 @@ class ASAConfig(TrainingConfig):
             raise ValueError(f"patch {tuple(self.patch)} must be a cube (ASA resizes every volume to one), "
                              f"e.g. ({v}, {v}, {v})")
         if v % s:
-            raise ValueError(f"patch side {v} is not a multiple of sub_volume {s}; use e.g. "
-                             f"patch ({max(s, v // s * s)},) * 3 or another sub_volume")
+            w = max(s, v // s * s)
+            raise ValueError(f"patch side {v} is not a multiple of sub_volume {s}; use e.g. patch ({w}, {w}, {w}) "
+                             "or another sub_volume")
         if self.upsampled < v + s:
             raise ValueError(f"upsampled {self.upsampled} leaves the phase-2 crops of {v} voxels fewer than two "
                              f"positions on the {s}-voxel grid; set upsampled >= {v + s} (paper: 160 for 128)")
@@ -447,7 +448,7 @@ class ASADataset(Dataset):
                 f"set in_channels: {data.in_channels} in the config (YAML) file"
             )
         self.size = int(cfg.patch[0])
-        self._fill = {cid: _background_fill(data.case(cid), data.in_channels) for cid in self.case_ids}
+        self._fill = {cid: background_fill(data.case(cid), data.in_channels) for cid in self.case_ids}
         self._shape = {cid: tuple(int(s) for s in data.case(cid)["shape"][-3:]) for cid in self.case_ids}
         # Crop origins on the sub-volume grid of the up-sampled cube, per axis.
         self._positions = (cfg.upsampled - self.size) // cfg.sub_volume + 1
@@ -536,6 +537,7 @@ class ASAModule(pl.LightningModule):
         self.model = make_teacher(self.student)
         self.teacher_proj = make_teacher(self.student_proj)
         self.phase_steps: tuple[int, int] | None = tuple(cfg.phase_steps) if cfg.phase_steps is not None else None
+        self._updates_done = 0
 
     # ---- set-up
 
@@ -644,12 +646,17 @@ class ASAModule(pl.LightningModule):
             if name != "loss":
                 self.log(f"train/p{phase}_{name}", value, on_step=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
+        base, final = self.cfg.ema_momentum
+        self.log("train/ema_momentum", cosine_momentum(self.global_step, self.cfg.steps, base, final), on_step=True)
+        self._updates_done = self.global_step
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # Runs after the optimiser step; global_step already counts it, so global_step - 1 updates came before.
-        m = self.update_teacher(self.global_step - 1)
-        self.log("train/ema_momentum", m, on_step=True)
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # The teacher follows right here, not in on_train_batch_end: checkpoint callbacks run before that hook,
+        # and a checkpoint whose teacher lags its student by one update would make a resumed run differ.
+        # training_step (run inside the step's closure) recorded how many updates came before this one.
+        self.update_teacher(self._updates_done)
 
     def update_teacher(self, updates_done: int) -> float:
         """EMA step of the teacher (network and projection heads) towards the student; returns the momentum."""

@@ -46,6 +46,7 @@ from pydantic import field_validator, model_validator
 from torch.utils.data import Dataset
 
 from medpretrain.config import TrainingConfig
+from medpretrain.data.crops import background_fill, read_crop, resize_linear
 from medpretrain.data.sampling import choose_patch_start
 from medpretrain.engine.module import SegmentationModule, one_cycle_scheduler
 from medpretrain.errors import CacheError, ConfigError
@@ -308,70 +309,6 @@ def fuse(background: np.ndarray, foreground: np.ndarray, alpha: np.ndarray) -> n
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading crops
-
-
-def read_crop(volume: np.ndarray, start: Sequence[int], size: Sequence[int], fill: Sequence[float]) -> np.ndarray:
-    """``volume[:, start:start+size]`` (channel first) as a new float32 array; outside the volume ``fill``
-    (one value per channel). Touches only the pages of the region on a memory-mapped array."""
-    channels = volume.shape[0]
-    out = np.empty((channels, *[int(s) for s in size]), np.float32)
-    src, dst = [], []
-    empty = False
-    for s, n, dim in zip(start, size, volume.shape[1:]):
-        a, b = max(int(s), 0), min(int(s) + int(n), dim)
-        empty |= b <= a
-        src.append(slice(a, b))
-        dst.append(slice(a - int(s), b - int(s)))
-    full = not empty and all(d.start == 0 and d.stop == n for d, n in zip(dst, size))
-    if not full:
-        out[...] = np.asarray(fill, np.float32).reshape(-1, 1, 1, 1)
-    if not empty:
-        out[(slice(None), *dst)] = volume[(slice(None), *src)]
-    return out
-
-
-def _resize_axis(a: np.ndarray, axis: int, length: int) -> np.ndarray:
-    # Linear interpolation along one axis at voxel centres (PyTorch's align_corners=False convention).
-    n = a.shape[axis]
-    if n == length:
-        return a
-    pos = np.clip((np.arange(length) + 0.5) * (n / length) - 0.5, 0.0, n - 1)
-    i0 = np.floor(pos).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n - 1)
-    shape = [1] * a.ndim
-    shape[axis] = length
-    w = (pos - i0).astype(np.float32).reshape(shape)
-    lo = np.take(a, i0, axis)
-    out = np.take(a, i1, axis)
-    # lo + (hi - lo) * w, in place: two gathers and three passes, no further temporaries.
-    out -= lo
-    out *= w
-    out += lo
-    return out
-
-
-def resize_linear(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Trilinear resize of the last three axes of ``(C, X, Y, Z)`` to ``size`` (separable, vectorised)."""
-    spatial = volume.shape[1:]
-    # Shrink first: the later passes then touch fewer voxels.
-    order = sorted(range(3), key=lambda a: size[a] / spatial[a])
-    out = volume
-    for a in order:
-        out = _resize_axis(out, a + 1, int(size[a]))
-    return np.ascontiguousarray(out, dtype=np.float32)
-
-
-def _background_fill(entry: dict, channels: int) -> list[float]:
-    """The normalised intensity of 'nothing' per channel: the lower end of the CT window (0) or the MR lower
-    clip percentile after z-scoring; 0 when the manifest does not tell."""
-    norm = (entry.get("stats") or {}).get("normalisation") or {}
-    if norm.get("modality") == "MR" and len(norm.get("clip", [])) == channels:
-        return [float((c[0] - m) / s) for c, m, s in zip(norm["clip"], norm["mean"], norm["std"])]
-    return [0.0] * channels
-
-
-# --------------------------------------------------------------------------------------------------
 # Dataset
 
 
@@ -438,7 +375,7 @@ class VolumeFusionDataset(Dataset):
         self.k = cfg.k
         self.box_min, self.box_max = cfg.box_range()
         self.block_min, self.block_max = cfg.grid_block_range()
-        self._fill = {cid: _background_fill(data.case(cid), data.in_channels) for cid in self.case_ids}
+        self._fill = {cid: background_fill(data.case(cid), data.in_channels) for cid in self.case_ids}
         self._shape = {cid: tuple(int(s) for s in data.case(cid)["shape"][-3:]) for cid in self.case_ids}
 
     def __len__(self) -> int:

@@ -1,0 +1,68 @@
+"""Crops of prepared volumes for the self-supervised methods: region reads from memory-mapped arrays with padding,
+a vectorised trilinear resize, and the intensity that stands for "nothing" in a prepared volume."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def read_crop(volume: np.ndarray, start: Sequence[int], size: Sequence[int], fill: Sequence[float]) -> np.ndarray:
+    """``volume[:, start:start+size]`` (channel first) as a new float32 array; outside the volume ``fill``
+    (one value per channel). Touches only the pages of the region on a memory-mapped array."""
+    channels = volume.shape[0]
+    out = np.empty((channels, *[int(s) for s in size]), np.float32)
+    src, dst = [], []
+    empty = False
+    for s, n, dim in zip(start, size, volume.shape[1:]):
+        a, b = max(int(s), 0), min(int(s) + int(n), dim)
+        empty |= b <= a
+        src.append(slice(a, b))
+        dst.append(slice(a - int(s), b - int(s)))
+    full = not empty and all(d.start == 0 and d.stop == n for d, n in zip(dst, size))
+    if not full:
+        out[...] = np.asarray(fill, np.float32).reshape(-1, 1, 1, 1)
+    if not empty:
+        out[(slice(None), *dst)] = volume[(slice(None), *src)]
+    return out
+
+
+def _resize_axis(a: np.ndarray, axis: int, length: int) -> np.ndarray:
+    # Linear interpolation along one axis at voxel centres (PyTorch's align_corners=False convention).
+    n = a.shape[axis]
+    if n == length:
+        return a
+    pos = np.clip((np.arange(length) + 0.5) * (n / length) - 0.5, 0.0, n - 1)
+    i0 = np.floor(pos).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n - 1)
+    shape = [1] * a.ndim
+    shape[axis] = length
+    w = (pos - i0).astype(np.float32).reshape(shape)
+    lo = np.take(a, i0, axis)
+    out = np.take(a, i1, axis)
+    # lo + (hi - lo) * w, in place: two gathers and three passes, no further temporaries.
+    out -= lo
+    out *= w
+    out += lo
+    return out
+
+
+def resize_linear(volume: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Trilinear resize of the last three axes of ``(C, X, Y, Z)`` to ``size`` (separable, vectorised)."""
+    spatial = volume.shape[1:]
+    # Shrink first: the later passes then touch fewer voxels.
+    order = sorted(range(3), key=lambda a: size[a] / spatial[a])
+    out = volume
+    for a in order:
+        out = _resize_axis(out, a + 1, int(size[a]))
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def background_fill(entry: dict, channels: int) -> list[float]:
+    """The normalised intensity of 'nothing' per channel: the lower end of the CT window (0) or the MR lower
+    clip percentile after z-scoring; 0 when the manifest does not tell."""
+    norm = (entry.get("stats") or {}).get("normalisation") or {}
+    if norm.get("modality") == "MR" and len(norm.get("clip", [])) == channels:
+        return [float((c[0] - m) / s) for c, m, s in zip(norm["clip"], norm["mean"], norm["std"])]
+    return [0.0] * channels
