@@ -255,3 +255,20 @@ def test_predict_names_single_channel_outputs_like_nnunet(tmp_path):
     # CASE_0000 -> CASE (nnU-Net's prediction names); a clash keeps the full id; other digits are kept
     names = _group_channels([src("la_001_0000"), src("la_002_0000"), src("la_002"), src("amos_0001")], 1)
     assert sorted(names) == ["amos_0001", "la_001", "la_002", "la_002_0000"]
+
+
+def test_second_process_on_a_run_folder_is_refused(prepared, tmp_path):
+    import fcntl
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    # another process (here: this one, through its own file descriptor) is training in the folder
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"4242")
+    try:
+        with pytest.raises(TrainingError, match=r"in use by another training process \(pid 4242\)"):
+            finetune(prepared.root, run, tiny_config(steps=1))
+    finally:
+        os.close(fd)
+    assert not (run / "model.pt").exists()

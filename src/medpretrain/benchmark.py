@@ -23,6 +23,7 @@ one-thread trainings do more work per hour than one two-thread training (measure
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -77,13 +78,14 @@ class MethodSettings(_Strict):
     """How one pretraining method is run in the benchmark.
 
     Args:
-        preset: the method's named settings (``medpretrain methods``); None = its defaults.
+        preset: the method's named settings (``medpretrain methods``); unset = the benchmark's ``preset`` when
+            the method has it, else its defaults; None = its defaults.
         steps: pretraining steps (None = the preset's).
         config: further keys of the method's config (as in a ``pretrain --config`` YAML).
         backbones: the backbones it is run with (None = every backbone the method supports).
     """
 
-    preset: str | None = "cpu"
+    preset: str | None = "default"
     steps: int | None = None
     config: dict[str, Any] = {}
     backbones: list[str] | None = None
@@ -102,8 +104,12 @@ class BenchmarkConfig(_Strict):
         pool_preprocess: ``PreprocessConfig`` keys for the pool; None = the downstream spacing, modality
             per image.
         backbones: name -> network and fine-tuning budget.
-        methods: method -> settings; None = ``scratch`` and every registered method (a method registered
-            later joins without editing this code). ``scratch`` is always run.
+        preset: the preset every method runs with when it has one (``cpu``, ``paper``) and its entry in
+            ``methods`` does not name another.
+        methods: per-method settings. Every registered method runs (a method registered later joins without
+            editing this code or the profile), on every backbone it supports, unless listed in ``exclude``;
+            ``scratch`` always runs.
+        exclude: registered methods not to run.
         n_labeled: labelled-set sizes; ``all`` = every training case.
         seeds: seeds of initialisation, labelled subset and patches.
         parallel: jobs run side by side (each with ``cores / parallel`` threads).
@@ -118,7 +124,9 @@ class BenchmarkConfig(_Strict):
     pool_add_downstream_train: bool = True
     pool_preprocess: dict[str, Any] | None = None
     backbones: dict[str, BackboneBudget]
-    methods: dict[str, MethodSettings] | None = None
+    preset: str | None = "cpu"
+    methods: dict[str, MethodSettings] = {}
+    exclude: list[str] = []
     n_labeled: list[int | Literal["all"]] = [2, 4, 8, "all"]
     seeds: list[int] = [0, 1, 2]
     parallel: int = 1
@@ -130,6 +138,8 @@ class BenchmarkConfig(_Strict):
     def _sizes(cls, v):
         if not v or any(isinstance(n, int) and n < 1 for n in v):
             raise ValueError(f"n_labeled must list sizes >= 1 or 'all', got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"n_labeled lists a size twice: {v}")
         return v
 
     @field_validator("seeds")
@@ -197,23 +207,30 @@ class Job:
 
 
 def _methods(cfg: BenchmarkConfig) -> dict[str, MethodSettings]:
+    """Every registered method not excluded, with its settings resolved (preset), checked against the registry."""
     from medpretrain.methods import get_method, list_methods
 
-    if cfg.methods is None:
-        methods = {m.name: MethodSettings() for m in list_methods()}
-    else:
-        methods = {k: v for k, v in cfg.methods.items() if k != SCRATCH}
-        for name in methods:
+    registered = {m.name for m in list_methods()}
+    for name in [*cfg.methods, *cfg.exclude]:
+        if name != SCRATCH:
             get_method(name)  # ConfigError listing the registered methods
-    for name, settings in methods.items():
+    methods = {}
+    for name in sorted(registered - set(cfg.exclude)):
+        settings = cfg.methods.get(name, MethodSettings())
         presets = get_method(name).presets
-        if settings.preset is not None and settings.preset not in presets:
+        if settings.preset == "default":
+            settings = settings.model_copy(update={"preset": cfg.preset if cfg.preset in presets else None})
+        elif settings.preset is not None and settings.preset not in presets:
             raise ConfigError(f"benchmark method '{name}': no preset '{settings.preset}'; its presets: "
                               f"{', '.join(presets) or 'none'} (or preset: null for its defaults)")
         for b in settings.backbones or []:
             if b not in cfg.backbones:
                 raise ConfigError(f"benchmark method '{name}' names backbone '{b}'; backbones: "
                                   f"{', '.join(cfg.backbones)}")
+            if not get_method(name).supports(cfg.backbones[b].model):
+                raise ConfigError(f"benchmark method '{name}' cannot pretrain '{cfg.backbones[b].model}' (backbone "
+                                  f"'{b}'); it pretrains {', '.join(get_method(name).models)}")
+        methods[name] = settings
     return methods
 
 
@@ -233,7 +250,7 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
     """Every job of the benchmark, in an order that respects their dependencies."""
     from medpretrain.methods import get_method
 
-    out = Path(out)
+    out = Path(out).resolve()  # absolute paths in the commands: the same job whatever the working folder
     cfg_dir = out / "configs"
     prepared, pool = out / "prepared" / "downstream", out / "prepared" / "pool"
     methods = _methods(cfg)
@@ -241,7 +258,8 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                 [["prepare", "--dataset", str(cfg.dataset), "--out", str(prepared), "--workers", str(cfg.workers),
                   "--config", str(cfg_dir / "preprocess-downstream.yaml")]],
                 prepared / "manifest.json")]
-    needs_pool = any(get_method(m).needs_data for m in methods)
+    needs_pool = any(get_method(m).needs_data and _method_runs_on(m, s, b_name, b.model)
+                     for m, s in methods.items() for b_name, b in cfg.backbones.items())
     if needs_pool:
         jobs.append(Job("prepare-pool", "prepare",
                         [["prepare", "--pool", str(out / "pool.json"), "--out", str(pool), "--workers",
@@ -282,6 +300,8 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                     jobs.append(Job(run.name, "finetune", [ft, ev], run / "eval" / "metrics.json", needs=needs,
                                     info={"method": m_name, "backbone": b_name, "n_labeled": n, "seed": seed,
                                           "run": str(run)}))
+    names = {j.name for j in jobs}
+    assert all(n in names for j in jobs for n in j.needs), "a job needs a job that is not planned"
     return jobs
 
 
@@ -344,17 +364,20 @@ def _threads_per_job(parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // parallel)
 
 
-def _check_recorded_commands(jobs: list[Job], out: Path, files: dict[Path, str]) -> None:
+def _check_recorded_commands(jobs: list[Job], out: Path, files: dict[Path, str]) -> dict[str, list]:
     """Refuse to mix results made with other settings into this benchmark's folder."""
     path = out / "jobs.json"
     recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
     def signature(job: Job) -> list:
-        # the commands plus the settings in the config files they read: a changed budget is a changed job
+        # The commands plus what the files they read hold: a changed budget or pool is a changed job. Options
+        # that change only speed or extra outputs (--workers, --overlays) are not part of it.
         sig: list = []
         for cmd in job.commands:
-            config_files = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--config"]
-            sig.append([cmd, [files.get(Path(f), "") for f in config_files]])
+            kept = [a for i, a in enumerate(cmd) if a not in ("--workers", "--overlays")
+                    and (i == 0 or cmd[i - 1] not in ("--workers", "--overlays"))]
+            read = [cmd[i + 1] for i, a in enumerate(cmd) if a in ("--config", "--pool")]
+            sig.append([kept, [files.get(Path(f), "") for f in read]])
         return sig
 
     current = {j.name: signature(j) for j in jobs}
@@ -364,7 +387,16 @@ def _check_recorded_commands(jobs: list[Job], out: Path, files: dict[Path, str])
             f"{out}: job(s) {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} were run with other "
             "settings; use another --out, or delete those jobs' folders and their entries in jobs.json"
         )
-    recorded.update(current)
+    # Record the finished jobs now and the others when they start: unstarted jobs stay free to change.
+    recorded.update({j.name: current[j.name] for j in jobs if j.done})
+    atomic_write_json(path, recorded)
+    return current
+
+
+def _record_started(out: Path, name: str, signature: list) -> None:
+    path = out / "jobs.json"
+    recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    recorded[name] = signature
     atomic_write_json(path, recorded)
 
 
@@ -374,12 +406,17 @@ def _fmt_s(seconds: float) -> str:
 
 
 class _Runner:
-    """Runs jobs in up to ``parallel`` child processes, respecting dependencies, with a progress line per job."""
+    """Runs jobs in up to ``parallel`` child processes, respecting dependencies, with a progress line per job.
 
-    def __init__(self, jobs: list[Job], out: Path, parallel: int):
+    Children run in their own process groups (so a terminal's Ctrl-C reaches the driver only, which then stops
+    them in order); any exit of the driver, an error or a signal included, stops and reaps them first.
+    """
+
+    def __init__(self, jobs: list[Job], out: Path, parallel: int, signatures: dict[str, list]):
         self.jobs = {j.name: j for j in jobs}
         self.out = out
         self.parallel = parallel
+        self.signatures = signatures
         self.failed: dict[str, str] = {}
         self.durations: dict[str, list[float]] = {}
         self.running: dict[str, tuple[subprocess.Popen, float, int, Any]] = {}
@@ -393,20 +430,22 @@ class _Runner:
 
     def _start(self, job: Job, step: int) -> None:
         args = job.commands[step]
-        if args[0] in ("finetune", "pretrain") and (Path(args[args.index("--out") + 1]) / "checkpoints").is_dir() \
-                and not (Path(args[args.index("--out") + 1]) / "model.pt").exists():
-            args = [*args, "--resume"]  # an interrupted training continues from its last checkpoint
-        if args[0] == "finetune" and (Path(args[args.index("--out") + 1]) / "model.pt").exists():
-            step += 1  # trained already: evaluate only
-            args = job.commands[step]
+        if args[0] in ("finetune", "pretrain"):
+            run = Path(args[args.index("--out") + 1])
+            if args[0] == "finetune" and (run / "model.pt").exists():
+                step, args = step + 1, job.commands[step + 1]  # trained already: evaluate only
+            elif (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("*.ckpt")):
+                args = [*args, "--resume"]  # an interrupted training continues from its last checkpoint
+        if step == 0:
+            _record_started(self.out, job.name, self.signatures[job.name])
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         fh = open(logs / f"{job.name}.log", "a", encoding="utf-8")
         fh.write(f"$ medpretrain {' '.join(args)}\n")
         fh.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "medpretrain", *args], stdout=fh, stderr=subprocess.STDOUT,
-                                env=self._env(), start_new_session=True)
         start = self.running[job.name][1] if job.name in self.running else time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "medpretrain", *args], stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=self._env(), start_new_session=True)
         self.running[job.name] = (proc, start, step, fh)
 
     def _eta(self, remaining: list[Job]) -> str:
@@ -415,12 +454,28 @@ class _Runner:
             return "ETA after the first job of each kind"
         return "ETA " + _fmt_s(sum(known[j.kind] for j in remaining) / self.parallel)
 
+    def _stop_children(self) -> None:
+        for proc, _, _, _ in self.running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)  # Lightning saves nothing half-written on SIGINT
+        deadline = time.monotonic() + 60
+        for proc, _, _, fh in self.running.values():
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            fh.close()
+        self.running.clear()
+
     def run(self) -> None:
         todo = [j for j in self.jobs.values() if not j.done]
         total, finished = len(self.jobs), len(self.jobs) - len(todo)
         log.info("benchmark: %d job(s), %d done already, %d to run, %d at a time", total, finished, len(todo),
                  self.parallel)
         pending = list(todo)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             while pending or self.running:
                 for name in list(self.running):
@@ -429,42 +484,80 @@ class _Runner:
                         continue
                     fh.close()
                     job = self.jobs[name]
-                    if proc.returncode != 0:
-                        del self.running[name]
-                        self.failed[name] = f"exit code {proc.returncode}; see {self.out / 'logs' / (name + '.log')}"
-                        log.error("FAILED %s: %s", name, self.failed[name])
-                        continue
-                    if step + 1 < len(job.commands):
+                    if proc.returncode == 0 and step + 1 < len(job.commands):
                         self._start(job, step + 1)
                         continue
                     del self.running[name]
+                    if proc.returncode != 0 or not job.done:
+                        why = (f"exit code {proc.returncode}" if proc.returncode != 0
+                               else f"finished without writing {job.done_marker}")
+                        self.failed[name] = f"{why}; see {self.out / 'logs' / (name + '.log')}"
+                        finished += 1
+                        log.error("[%d/%d] FAILED %s: %s", finished, total, name, self.failed[name])
+                        continue
                     seconds = time.perf_counter() - start
-                    self.durations.setdefault(job.kind, []).append(seconds)
+                    if step == 0:  # evaluate-only jobs would make the ETA optimistic
+                        self.durations.setdefault(job.kind, []).append(seconds)
                     finished += 1
-                    left = [j for j in pending] + [self.jobs[n] for n in self.running]
+                    left = pending + [self.jobs[n] for n in self.running]
                     log.info("[%d/%d] %s done in %s; %s", finished, total, name, _fmt_s(seconds), self._eta(left))
                 for job in list(pending):
                     if len(self.running) >= self.parallel:
                         break
                     if any(n in self.failed for n in job.needs):
                         pending.remove(job)
-                        self.failed[job.name] = "skipped: a job it needs failed"
+                        self.failed[job.name] = "skipped: " + ", ".join(n for n in job.needs if n in self.failed) \
+                            + " failed"
+                        finished += 1
+                        log.warning("[%d/%d] skipped %s: %s", finished, total, job.name, self.failed[job.name])
                         continue
-                    if all(self.jobs[n].done for n in job.needs if n in self.jobs):
+                    if all(self.jobs[n].done for n in job.needs):
                         pending.remove(job)
                         if job.name == "prepare-pool":
                             _restrict_pool_to_prepared_train(self.out)
                         self._start(job, 0)
+                if not self.running and pending and not any(
+                        all(self.jobs[n].done for n in j.needs) or any(n in self.failed for n in j.needs)
+                        for j in pending):
+                    raise MedpretrainError(f"benchmark stuck: {', '.join(j.name for j in pending[:5])} wait for "
+                                           "jobs that are neither done nor running")
                 time.sleep(0.5)
         except KeyboardInterrupt:
-            for proc, _, _, fh in self.running.values():
-                os.killpg(proc.pid, signal.SIGINT)
-            for proc, _, _, fh in self.running.values():
-                proc.wait()
-                fh.close()
-            log.warning("interrupted: re-run the same command to continue (finished jobs are kept, interrupted "
-                        "trainings resume from their last checkpoint)")
+            log.warning("interrupted: stopping %d running job(s); re-run the same command to continue (finished "
+                        "jobs are kept, interrupted trainings resume from their last checkpoint)", len(self.running))
             raise
+        finally:
+            self._stop_children()
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _validate_job_settings(cfg: BenchmarkConfig, methods: dict[str, MethodSettings]) -> None:
+    """Check every job's settings before the first job starts, not an hour into the run."""
+    from medpretrain.config import FinetuneConfig
+    from medpretrain.data.preprocess import PreprocessConfig
+    from medpretrain.engine.pretrain import pretrain_config
+    from medpretrain.models import get_spec
+
+    make_config(PreprocessConfig, cfg.preprocess, "the benchmark's preprocess")
+    if cfg.pool_preprocess is not None:
+        make_config(PreprocessConfig, cfg.pool_preprocess, "the benchmark's pool_preprocess")
+    for b_name, b in cfg.backbones.items():
+        if {"n_labeled", "fraction", "seed", "init"} & set(b.finetune):
+            raise ConfigError(f"backbone '{b_name}': finetune sets n_labeled/fraction/seed/init, which the benchmark "
+                              "sets per run; remove them")
+        ft = make_config(FinetuneConfig, {**b.finetune, "model": b.model, "steps": b.steps, "patch": b.patch,
+                                          "batch": b.batch, "lr": b.lr, "precision": b.precision},
+                         f"backbone '{b_name}'")
+        get_spec(ft.model).check_patch(ft.patch)
+        for m_name, m in methods.items():
+            if _method_runs_on(m_name, m, b_name, b.model):
+                pre = pretrain_config(m_name, None, m.preset, {**b.pretrain, **m.config, "model": b.model,
+                                                                **({"steps": m.steps} if m.steps else {})})
+                get_spec(pre.model).check_patch(pre.patch)
 
 
 def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, parallel: int | None = None,
@@ -481,11 +574,12 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
         The path of ``report.md``.
     """
     from medpretrain.evaluation.benchmark_report import write_benchmark_report
+    from medpretrain.methods import get_method
 
     cfg = config if isinstance(config, BenchmarkConfig) else load_benchmark_config(config)
     if parallel is not None:
-        cfg = cfg.model_copy(update={"parallel": parallel})
-    out = Path(out)
+        cfg = make_config(BenchmarkConfig, {**cfg.model_dump(), "parallel": parallel}, "--parallel")
+    out = Path(out).resolve()
     if not Path(cfg.dataset).exists():
         raise ConfigError(f"benchmark dataset {cfg.dataset} does not exist (paths are relative to the current folder)")
     jobs = plan(cfg, out)
@@ -496,21 +590,31 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
                 print("      medpretrain " + " ".join(c))
         return out / "report.md"
     out.mkdir(parents=True, exist_ok=True)
-    files = job_files(cfg, out, _methods(cfg))
+    methods = _methods(cfg)
+    files = job_files(cfg, out, methods)
     if any("prepare-pool" in j.needs for j in jobs) and (out / "pool.json") not in files:
         raise ConfigError("the benchmark's methods "
                           f"{sorted({j.info['method'] for j in jobs if 'prepare-pool' in j.needs})} need an unlabelled "
                           "pool: list sources under 'pool:' or set pool_add_downstream_train: true")
-    _check_recorded_commands(jobs, out, files)  # before writing: a refused run changes nothing
-    for path, text in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.name != "pool.json" or not (out / "prepared" / "pool" / "manifest.json").exists():
-            atomic_write_text(path, text)
-    atomic_write_json(out / "benchmark.json", json.loads(cfg.model_dump_json()))
-    runner = _Runner(jobs, out, cfg.parallel)
-    runner.run()
+    _validate_job_settings(cfg, methods)
+    from medpretrain.engine.job import run_folder_lock
+
+    with run_folder_lock(out, "benchmark"):
+        signatures = _check_recorded_commands(jobs, out, files)  # before writing: a refused run changes nothing
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.name != "pool.json" or not (out / "prepared" / "pool" / "manifest.json").exists():
+                atomic_write_text(path, text)
+        atomic_write_json(out / "benchmark.json", json.loads(cfg.model_dump_json()))
+        runner = _Runner(jobs, out, cfg.parallel, signatures)
+        runner.run()
+    not_run = {m: [b for b, bb in cfg.backbones.items() if not _method_runs_on(m, s, b, bb.model)]
+               for m, s in methods.items()}
+    notes = [f"{m}: not run on backbone(s) {', '.join(bs)} (it pretrains "
+             f"{', '.join(get_method(m).models) or 'any network'})" for m, bs in not_run.items() if bs]
+    notes += [f"excluded by the profile: {', '.join(cfg.exclude)}"] if cfg.exclude else []
     report = write_benchmark_report(cfg, out, [j for j in jobs if j.kind == "finetune"],
-                                    [j for j in jobs if j.kind == "pretrain"], runner.failed)
+                                    [j for j in jobs if j.kind == "pretrain"], runner.failed, notes)
     if runner.failed:
         raise MedpretrainError(f"{len(runner.failed)} job(s) failed or were skipped "
                                f"({', '.join(list(runner.failed)[:5])}); the report covers the finished ones: "

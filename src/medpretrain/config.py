@@ -232,7 +232,5 @@ def load_config(model: type[_Strict], path: str | Path | None, overrides: dict[s
             raise ConfigError(f"config {path} must hold a mapping of keys to values, got {type(loaded).__name__}")
         values = _merge_nested(model, values, loaded)
         source = str(path)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            values[key] = value
+    values = _merge_nested(model, values, {k: v for k, v in (overrides or {}).items() if v is not None})
     return make_config(model, values, source)

@@ -6,8 +6,10 @@ resume, DDP and the exported ``model.pt`` layout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,12 +23,46 @@ from medpretrain.data.sampling import StepSampler
 from medpretrain.engine.trainer import (
     build_trainer, check_same_config, is_launcher_child, resolve_precision, resume_or_refuse, update_run_file,
 )
-from medpretrain.errors import ConfigError
+from medpretrain.errors import ConfigError, TrainingError
 
 log = logging.getLogger("medpretrain")
 
 MODEL_FILE = "model.pt"
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path, what: str = "training"):
+    """Hold an exclusive lock on ``run_dir`` while working in it: a second process started on the same folder
+    (a re-run while the first is alive, two benchmark drivers) would interleave checkpoints and ``model.pt``.
+    The lock is an OS file lock, so it is released when the process dies, however it dies. DDP processes that
+    Lightning starts (ranks > 0) share rank 0's run and take no lock; where ``fcntl`` is missing (Windows) the
+    folder is not locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    if is_launcher_child():
+        yield
+        return
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise TrainingError(
+                f"{run_dir} is in use by another {what} process (pid {owner}); wait for it to finish or stop it, "
+                "then re-run (two processes in one folder would overwrite each other's files)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 MODEL_FORMAT_VERSION = 1
 # Settings that may change between an interrupted run and its resume.
 RESUME_MAY_CHANGE = ("num_workers", "devices", "num_nodes", "strategy", "accelerator")
@@ -86,6 +122,13 @@ def run_training(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(run_dir):
+        return _run_training_locked(run_dir, cfg, kind=kind, build_module=build_module, dataset=dataset,
+                                    run_info=run_info, model_meta=model_meta, resume=resume, callbacks=callbacks)
+
+
+def _run_training_locked(run_dir: Path, cfg: TrainingConfig, *, kind, build_module, dataset, run_info, model_meta,
+                         resume, callbacks) -> Path:
     run_file = run_dir / RUN_FILE
     config_dump = cfg.model_dump(mode="json")
     ckpt = resume_or_refuse(run_dir, resume)
@@ -111,6 +154,10 @@ def run_training(
         callbacks=callbacks,
     )
     trainer.fit(module, datamodule=StepDataModule(dataset, cfg), ckpt_path=str(ckpt) if ckpt else None)
+    if trainer.interrupted or trainer.global_step < cfg.steps:
+        # Some Lightning versions return from fit() on Ctrl-C: never export a half-trained model as finished.
+        raise TrainingError(f"training in {run_dir} stopped at step {trainer.global_step} of {cfg.steps}; "
+                            "re-run the same command with --resume to continue from the last checkpoint")
     if trainer.global_step % epoch_steps:
         # The run ended between two checkpoint steps: keep its final state resumable too.
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")

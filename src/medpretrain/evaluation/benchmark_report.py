@@ -2,14 +2,16 @@
 
 Statistics. Each run is scored by its mean over the test cases. A table cell is the mean ± sample std
 (ddof 1) of that over seeds. The gain of a method over scratch is paired twice over: per seed (same labelled
-cases, same initialisation seed of the new layers, same patches), and per test case within a seed; the
-report gives the mean per-seed gain, how many seeds gained, and a two-sided Wilcoxon signed-rank test over
-all (seed, test case) pairs of Dice (scipy), which uses the pairing that a mean over seeds throws away.
+cases, same initialisation seed of the new layers, same patches), and per test case. The report gives the
+mean per-seed gain, how many seeds gained, and a two-sided Wilcoxon signed-rank test (scipy) over the test
+cases of each case's Dice gain averaged over the seeds: the cases are the independent units (the runs of
+one seed share a model, so pooling seed x case pairs would overstate the evidence).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import shutil
@@ -18,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medpretrain.atomic import atomic_write_json, atomic_write_text
+from medpretrain.atomic import atomic_write_text
 from medpretrain.evaluation.plots import save_label_efficiency_plot
+from medpretrain.evaluation.report import _json_safe
 
 if TYPE_CHECKING:
     from medpretrain.benchmark import BenchmarkConfig, Job
@@ -31,7 +34,7 @@ SCRATCH = "scratch"
 def _read_run(job: "Job") -> dict[str, Any] | None:
     run = Path(job.info["run"])
     metrics_path = run / "eval" / "metrics.json"
-    if not metrics_path.exists():
+    if not metrics_path.exists() or not (run / "eval" / "per_case.csv").exists():
         return None
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
     info = json.loads((run / "run.json").read_text(encoding="utf-8"))
@@ -45,12 +48,17 @@ def _read_run(job: "Job") -> dict[str, Any] | None:
     return {
         "method": job.info["method"], "backbone": job.info["backbone"], "model": info.get("config", {}).get("model"),
         "n_labeled": job.info["n_labeled"], "n_cases": len(info.get("labeled_cases", [])), "seed": job.info["seed"],
-        **{m: metrics["overall"][m]["mean"] for m in METRICS},
-        "classes": {c: {m: v[m]["mean"] for m in METRICS} for c, v in metrics.get("classes", {}).items()},
+        **{m: _num(metrics.get("overall", {}).get(m, {}).get("mean")) for m in METRICS},
+        "classes": {c: {m: _num(v.get(m, {}).get("mean")) for m in METRICS}
+                    for c, v in metrics.get("classes", {}).items()},
         "wall_s": training.get("wall_time_s"), "steps": training.get("steps_done"),
         "precision": training.get("precision", info.get("config", {}).get("precision")),
         "case_dice": case_dice, "run": str(run),
     }
+
+
+def _num(value) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -95,14 +103,18 @@ def summarize_runs(rows: list[dict]) -> dict[str, Any]:
             paired = [(r, scratch[r["seed"]]) for r in sel if r["seed"] in scratch]
             if paired:
                 per_seed = [r["dice"] - s["dice"] for r, s in paired]
-                case_diffs = [r["case_dice"][c] - s["case_dice"][c] for r, s in paired for c in s["case_dice"]
-                              if c in r["case_dice"]]
+                per_case: dict[str, list[float]] = {}
+                for r, s in paired:
+                    for c in s["case_dice"]:
+                        if c in r["case_dice"]:
+                            per_case.setdefault(c, []).append(r["case_dice"][c] - s["case_dice"][c])
+                case_gain = [float(np.mean(v)) for v in per_case.values()]
                 mean, std = _mean_std(per_seed)
                 entry["gain_vs_scratch"] = {
                     "dice_mean": mean, "dice_std": std, "seeds_paired": len(paired),
                     "seeds_improved": sum(d > 0 for d in per_seed),
-                    "cases_improved": sum(d > 0 for d in case_diffs), "case_pairs": len(case_diffs),
-                    "wilcoxon_p": _wilcoxon_p(case_diffs),
+                    "cases_improved": sum(d > 0 for d in case_gain), "cases": len(case_gain),
+                    "wilcoxon_p": _wilcoxon_p(case_gain),
                 }
         table.append(entry)
     return {"groups": table}
@@ -110,7 +122,7 @@ def summarize_runs(rows: list[dict]) -> dict[str, Any]:
 
 def _fmt(stat: dict, metric: str) -> str:
     mean, std = stat["mean"], stat["std"]
-    if not math.isfinite(mean):
+    if mean is None or not math.isfinite(mean):
         return "–"
     digits = 3 if metric in ("dice", "nsd") else 2
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -128,7 +140,11 @@ def _best_worst_overlays(rows: list[dict], out: Path) -> list[str]:
                     key=lambda r: (r["backbone"], r["method"] != SCRATCH, r["method"])):
         if not r["case_dice"]:
             continue
-        ranked = sorted(r["case_dice"], key=r["case_dice"].get)
+        # rank among the cases evaluate drew an overlay for (it draws the best and the worst ones)
+        drawn = {p.stem for p in (Path(r["run"]) / "eval" / "overlays").glob("*.png")}
+        ranked = sorted((c for c in r["case_dice"] if c in drawn), key=r["case_dice"].get)
+        if not ranked:
+            continue
         pngs = []
         picks = [("best", ranked[-1])] + ([("worst", ranked[0])] if len(ranked) > 1 else [])
         for tag, cid in picks:
@@ -144,7 +160,7 @@ def _best_worst_overlays(rows: list[dict], out: Path) -> list[str]:
 
 
 def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: list["Job"],
-                           pretrain_jobs: list["Job"], failed: dict[str, str]) -> Path:
+                           pretrain_jobs: list["Job"], failed: dict[str, str], notes: list[str] = ()) -> Path:
     """Collect every finished run of the benchmark and write its four outputs; returns ``report.md``."""
     out = Path(out)
     rows = [r for r in (_read_run(j) for j in finetune_jobs) if r is not None]
@@ -162,14 +178,17 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
     summary.update({"name": cfg.name, "budgets": {k: json.loads(v.model_dump_json()) for k, v in cfg.backbones.items()},
                     "seeds": cfg.seeds, "n_labeled": cfg.n_labeled, "pretraining": pretraining,
                     "runs_finished": len(rows), "runs_planned": len(finetune_jobs), "failed": failed})
-    atomic_write_json(out / "summary.json", summary)
+    summary["notes"] = list(notes)
+    atomic_write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=1, allow_nan=False) + "\n")
 
     fields = ["method", "backbone", "model", "n_labeled", "n_cases", "seed", *METRICS, "wall_s", "steps", "precision"]
-    lines = [",".join(fields)]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(fields)
     for r in sorted(rows, key=lambda r: (r["backbone"], r["method"], _size_key(r["n_labeled"]), r["seed"])):
-        lines.append(",".join("" if r[f] is None else (f"{r[f]:.4f}" if isinstance(r[f], float) else str(r[f]))
-                              for f in fields))
-    atomic_write_text(out / "results.csv", "\n".join(lines) + "\n")
+        writer.writerow(["" if r[f] is None or (isinstance(r[f], float) and not math.isfinite(r[f]))
+                         else (f"{r[f]:.4f}" if isinstance(r[f], float) else r[f]) for f in fields])
+    atomic_write_text(out / "results.csv", buf.getvalue())
 
     plot_rows = [{"method": f"{r['method']} ({r['backbone']})" if len(cfg.backbones) > 1 else r["method"],
                   "n_labeled": r["n_cases"], "seed": r["seed"], "dice": r["dice"]} for r in rows]
@@ -178,6 +197,9 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
     md = [f"# Label-efficiency benchmark: {cfg.name}", "",
           f"Finished runs: {len(rows)} of {len(finetune_jobs)} planned"
           + (f"; failed or skipped: {', '.join(failed)}" if failed else "") + ".", "",
+          *[f"- {n}" for n in notes], *([""] if notes else []),
+          *[f"- {name}: {why}" for name, why in failed.items() if name.startswith("pretrain-")],
+          *([""] if any(name.startswith("pretrain-") for name in failed) else []),
           "## Budgets (identical for every method of a backbone, scratch included)", "",
           "| backbone | network | fine-tuning steps | patch | batch | lr | precision |", "|---|---|---|---|---|---|---|"]
     for name, b in cfg.backbones.items():
@@ -195,19 +217,20 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
            "|---|---|---|---|---|---|---|---|---|"]
     for g in summary["groups"]:
         md.append(f"| {g['backbone']} | {g['n_labeled']} ({g['n_cases']}) | {g['method']} | {len(g['seeds'])} | "
-                  + " | ".join(_fmt(g[m], m) for m in METRICS) + f" | {g['wall_s']:.0f} |")
+                  + " | ".join(_fmt(g[m], m) for m in METRICS)
+                  + (f" | {g['wall_s']:.0f} |" if math.isfinite(g["wall_s"]) else " | – |"))
     md += ["", "## Gain over scratch (paired: same seed, labelled cases and test cases)", "",
            "| backbone | n labelled | method | Dice gain (mean ± std over seeds) | seeds improved | test cases "
-           "improved | Wilcoxon p (seed x case pairs) |", "|---|---|---|---|---|---|---|"]
+           "improved (gain averaged over seeds) | Wilcoxon p (over test cases) |", "|---|---|---|---|---|---|---|"]
     for g in summary["groups"]:
         gain = g.get("gain_vs_scratch")
         if gain:
             p = "–" if gain["wilcoxon_p"] is None else f"{gain['wilcoxon_p']:.3g}"
             md.append(f"| {g['backbone']} | {g['n_labeled']} | {g['method']} | {gain['dice_mean']:+.3f} ± "
                       f"{gain['dice_std']:.3f} | {gain['seeds_improved']}/{gain['seeds_paired']} | "
-                      f"{gain['cases_improved']}/{gain['case_pairs']} | {p} |")
+                      f"{gain['cases_improved']}/{gain['cases']} | {p} |")
     classes = sorted({c for g in summary["groups"] for c in g["classes"]})
-    if len(classes) > 1 or classes:
+    if classes:
         md += ["", "## Per class (Dice)", "", "| backbone | n labelled | method | " + " | ".join(classes) + " |",
                "|---|---|---|" + "---|" * len(classes)]
         for g in summary["groups"]:
