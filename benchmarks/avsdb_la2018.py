@@ -174,7 +174,7 @@ def main() -> None:
            f"--seeds {' '.join(map(str, args.seeds))} --n-labeled {' '.join(map(str, args.n_labeled))} "
            f"--pretrain-steps {args.pretrain_steps}"
            + (f" --ablations {' '.join(args.ablations)} --ablation-n {' '.join(map(str, args.ablation_n))} "
-              f"--ablation-seeds {' '.join(map(str, args.ablation_seeds))}" if args.ablations else ""))
+              f"--ablation-seeds {' '.join(map(str, args.ablation_seeds))}" if args.ablations else " --ablations"))
     lines = ["# la2018: AVS-DB-pretrained `unet` vs scratch", "", f"Command: `{cmd}`", "",
              f"Pretraining: {args.pretrain_steps} steps of the avsdb CPU preset (batch 2, so "
              f"{2 * args.pretrain_steps} synthetic volumes seen; the paper sees 5,000 volumes x many epochs). "

@@ -17,8 +17,9 @@ records each job's exact command: a later run with other settings for the same j
 silently mixing results.
 
 ``parallel`` runs that many jobs side by side with ``cores / parallel`` threads each: on our 2-core CPU two
-one-thread trainings do more work per hour than one two-thread training (measured by
-``benchmarks/parallel_lanes.py``, ``docs/results/benchmark/parallel_lanes.json``).
+one-thread trainings do 1.1x the steps per second of one two-thread training
+(``benchmarks/parallel_lanes.py``, ``docs/results/benchmark/parallel_lanes.json``), and the single-threaded
+parts of a job (start-up, evaluation) overlap with another job's training.
 """
 
 from __future__ import annotations
