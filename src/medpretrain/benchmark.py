@@ -40,7 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from medpretrain.atomic import atomic_write_json, atomic_write_text
-from medpretrain.config import make_config
+from medpretrain.config import make_config, read_yaml_mapping
 from medpretrain.errors import ConfigError, MedpretrainError
 
 log = logging.getLogger("medpretrain")
@@ -166,15 +166,7 @@ class BenchmarkConfig(_Strict):
 
 def load_benchmark_config(path: str | Path, overrides: dict[str, Any] | None = None) -> BenchmarkConfig:
     """Read and validate a benchmark YAML; ConfigError naming the file, key and valid keys otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"benchmark config {path} does not exist (profiles: benchmarks/*.yaml)")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot parse YAML benchmark config {path}: {exc}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"benchmark config {path} must hold a mapping of keys to values")
+    values = read_yaml_mapping(path, "benchmark config")
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return make_config(BenchmarkConfig, values, str(path))
 

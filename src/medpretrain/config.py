@@ -214,6 +214,20 @@ def _merge_nested(model: type[BaseModel], base: dict[str, Any], update: dict[str
     return merged
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping a YAML file holds; ConfigError naming the file when it is missing, unparsable or no mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse YAML {what} {path}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys to values, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(model: type[_Strict], path: str | Path | None, overrides: dict[str, Any] | None = None,
                 base: dict[str, Any] | None = None):
     """``base`` values (e.g. a preset), then a YAML file (optional), then ``overrides`` (None values are
@@ -221,16 +235,7 @@ def load_config(model: type[_Strict], path: str | Path | None, overrides: dict[s
     values: dict[str, Any] = _merge_nested(model, {}, dict(base or {}))
     source = "options"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"cannot parse YAML config {path}: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must hold a mapping of keys to values, got {type(loaded).__name__}")
-        values = _merge_nested(model, values, loaded)
+        values = _merge_nested(model, values, read_yaml_mapping(path))
         source = str(path)
     values = _merge_nested(model, values, {k: v for k, v in (overrides or {}).items() if v is not None})
     return make_config(model, values, source)
