@@ -93,7 +93,10 @@ def paired(rec: dict, scratch: dict) -> tuple[float, str]:
     if rec.get("per_case_dice") and scratch.get("per_case_dice"):
         diffs = [rec["per_case_dice"][c] - scratch["per_case_dice"][c] for c in scratch["per_case_dice"]]
         return round(float(np.mean(diffs)), 4), f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
-    return rec["paired_dice_gain_vs_scratch"], rec["cases_improved"]  # recorded before per-case records existed
+    if "paired_dice_gain_vs_scratch" in rec:  # recorded before per-case records existed
+        return rec["paired_dice_gain_vs_scratch"], rec["cases_improved"]
+    # scratch run without per-case values (previous session): only the difference of the means is known
+    return round(rec["dice"] - scratch["dice"], 4), "n/a"
 
 
 def mean_std(values: list[float]) -> str:
