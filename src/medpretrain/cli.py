@@ -181,6 +181,8 @@ def pretrain(
     strategy: Optional[str] = typer.Option(None, help="Lightning strategy, e.g. ddp. (default: auto)"),
     num_workers: Optional[int] = typer.Option(None, help="DataLoader workers. (default: 2)"),
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Bitwise-reproducible mode."),
+    matcher: Optional[str] = typer.Option(None, help="alice: anatomical matcher, sam or registration. (default: registration)"),
+    matcher_run: Optional[Path] = typer.Option(None, help="alice with --matcher sam: the `train-matcher` run folder."),
     resume: bool = typer.Option(False, help="Continue from the newest readable checkpoint in --out."),
 ) -> None:
     """Pretrain a network with a registered method (self-supervised or formula-driven)."""
@@ -192,9 +194,35 @@ def pretrain(
         "checkpoint_every": checkpoint_every, "precision": precision, "accelerator": accelerator,
         "devices": int(devices) if devices and devices.isdigit() else devices, "num_nodes": num_nodes,
         "strategy": strategy, "num_workers": num_workers, "deterministic": deterministic,
+        "matcher": matcher, "matcher_run": matcher_run,
     })
     run = run_pretrain(method, data, out, cfg, resume=resume)
     typer.echo(f"pretrained model: {run / 'model.pt'}")
+
+
+@app.command("train-matcher")
+def train_matcher(
+    data: Path = typer.Option(..., help="Prepared unlabelled pool (`prepare --pool`)."),
+    out: Path = typer.Option(..., help="Run folder; RUN is what `pretrain --method alice --matcher sam --matcher-run` takes."),
+    config: Optional[Path] = typer.Option(None, help="YAML file of MatcherConfig keys; options here override it."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps. (default: 400)"),
+    patch: Optional[tuple[int, int, int]] = typer.Option(None, help="View size X Y Z, multiples of 16. (default: 64 64 48)"),
+    batch: Optional[int] = typer.Option(None, help="View pairs per step. (default: 2)"),
+    seed: Optional[int] = typer.Option(None, help="Seed. (default: 0)"),
+    accelerator: Optional[str] = typer.Option(None, help="auto, cpu or gpu. (default: auto)"),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers. (default: 2)"),
+    resume: bool = typer.Option(False, help="Continue from the newest readable checkpoint in --out."),
+) -> None:
+    """Train the self-supervised anatomical matcher (SAM-style embeddings) that Alice uses to find the same
+    body part in two volumes."""
+    from medpretrain.config import load_config
+    from medpretrain.matching.sam import MatcherConfig
+    from medpretrain.matching.sam import train_matcher as run_train
+
+    cfg = load_config(MatcherConfig, config, {"steps": steps, "patch": patch, "batch": batch, "seed": seed,
+                                              "accelerator": accelerator, "num_workers": num_workers})
+    run = run_train(data, out, cfg, resume=resume)
+    typer.echo(f"matcher: {run}")
 
 
 generate_app = typer.Typer(no_args_is_help=True, help="Generate synthetic datasets.")

@@ -76,4 +76,4 @@ def get_method(name: str) -> PretrainMethod:
 
 def _load_builtin() -> None:
     # Imported lazily: method modules pull in torch/MONAI, which the CLI's fast paths avoid.
-    from medpretrain.methods import asa, avsdb, volume_fusion  # noqa: F401
+    from medpretrain.methods import alice, asa, avsdb, volume_fusion  # noqa: F401

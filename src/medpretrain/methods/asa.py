@@ -82,6 +82,7 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 from torch.utils.data import Dataset
 
+from medpretrain.blocks.contrastive import embedding_loss
 from medpretrain.blocks.ema import cosine_momentum, ema_update, make_teacher
 from medpretrain.blocks.heads import ProjectionHead
 from medpretrain.config import TrainingConfig
@@ -336,17 +337,6 @@ def overlap_token_pairs(offset1: Sequence[int], offset2: Sequence[int], size: in
     dims = (g, g, g)
     return (np.ravel_multi_index(tuple(p.T), dims).astype(np.int64),
             np.ravel_multi_index(tuple(q.T), dims).astype(np.int64))
-
-
-def embedding_loss(a: torch.Tensor, b: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """Distance between student and (detached) teacher embeddings ``(..., D)``.
-
-    ``normalize``: mean over embeddings of the squared L2 distance of the L2-normalised vectors
-    (``2 - 2 cos``, in [0, 4] whatever ``D``); otherwise the plain MSE over all elements.
-    """
-    if normalize:
-        return (F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).pow(2).sum(-1).mean()
-    return F.mse_loss(a, b)
 
 
 # --------------------------------------------------------------------------------------------------

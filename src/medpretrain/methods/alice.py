@@ -1,0 +1,566 @@
+"""Alice self-supervised pretraining (``../shared/papers/alice.md``): masked image modelling plus contrast
+between crops of the SAME body part in DIFFERENT volumes, with conditional anatomical semantic alignment (CASA).
+
+Data. A query volume and a key volume (a different scan) are picked; a random body point in the query and its
+match in the key (an anatomical matcher, ``matching/``: ``sam`` trained with ``medpretrain train-matcher``, or
+``registration``) centre the crops Q and K (``patch`` voxels). Matching runs once, when the dataset is built:
+for every pool case, ``match_points`` body points are matched into ``match_partners`` other cases; matches whose
+score reaches the matcher's threshold (``match_threshold``; SAM: 0.7 as the authors) form the table samples
+are drawn from (when a point finds no accepted partner it is retried in the next partner: the bounded retries;
+if a case has no accepted match at all its best-scoring one is used, and the acceptance rate is logged).
+
+Views. ``X_u^Q`` and ``X_r^K``: Q and K with ``mask_ratio`` of their patches masked (MAE random masking; the
+patches are the encoder's tokens, ``mask_patch``^3 voxels); ``X_w^Q`` and ``X_v^K``: Q and K under strong
+augmentation (rotation about z within ``rotation_deg``, flips, intensity scale and shift).
+
+Networks. The online encoder (the registered network's encoder: UNETR's ViT or SwinUNETR's Swin encoder) sees
+only the masked views. ViT: masked patches are dropped before the transformer blocks (MAE). Swin: windows need
+the full grid, so masked patches are replaced by a learnt mask token right after the patch embedding (SimMIM;
+the paper's Green-MIM grouping saves compute but is not in MONAI): their content never reaches the encoder
+either way. The Swin tokens are its stride-16 hidden state (``mask_patch`` 16). The online decoder is a light
+stack of transformer blocks over the visible tokens plus mask tokens with positional embeddings; it predicts
+the normalised pixels of every patch. The target encoder is the EMA of the online encoder and sees the intact
+augmented views.
+
+Losses (weights ``lambda_r``, ``lambda_dv``, ``lambda_st``):
+
+* ``l_r`` (eq. 1): MSE on MAE-normalised pixels of the masked patches of Q and K;
+* ``l_dv`` (eq. 2): projection heads phi (on the online decoder's tokens) and psi (on the target encoder's;
+  psi is the EMA of phi, the DINO convention) are 3-layer MLPs with an L2-normalised bottleneck; ``[cls]`` is
+  their global average; ``l_s([cls]_u^Q, [cls]_v^K) + l_s([cls]_r^K, [cls]_w^Q)`` with ``l_s`` the cosine
+  similarity loss ``2 - 2 cos``;
+* ``l_st`` (eq. 3-5, CASA): queries ``LN(V) W_q`` from the online encoder's visible tokens of the masked view;
+  keys and values ``LN(.) W_k``, ``LN(.) W_v`` from phi's decoder tokens (student ``S``) or from psi's target
+  encoder tokens of the intact view (teacher ``T``); ``softmax(q k^T / sqrt(C)) v`` then a projection zeta;
+  ``l_s(S_u^Q, T_w^Q) + l_s(S_r^K, T_v^K)`` per visible token. The teacher side is computed without gradient
+  (a stop-gradient, as every EMA-teacher loss): otherwise both sides of ``l_st`` could move to meet.
+
+Only the online encoder goes downstream: ``AliceModule.model`` is the registered network whose encoder is the
+online encoder (fine-tune with ``--init-part encoder``).
+
+Switches for the authors' public code (paper = default; ``--preset authors`` sets all):
+``contrast_loss: dino`` (DINO cross-entropy with centring instead of the cosine loss), ``casa_keys:
+target_decoder`` (the teacher's CASA keys/values from an EMA copy of the decoder run on the target encoder's
+tokens), ``mask_kind: tube`` (masks whole columns along z), ``recon_region: all`` (reconstruction over every
+patch) and 64^3 crops. Ablations (paper Tables 4-5): ``inter_volume: false`` takes K from the same volume as
+Q (a random other crop) and drops ``l_dv``; ``casa: false`` replaces CASA by the plain siamese contrast of the
+masked and intact views' pooled embeddings, ``l_s([cls]_u^Q, [cls]_w^Q) + l_s([cls]_r^K, [cls]_v^K)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import model_validator
+from torch.utils.data import Dataset
+
+from medpretrain.blocks.contrastive import DINOLoss, embedding_loss
+from medpretrain.blocks.ema import cosine_momentum, ema_update, make_teacher
+from medpretrain.blocks.heads import ProjectionHead
+from medpretrain.blocks.masking import (gather_tokens, masked_mse, normalized_pixels, patchify, random_token_mask,
+                                        scatter_tokens, visible_indices)
+from medpretrain.config import TrainingConfig
+from medpretrain.data.crops import background_fill, read_crop
+from medpretrain.engine.module import NonFiniteLossGuard, one_cycle_scheduler
+from medpretrain.errors import CacheError, ConfigError
+from medpretrain.matching import MatchVolume, build_matcher
+from medpretrain.methods import PretrainMethod, register_method
+from medpretrain.models import build_model
+
+log = logging.getLogger("medpretrain")
+
+_TAG = 0x414C  # "AL"
+_TABLE, _SAMPLE = 0, 1
+Int3 = tuple[int, int, int]
+
+
+class AliceConfig(TrainingConfig):
+    """Alice pretraining (shared training settings as in ``TrainingConfig``); defaults = the CPU preset
+    (unetr-small, 64x64x48 crops, 16^3 patches, 75% masked, batch 2, 600 steps).
+
+    Args:
+        patch: crop size (X, Y, Z), multiples of ``mask_patch`` (UNETR: its ViT's image size; fine-tune at the
+            same patch so that positional embeddings load).
+        in_channels: image channels of the pool.
+        mask_ratio: share of patches hidden from the online encoder (MAE: 0.75).
+        mask_kind: ``random`` (paper) or ``tube`` (whole z-columns, the authors' code).
+        mask_patch: side of a masked patch = one encoder token (16: ViT patch size, Swin's stride-16 stage).
+        recon_region: ``masked`` (eq. 1) or ``all`` patches (the authors' code).
+        decoder_depth, decoder_heads: the light online decoder (transformer blocks at the encoder's width).
+        head_dim, head_hidden, head_bottleneck: phi/psi: 3-layer MLP to an L2-normalised bottleneck, then a
+            weight-normalised linear layer to ``head_dim``.
+        casa_dim: CASA's projection width C.
+        lambda_r, lambda_dv, lambda_st: loss weights.
+        contrast_loss: ``cosine`` (paper's l_s) or ``dino`` (cross-entropy with centring, authors' code).
+        casa: use CASA for ``l_st`` (False: pooled siamese contrast, paper Table 5 "w/o").
+        casa_keys: teacher keys/values from the ``target_encoder`` (paper) or an EMA ``target_decoder``.
+        inter_volume: K from another volume via the matcher (paper); False: from the query volume, no l_dv.
+        rotation_deg, intensity: strong augmentation of the target views (max rotation about z;
+            (scale, shift) half-ranges).
+        ema_momentum: (base, final) of the target encoder's cosine momentum schedule.
+        matcher: ``sam`` or ``registration``; matcher_run: ``train-matcher`` run folder (``sam``).
+        match_threshold: acceptance score (None: the matcher's default); match_points, match_partners: body
+            points per case and partner cases tried per point when the match table is built.
+        betas: AdamW betas (paper 0.9, 0.95).
+    """
+
+    model: str = "unetr-small"
+    steps: int = 600
+    patch: Int3 = (64, 64, 48)
+    batch: int = 2
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.1
+    in_channels: int = 1
+    mask_ratio: float = 0.75
+    mask_kind: Literal["random", "tube"] = "random"
+    mask_patch: int = 16
+    recon_region: Literal["masked", "all"] = "masked"
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    head_dim: int = 1024
+    head_hidden: int = 512
+    head_bottleneck: int = 128
+    casa_dim: int = 128
+    lambda_r: float = 1.0
+    lambda_dv: float = 1.0
+    lambda_st: float = 1.0
+    contrast_loss: Literal["cosine", "dino"] = "cosine"
+    casa: bool = True
+    casa_keys: Literal["target_encoder", "target_decoder"] = "target_encoder"
+    inter_volume: bool = True
+    rotation_deg: float = 15.0
+    intensity: tuple[float, float] = (0.1, 0.1)
+    ema_momentum: tuple[float, float] = (0.996, 1.0)
+    matcher: Literal["sam", "registration"] = "registration"
+    matcher_run: Path | None = None
+    match_threshold: float | None = None
+    match_points: int = 4
+    match_partners: int = 2
+    betas: tuple[float, float] = (0.9, 0.95)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio {self.mask_ratio} must be within [0, 1), e.g. 0.75")
+        if any(p % self.mask_patch for p in self.patch):
+            v = tuple(max(self.mask_patch, p // self.mask_patch * self.mask_patch) for p in self.patch)
+            raise ValueError(f"patch {tuple(self.patch)} is not a whole number of {self.mask_patch}^3 patches; use "
+                             f"e.g. {v}")
+        if self.matcher == "sam" and self.inter_volume and self.matcher_run is None:
+            raise ValueError("matcher sam needs matcher_run: the folder of `medpretrain train-matcher --data POOL "
+                             "--out RUN` (or set matcher: registration)")
+        if min(self.match_points, self.match_partners, self.decoder_depth, self.decoder_heads) < 1:
+            raise ValueError("match_points, match_partners, decoder_depth and decoder_heads must be >= 1")
+        base, final = self.ema_momentum
+        if not 0.0 <= base <= final <= 1.0:
+            raise ValueError(f"ema_momentum {tuple(self.ema_momentum)} must be (base, final), 0 <= base <= final <= 1")
+        return self
+
+    @property
+    def grid(self) -> Int3:
+        return tuple(p // self.mask_patch for p in self.patch)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: the match table, then crops and views' ingredients per sample
+
+
+def _body_points(image: np.ndarray, fill: float, n: int, rng: np.random.Generator, margin) -> np.ndarray:
+    img = image[0]
+    step = 4  # a coarse lattice is plenty to draw crop centres from
+    sub = img[::step, ::step, ::step]
+    cand = np.argwhere(sub > fill + 1e-3) * step
+    lo, hi = np.array(margin), np.array(img.shape) - np.array(margin)
+    inner = cand[np.all((cand >= lo) & (cand < hi), axis=1)]
+    cand = inner if len(inner) else cand
+    if not len(cand):
+        cand = np.array([[s // 2 for s in img.shape]])
+    return cand[rng.choice(len(cand), n, replace=len(cand) < n)].astype(float)
+
+
+def build_match_table(data, case_ids, cfg: AliceConfig, matcher) -> list[dict]:
+    """For every case, ``match_points`` body points matched into up to ``match_partners`` other cases (next
+    partner only while unaccepted); one row per point: query/key case and points, score, accepted."""
+    rng = np.random.default_rng([_TAG, _TABLE, int(cfg.seed)])
+    spacing = tuple(float(s) for s in data.spacing)
+    volumes = {c: MatchVolume(c, np.asarray(data.image(c)), spacing) for c in case_ids}
+    margin = [p // 4 for p in cfg.patch]
+    rows = []
+    for qi, q in enumerate(case_ids):
+        others = [c for c in case_ids if c != q]
+        if not others:
+            raise CacheError(f"{data.root}: Alice needs at least two volumes (query and key from different scans)")
+        partners = [others[i] for i in rng.permutation(len(others))[: cfg.match_partners]]
+        fill = background_fill(data.case(q), data.in_channels)[0]
+        for p in _body_points(volumes[q].image, fill, cfg.match_points, rng, margin):
+            best = None
+            for k in partners:
+                m = matcher.match(volumes[q], p, volumes[k])
+                row = {"query": q, "q_point": [float(v) for v in p], "key": k, "k_point": list(m.point),
+                       "score": m.score, "accepted": m.accepted}
+                if best is None or m.score > best["score"]:
+                    best = row
+                if m.accepted:
+                    break
+            rows.append(best)
+        if hasattr(matcher, "forget"):
+            matcher.forget(q)
+    accepted = sum(r["accepted"] for r in rows)
+    log.info("Alice match table (%s matcher): %d of %d points matched above the threshold", matcher.name, accepted,
+             len(rows))
+    return rows
+
+
+class AliceDataset(Dataset):
+    """Alice samples: ``q``, ``k`` crops ``(C, *patch)``; ``mask_q``, ``mask_k`` ``(N,)`` bool (True = masked);
+    ``aug`` ``(2, 6)`` target-view augmentation of Q and K: flip x, y, z, rotation (rad), intensity scale,
+    shift. Sample ``i`` is a pure function of ``(seed, i)``, the pool and the match table.
+    """
+
+    def __init__(self, data, cfg: AliceConfig, length: int = 2**62, matcher=None):
+        self.data, self.cfg, self.length = data, cfg, length
+        self.case_ids = list(data.split("train")) if "train" in (data.manifest.get("split") or {}) else data.case_ids
+        if not self.case_ids:
+            raise CacheError(f"{data.root}: no prepared case to pretrain on; run `medpretrain prepare --pool ...`")
+        if data.in_channels != cfg.in_channels:
+            raise ConfigError(f"{data.root}: images have {data.in_channels} channel(s) but in_channels is "
+                              f"{cfg.in_channels}; set in_channels: {data.in_channels} in the config file")
+        self._fill = {c: background_fill(data.case(c), data.in_channels) for c in self.case_ids}
+        self._shape = {c: tuple(int(s) for s in data.case(c)["shape"][-3:]) for c in self.case_ids}
+        if cfg.inter_volume:
+            if matcher is None:
+                matcher = build_matcher(cfg.matcher, cfg.matcher_run, cfg.match_threshold)
+            self.table = build_match_table(data, self.case_ids, cfg, matcher)
+            usable = [r for r in self.table if r["accepted"]]
+            self.acceptance = len(usable) / max(1, len(self.table))
+            # Cases without any accepted match still contribute their best-scoring pair: every scan is used.
+            covered = {r["query"] for r in usable}
+            self.rows = usable + [r for r in self.table if not r["accepted"] and r["query"] not in covered]
+        else:
+            self.table, self.rows, self.acceptance = [], [], 1.0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _crop(self, cid: str, centre) -> np.ndarray:
+        start = [int(round(c - p / 2)) for c, p in zip(centre, self.cfg.patch)]
+        return read_crop(self.data.image(cid), start, self.cfg.patch, self._fill[cid])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        rng = np.random.default_rng([_TAG, _SAMPLE, int(cfg.seed), int(index)])
+        if cfg.inter_volume:
+            row = self.rows[int(rng.integers(len(self.rows)))]
+            q_case, q_point, k_case, k_point = row["query"], row["q_point"], row["key"], row["k_point"]
+        else:
+            q_case = k_case = self.case_ids[int(rng.integers(len(self.case_ids)))]
+            shape = np.array(self._shape[q_case])
+            q_point, k_point = (rng.uniform(0.25, 0.75, 3) * shape for _ in range(2))
+        masks = [random_token_mask(cfg.grid, cfg.mask_ratio, rng, cfg.mask_kind) for _ in range(2)]
+        aug = np.zeros((2, 6), np.float32)
+        aug[:, :3] = rng.random((2, 3)) < 0.5
+        aug[:, 3] = np.radians(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, 2))
+        aug[:, 4] = rng.uniform(1 - cfg.intensity[0], 1 + cfg.intensity[0], 2)
+        aug[:, 5] = rng.uniform(-cfg.intensity[1], cfg.intensity[1], 2)
+        return {"q": torch.from_numpy(self._crop(q_case, q_point)), "k": torch.from_numpy(self._crop(k_case, k_point)),
+                "mask_q": torch.from_numpy(masks[0]), "mask_k": torch.from_numpy(masks[1]),
+                "aug": torch.from_numpy(aug)}
+
+
+def augment_views(x: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
+    """Strong augmentation of ``(B, C, X, Y, Z)`` with per-sample ``aug`` rows (flip x, y, z, rotation about z in
+    radians, intensity scale, shift): rotation by resampling (border values), then flips, then intensity."""
+    b = x.shape[0]
+    theta = torch.zeros(b, 3, 4, device=x.device, dtype=x.dtype)
+    cos, sin = torch.cos(aug[:, 3]).to(x.dtype), torch.sin(aug[:, 3]).to(x.dtype)
+    # affine_grid's (x, y, z) columns address (W, H, D) = (Z, Y, X) of our arrays: rotate the (Y, X) pair.
+    theta[:, 0, 0] = 1.0
+    theta[:, 1, 1], theta[:, 1, 2], theta[:, 2, 1], theta[:, 2, 2] = cos, -sin, sin, cos
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    rows = []
+    for i in range(b):
+        dims = [d + 1 for d in range(3) if aug[i, d] > 0.5]
+        rows.append(out[i].flip(dims) if dims else out[i])
+    out = torch.stack(rows)
+    return out * aug[:, 4].view(b, 1, 1, 1, 1).to(x.dtype) + aug[:, 5].view(b, 1, 1, 1, 1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoders with masking
+
+
+class ViTEncoder(nn.Module):
+    """MONAI ViT (UNETR's ``vit``) as Alice's encoder: the transformer blocks see only the visible tokens."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.width = int(vit.patch_embedding.position_embeddings.shape[-1])
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, V, D)`` features of the visible tokens (all ``N`` when ``visible`` is None)."""
+        t = self.vit.patch_embedding(x)  # position embeddings included
+        if visible is not None:
+            t = gather_tokens(t, visible)
+        for blk in self.vit.blocks:
+            t = blk(t)
+        return self.vit.norm(t)
+
+
+class SwinEncoder(nn.Module):
+    """MONAI Swin encoder (SwinUNETR's ``swinViT``) as Alice's encoder: masked patches are replaced by a learnt
+    mask token after the patch embedding; the tokens are the stride-16 hidden state (SwinTransformer.forward's
+    stages up to ``layers3``)."""
+
+    def __init__(self, swin: nn.Module, mask_patch: int):
+        super().__init__()
+        self.swin = swin
+        embed = int(swin.embed_dim)
+        self.width = embed * 8
+        self.cell = mask_patch // 2  # patch-embedding cells (stride 2) per masked patch side
+        if mask_patch != 16:
+            raise ConfigError(f"mask_patch {mask_patch}: with a Swin encoder the tokens are its stride-16 stage; "
+                              "set mask_patch: 16")
+        self.mask_token = nn.Parameter(torch.zeros(embed))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        s = self.swin
+        h = s.patch_embed(x)  # (B, C, X/2, Y/2, Z/2)
+        if mask is not None:
+            b, _, gx, gy, gz = h.shape
+            m = mask.view(b, gx // self.cell, gy // self.cell, gz // self.cell).to(h.dtype)
+            m = m.repeat_interleave(self.cell, 1).repeat_interleave(self.cell, 2).repeat_interleave(self.cell, 3)
+            m = m[:, None]
+            h = h * (1 - m) + self.mask_token.view(1, -1, 1, 1, 1).to(h.dtype) * m
+        h = s.pos_drop(h)
+        for stage in ("1", "2", "3"):
+            if s.use_v2:
+                h = getattr(s, f"layers{stage}c")[0](h.contiguous())
+            h = getattr(s, f"layers{stage}")[0](h.contiguous())
+        t = s.proj_out(h, True).flatten(2).transpose(1, 2)  # (B, N, 8 * embed), row-major grid
+        return gather_tokens(t, visible) if visible is not None else t
+
+
+class MaskedDecoder(nn.Module):
+    """Light MAE decoder: visible tokens scattered into a full grid of mask tokens, learnt positional
+    embeddings, transformer blocks; returns the token features and the predicted patch voxels."""
+
+    def __init__(self, dim: int, n_tokens: int, depth: int, heads: int, patch_voxels: int):
+        super().__init__()
+        from monai.networks.blocks import TransformerBlock
+
+        if dim % heads:
+            raise ConfigError(f"decoder width {dim} is not divisible by decoder_heads {heads}; choose a divisor")
+        self.n_tokens = n_tokens
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.pos = nn.Parameter(torch.zeros(1, n_tokens, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, 4 * dim, heads, qkv_bias=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, patch_voxels)
+
+    def forward(self, tokens: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = scatter_tokens(tokens, visible, self.mask_token, self.n_tokens) + self.pos
+        for blk in self.blocks:
+            t = blk(t)
+        t = self.norm(t)
+        return t, self.pred(t)
+
+
+class CASA(nn.Module):
+    """Conditional anatomical semantic alignment (eq. 3-4): ``zeta(softmax(q k^T / sqrt(C)) v)`` with
+    ``q = LN(V) W_q`` and ``k, v = LN(H) W_k, LN(H) W_v``.
+
+    Args:
+        query_dim: width of the encoder tokens V.
+        key_dim: width of the tokens H keys and values come from.
+        dim: projection width C.
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, dim: int):
+        super().__init__()
+        self.norm_q, self.norm_kv = nn.LayerNorm(query_dim), nn.LayerNorm(key_dim)
+        self.w_q = nn.Linear(query_dim, dim, bias=False)
+        self.w_k = nn.Linear(key_dim, dim, bias=False)
+        self.w_v = nn.Linear(key_dim, dim, bias=False)
+        self.zeta = nn.Linear(dim, dim)
+        self.dim = dim
+
+    def attention(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``(B, Nq, Nk)`` attention weights (rows sum to 1)."""
+        q = self.w_q(self.norm_q(queries))
+        k = self.w_k(self.norm_kv(keys))
+        return torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.dim), dim=-1)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``(B, Nq, C)`` aligned embeddings of ``(B, Nq, Dq)`` queries over ``(B, Nk, Dk)`` key tokens."""
+        att = self.attention(queries, keys)
+        return self.zeta(att @ self.w_v(self.norm_kv(keys)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+class AliceModule(pl.LightningModule):
+    """Online encoder (inside ``model``, the registered network that goes downstream), online decoder, phi,
+    CASA; target encoder and psi (EMA copies). See the module's documentation for the losses."""
+
+    def __init__(self, cfg: AliceConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = build_model(cfg.model, cfg.in_channels, cfg.in_channels, cfg.patch, **cfg.model_options)
+        if hasattr(self.model, "vit"):
+            if int(self.model.patch_size[0] if hasattr(self.model, "patch_size") else 16) != cfg.mask_patch:
+                raise ConfigError(f"mask_patch {cfg.mask_patch} must equal the ViT's patch size 16")
+            self.online = ViTEncoder(self.model.vit)
+        elif hasattr(self.model, "swinViT"):
+            self.online = SwinEncoder(self.model.swinViT, cfg.mask_patch)
+        else:
+            raise ConfigError(f"Alice's online encoder is a ViT (unetr, unetr-small) or Swin (swinunetr, "
+                              f"swinunetr-small); model '{cfg.model}' is a {type(self.model).__name__}")
+        dim = self.online.width
+        n_tokens = int(np.prod(cfg.grid))
+        self.decoder = MaskedDecoder(dim, n_tokens, cfg.decoder_depth, cfg.decoder_heads,
+                                     cfg.mask_patch**3 * cfg.in_channels)
+        self.phi = ProjectionHead(dim, cfg.head_dim, hidden_dim=cfg.head_hidden, n_layers=3,
+                                  bottleneck_dim=cfg.head_bottleneck, normalize_bottleneck=True, weight_norm_last=True)
+        self.casa = CASA(dim, cfg.head_dim, cfg.casa_dim)
+        self.target = make_teacher(self.online)
+        self.psi = make_teacher(self.phi)
+        self.target_decoder = make_teacher(self.decoder) if cfg.casa_keys == "target_decoder" else None
+        self.dino = DINOLoss(cfg.head_dim) if cfg.contrast_loss == "dino" else None
+        self._updates_done = 0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in (self.target, self.psi, self.target_decoder):
+            if m is not None:
+                m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _contrast(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return self.dino(student, teacher) if self.dino is not None else embedding_loss(student, teacher)
+
+    def _online(self, x: torch.Tensor, mask: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.online, SwinEncoder):
+            return self.online(x, visible, mask)
+        return self.online(x, visible)
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        b = batch["q"].shape[0]
+        x = torch.cat([batch["q"], batch["k"]])           # Q then K
+        mask = torch.cat([batch["mask_q"], batch["mask_k"]]).bool()
+        visible = visible_indices(mask)
+        v_tokens = self._online(x, mask, visible)           # V_u^Q, V_r^K
+        dec_tokens, pred = self.decoder(v_tokens, visible)
+        target = normalized_pixels(patchify(x.float(), cfg.mask_patch))
+        out: dict[str, torch.Tensor] = {"recon": masked_mse(pred, target, mask if cfg.recon_region == "masked" else None)}
+        h = self.phi(dec_tokens)                            # H_u^Q, H_r^K
+        with torch.no_grad():
+            views = augment_views(x, torch.cat([batch["aug"][:, 0], batch["aug"][:, 1]]))  # X_w^Q, X_v^K
+            y_tokens = self.target(views)
+            y = self.psi(y_tokens)                          # Y_w^Q, Y_v^K
+            if self.target_decoder is not None:
+                full = torch.arange(y_tokens.shape[1], device=x.device).expand(x.shape[0], -1)
+                y_keys = self.psi(self.target_decoder(y_tokens, full)[0])
+            else:
+                y_keys = y
+        cls_h, cls_y = h.mean(1), y.mean(1)
+        swap = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(x.device)  # Q <-> K
+        if cfg.inter_volume and cfg.lambda_dv:
+            out["dv"] = self._contrast(cls_h, cls_y[swap])  # (u^Q, v^K) and (r^K, w^Q)
+        if cfg.lambda_st:
+            if cfg.casa:
+                s = self.casa(v_tokens, h)
+                with torch.no_grad():
+                    t = self.casa(v_tokens, y_keys)
+                out["st"] = embedding_loss(s, t)
+            else:
+                out["st"] = self._contrast(cls_h, cls_y)     # (u^Q, w^Q) and (r^K, v^K)
+        if self.dino is not None and self.training:
+            self.dino.update_center(cls_y)
+        out["loss"] = (cfg.lambda_r * out["recon"] + cfg.lambda_dv * out.get("dv", 0.0)
+                       + cfg.lambda_st * out.get("st", 0.0))
+        return out
+
+    def training_step(self, batch, batch_idx):
+        parts = self.losses(batch)
+        NonFiniteLossGuard.check(parts["loss"], self.global_step)
+        n = batch["q"].shape[0]
+        for k, v in parts.items():
+            self.log(f"train/{k}", v, on_step=True, prog_bar=k == "loss", batch_size=n)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
+        self._updates_done = self.global_step
+        return parts["loss"]
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.update_target(self._updates_done)  # before checkpoint hooks: see ASAModule.optimizer_step
+
+    def update_target(self, updates_done: int) -> float:
+        base, final = self.cfg.ema_momentum
+        m = cosine_momentum(updates_done, self.cfg.steps, base, final)
+        ema_update(self.target, self.online, m)
+        ema_update(self.psi, self.phi, m)
+        if self.target_decoder is not None:
+            ema_update(self.target_decoder, self.decoder, m)
+        return m
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        modules = (self.online, self.decoder, self.phi, self.casa)
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        opt = torch.optim.AdamW(self.student_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                weight_decay=cfg.weight_decay)
+        sched = one_cycle_scheduler(opt, cfg.steps, cfg.warmup_fraction)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _model_meta(cfg: AliceConfig) -> dict:
+    return {"in_channels": cfg.in_channels, "out_channels": cfg.in_channels, "network": "online encoder",
+            "output": "only the encoder is pretrained; fine-tune with --init-part encoder"}
+
+
+register_method(PretrainMethod(
+    name="alice",
+    description="Alice: MAE + cross-volume contrast of matched crops + CASA; online encoder goes downstream "
+                "(UNETR ViT or Swin UNETR, unlabelled pool)",
+    config_cls=AliceConfig,
+    needs_data=True,
+    build_dataset=lambda cfg, data: AliceDataset(data, cfg),
+    build_module=lambda cfg: AliceModule(cfg),
+    model_meta=_model_meta,
+    presets={
+        "cpu": {},
+        # Sec. 4: 192x192x64 crops, AdamW (0.9, 0.95), lr 5e-5, batch 8 per GPU, 100k iterations, SAM matcher.
+        "paper": {"model": "unetr", "patch": (192, 192, 64), "batch": 8, "lr": 5e-5, "steps": 100000,
+                  "warmup_fraction": 0.05, "matcher": "sam", "checkpoint_every": 1000, "num_workers": 4},
+        # The authors' public code: DINO loss, CASA keys from the target decoder, tube masking, reconstruction
+        # over the whole volume, 64^3 crops.
+        "authors": {"model": "unetr", "patch": (64, 64, 64), "batch": 8, "lr": 5e-5, "steps": 100000,
+                    "warmup_fraction": 0.05, "matcher": "sam", "contrast_loss": "dino",
+                    "casa_keys": "target_decoder", "mask_kind": "tube", "recon_region": "all",
+                    "checkpoint_every": 1000, "num_workers": 4},
+    },
+    models=("unetr", "swinunetr"),
+))

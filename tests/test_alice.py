@@ -1,0 +1,284 @@
+"""Alice pretraining and the anatomical matchers: masking (ratio, masked patches never reach the encoder),
+patchify, CASA, the EMA target, the matchers on a known shift, the match table and one full Alice run.
+
+Data tests write small NIfTI scans to tmp_path and prepare them as a real pool; the real-volume matcher test
+reads ../shared/data/pool and skips without it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from _niftis import ras_affine, save_nifti
+from medpretrain.blocks.contrastive import DINOLoss, info_nce
+from medpretrain.blocks.ema import cosine_momentum
+from medpretrain.blocks.masking import (gather_tokens, mask_counts, masked_mse, normalized_pixels, patchify,
+                                        random_token_mask, scatter_tokens, unpatchify, visible_indices)
+from medpretrain.data.cache import PreparedData, prepare
+from medpretrain.data.preprocess import PreprocessConfig
+from medpretrain.engine.pretrain import pretrain, pretrain_config
+from medpretrain.errors import ConfigError
+from medpretrain.matching import MatchVolume, build_matcher
+from medpretrain.matching.accuracy import body_points, random_affine, warp, warped_point
+from medpretrain.matching.registration import RegistrationMatcher
+from medpretrain.matching.sam import (FINE_STRIDE, AnatomicalEmbeddingNet, MatcherConfig,
+                                      MatcherDataset, SamMatcher, sample_at, train_matcher)
+from medpretrain.methods.alice import (CASA, AliceConfig, AliceDataset, AliceModule, SwinEncoder, ViTEncoder,
+                                       augment_views, build_match_table)
+from medpretrain.models import build_model, get_spec, load_weights
+
+SHARED_POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pool"
+
+
+def _anatomy(shape, seed):
+    """A smooth 'body' (an ellipsoid with inner structures) over air, different per seed."""
+    rng = np.random.default_rng(seed)
+    g = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    body = (g[0] / 0.8) ** 2 + (g[1] / 0.75) ** 2 + (g[2] / 0.85) ** 2 < 1
+    img = np.where(body, 200.0, 0.0)
+    for _ in range(6):
+        c, r = rng.uniform(-0.5, 0.5, 3), rng.uniform(0.1, 0.25)
+        img += 150.0 * (sum((gi - ci) ** 2 for gi, ci in zip(g, c)) < r * r)
+    return (img + rng.normal(0, 4, shape)).astype(np.float32)
+
+
+def _pool(root, shapes) -> PreparedData:
+    for i, shape in enumerate(shapes):
+        save_nifti(root / "scans" / f"scan_{i}.nii.gz", _anatomy(shape, i), ras_affine())
+    return prepare(pool=root / "scans", out=root / "prepared",
+                   cfg=PreprocessConfig(spacing=(1.0, 1.0, 1.0), crop_foreground=False, modality="MR"),
+                   progress=False)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> PreparedData:
+    return _pool(tmp_path_factory.mktemp("alice"), [(72, 72, 56), (76, 70, 60), (70, 74, 58)])
+
+
+# ---------------------------------------------------------------------------------------- masking
+
+
+def test_mask_ratio_tube_masks_and_visible_indices():
+    rng = np.random.default_rng(0)
+    for grid, ratio in [((4, 4, 3), 0.75), ((8, 8, 8), 0.6), ((4, 4, 4), 0.0)]:
+        mask = random_token_mask(grid, ratio, rng)
+        n = int(np.prod(grid))
+        assert mask.shape == (n,) and mask.sum() == mask_counts(n, ratio)[0]
+        assert mask.sum() == n - max(1, int(n * (1 - ratio))) or ratio == 0
+    tube = random_token_mask((4, 4, 3), 0.75, rng, "tube").reshape(4, 4, 3)
+    assert np.all(tube == tube[:, :, :1]) and tube[:, :, 0].sum() == 12  # whole z-columns, 75% of 16
+    masks = torch.from_numpy(np.stack([random_token_mask((4, 4, 3), 0.75, rng) for _ in range(3)]))
+    vis = visible_indices(masks)
+    assert vis.shape == (3, 12)
+    for row, m in zip(vis, masks):
+        assert torch.equal(row, torch.nonzero(~m).flatten())  # sorted, exactly the unmasked patches
+    tokens = torch.randn(3, 48, 5)
+    full = scatter_tokens(gather_tokens(tokens, vis), vis, torch.zeros(5), 48)
+    assert torch.equal(full[~masks], tokens[~masks]) and torch.all(full[masks] == 0)
+
+
+def test_patchify_roundtrip_normalised_targets_and_masked_mse():
+    x = torch.randn(2, 2, 32, 32, 16)
+    p = patchify(x, 16)
+    assert p.shape == (2, 4, 16**3 * 2)
+    assert torch.equal(unpatchify(p, 16, (2, 2, 1), 2), x)
+    assert torch.equal(p[0, 1, :2], x[0, :, 0, 16, 0])  # patch 1 = grid (0, 1, 0); first voxel, both channels
+    t = normalized_pixels(p)
+    torch.testing.assert_close(t.mean(-1), torch.zeros(2, 4), atol=1e-5, rtol=0)
+    mask = torch.tensor([[True, False, False, False], [True, True, False, False]])
+    pred = t.clone()
+    pred[0, 0] += 1.0  # error 1 on sample 0's only masked patch; the unmasked error below must not count
+    pred[1, 3] += 5.0
+    assert masked_mse(pred, t, mask).item() == pytest.approx(0.5)  # (1 + 0) / 2 samples
+    assert masked_mse(pred, t, None).item() == pytest.approx((1 + 25) / 8)
+
+
+def test_masked_patches_never_reach_the_encoder():
+    """Changing the voxels of masked patches changes nothing the online encoder returns (ViT drops them, Swin
+    replaces them by the mask token); changing a visible patch does."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    for model, patch in [("unetr-small", (64, 64, 48)), ("swinunetr-small", (64, 64, 64))]:
+        net = build_model(model, 1, 1, patch).eval()
+        enc = ViTEncoder(net.vit) if model.startswith("unetr") else SwinEncoder(net.swinViT, 16)
+        grid = tuple(p // 16 for p in patch)
+        mask = torch.from_numpy(random_token_mask(grid, 0.75, rng))[None]
+        vis = visible_indices(mask)
+        x = torch.randn(1, 1, *patch)
+        noise = unpatchify(patchify(torch.randn_like(x), 16) * mask[..., None], 16, grid, 1)
+        kwargs = {"mask": mask} if isinstance(enc, SwinEncoder) else {}
+        with torch.no_grad():
+            a = enc(x, vis, **kwargs)
+            b = enc(x + noise, vis, **kwargs)  # only masked patches differ
+            visible_noise = unpatchify(patchify(torch.randn_like(x), 16) * (~mask)[..., None], 16, grid, 1)
+            c = enc(x + visible_noise, vis, **kwargs)
+        assert a.shape == (1, int((~mask).sum()), enc.width)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(a, c)
+
+
+def test_casa_shapes_and_attention_rows_sum_to_one():
+    casa = CASA(query_dim=48, key_dim=64, dim=32)
+    q, k = torch.randn(2, 7, 48), torch.randn(2, 20, 64)
+    att = casa.attention(q, k)
+    assert att.shape == (2, 7, 20) and torch.all(att >= 0)
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, 7))
+    assert casa(q, k).shape == (2, 7, 32)
+
+
+def test_contrastive_losses():
+    a = torch.randn(6, 8)
+    assert info_nce(a, a * 3, temperature=0.05) < info_nce(a, torch.randn(6, 8), temperature=0.05)
+    hard = torch.randn(6, 4, 8)
+    assert info_nce(a, a, hard).shape == ()
+    dino = DINOLoss(8)
+    logits = torch.randn(4, 8)
+    assert dino(logits, logits) > 0
+    dino.update_center(torch.ones(4, 8))
+    torch.testing.assert_close(dino.center, torch.full((8,), 0.1))
+
+
+def test_strong_augmentation_is_the_identity_at_zero_and_flips_exactly():
+    x = torch.randn(2, 1, 16, 16, 8)
+    ident = torch.tensor([[0, 0, 0, 0, 1, 0]] * 2, dtype=torch.float32)
+    torch.testing.assert_close(augment_views(x, ident), x, atol=1e-5, rtol=0)
+    flip = torch.tensor([[1, 0, 1, 0, 2, 0.5]] * 2, dtype=torch.float32)
+    torch.testing.assert_close(augment_views(x, flip), x.flip(2, 4) * 2 + 0.5, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------- matchers
+
+
+def test_registration_matcher_finds_a_known_affine_on_a_synthetic_volume():
+    vol = MatchVolume("a", _anatomy((64, 60, 48), 3)[None], (1.5, 1.5, 2.0))
+    rng = np.random.default_rng(0)
+    m, t = random_affine(rng, max_rotation_deg=6, scale=(0.95, 1.05), max_shift=4)
+    key = warp(vol, m, t, "a@1")
+    p = np.array([32.0, 30.0, 24.0])
+    # The warp's convention: warped voxel o shows original voxel M o + t (about the centre).
+    centre = (np.array(vol.image.shape[1:]) - 1) / 2
+    o = warped_point(p, m, t, vol.image.shape[1:])
+    np.testing.assert_allclose(m @ (o - centre) + centre + t, p)
+    match = RegistrationMatcher(shrink=(2, 1)).match(vol, p, key)
+    err = np.linalg.norm((np.array(match.point) - o) * np.array(vol.spacing))
+    assert err < 2.0 and match.accepted  # mm
+
+
+@pytest.mark.skipif(not SHARED_POOL.is_dir(), reason="../shared/data/pool is absent (real-volume matcher test)")
+def test_registration_matcher_finds_a_known_shift_on_a_real_volume(tmp_path):
+    from medpretrain.data.io import read_image
+
+    path = next(iter(sorted(SHARED_POOL.rglob("*t1_itk*.nii*"))), None)
+    if path is None:
+        pytest.skip(f"no mr_brain_t1_itk scan under {SHARED_POOL}")
+    img = read_image(path)
+    arr = np.asarray(img.array, np.float32)[..., ::2, ::2, ::2]
+    arr = arr[None] if arr.ndim == 3 else arr[:1]
+    spacing = tuple(float(s) * 2 for s in img.spacing)
+    vol = MatchVolume("t1", arr, spacing)
+    shift = np.array([5.0, -4.0, 3.0])  # voxels
+    key = warp(vol, np.eye(3), shift, "t1@shift")
+    errors = []
+    for p in body_points(vol, 5, np.random.default_rng(0), margin=12):
+        match = RegistrationMatcher().match(vol, p, key)
+        errors.append(np.linalg.norm((np.array(match.point) - (p - shift)) * np.array(spacing)))
+    assert np.median(errors) < 2.0, errors  # mm, against a shift of ~14 mm
+
+
+def test_sam_maps_sampling_and_a_trained_matcher_round_trip(pool, tmp_path):
+    net = AnatomicalEmbeddingNet(1, 4, 8, 6)
+    coarse, fine = net(torch.randn(1, 1, 32, 32, 16))
+    assert coarse.shape == (1, 8, 2, 2, 1) and fine.shape == (1, 6, 8, 8, 4)
+    torch.testing.assert_close(fine.norm(dim=1), torch.ones(1, 8, 8, 4))
+    # sample_at at a cell centre returns that cell exactly.
+    maps = torch.randn(1, 3, 4, 4, 2)
+    centre = torch.tensor([[[2 * FINE_STRIDE + 1.5, 1 * FINE_STRIDE + 1.5, 0 * FINE_STRIDE + 1.5]]])
+    torch.testing.assert_close(sample_at(maps, centre, FINE_STRIDE)[0, 0], maps[0, :, 2, 1, 0])
+
+    cfg = MatcherConfig(steps=2, batch=1, patch=(32, 32, 32), width=4, anchors=8, coarse_negatives=8,
+                        fine_negatives=4, checkpoint_every=2, num_workers=0, precision="32-true")
+    ds = MatcherDataset(pool, cfg)
+    item = ds[3]
+    assert item["view1"].shape == (1, 32, 32, 32) and item["fine_negatives"].shape == (8, 4, 3)
+    dist = (item["fine_negatives"] - item["positives"][:, None]).norm(dim=-1)
+    assert torch.all(dist >= cfg.min_negative_distance - 1e-4) | torch.all(dist >= 0)  # clipped at the border
+    assert torch.equal(ds[3]["view1"], item["view1"])  # pure function of (seed, i)
+    run = train_matcher(pool.root, tmp_path / "matcher", cfg)
+    matcher = build_matcher("sam", run, threshold=-1.0)
+    assert isinstance(matcher, SamMatcher)
+    vol = MatchVolume("s0", np.asarray(pool.image(pool.case_ids[0])), pool.spacing)
+    match = matcher.match(vol, (30.0, 30.0, 20.0), vol)
+    assert match.accepted and all(0 <= c < s for c, s in zip(match.point, vol.image.shape[1:]))
+    with pytest.raises(ConfigError, match="train-matcher"):
+        build_matcher("sam", None)
+
+
+# ---------------------------------------------------------------------------------------- Alice
+
+
+def test_config_refusals_and_presets():
+    with pytest.raises(Exception, match="whole number of 16"):
+        AliceConfig(patch=(64, 64, 40))
+    with pytest.raises(Exception, match="matcher_run"):
+        AliceConfig(matcher="sam")
+    assert pretrain_config("alice", preset="cpu").model == "unetr-small"
+    with pytest.raises(ConfigError, match="Swin"):
+        AliceModule(AliceConfig(model="unet", patch=(64, 64, 48)))
+
+
+def test_match_table_pairs_different_volumes_and_dataset_is_pure(pool):
+    cfg = AliceConfig(patch=(32, 32, 32), match_points=2, match_partners=2)
+    matcher = RegistrationMatcher(threshold=-1.0, shrink=(2,), iterations=20)
+    table = build_match_table(pool, pool.case_ids, cfg, matcher)
+    assert len(table) == 2 * len(pool.case_ids)
+    assert all(r["query"] != r["key"] for r in table)
+    ds = AliceDataset(pool, cfg, matcher=matcher)
+    item = ds[5]
+    assert item["q"].shape == item["k"].shape == (1, 32, 32, 32)
+    assert item["mask_q"].shape == (8,) and int(item["mask_q"].sum()) == 6
+    again = ds[5]
+    assert all(torch.equal(item[k], again[k]) for k in item)
+    same = AliceDataset(pool, cfg.model_copy(update={"inter_volume": False}))
+    assert same.table == [] and same[0]["q"].shape == (1, 32, 32, 32)
+
+
+class _CheckTarget(Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.step = trainer.global_step
+        self.before = module.target.vit.patch_embedding.patch_embeddings.weight.detach().clone()
+        self.logged = getattr(self, "logged", [])
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.logged.append(dict(trainer.logged_metrics))
+        m = cosine_momentum(self.step, module.cfg.steps, *module.cfg.ema_momentum)
+        online = module.online.vit.patch_embedding.patch_embeddings.weight.detach()
+        torch.testing.assert_close(module.target.vit.patch_embedding.patch_embeddings.weight,
+                                   m * self.before + (1 - m) * online)
+
+
+def test_one_full_alice_run_at_the_cpu_preset_exports_the_online_encoder(pool, tmp_path):
+    cfg = pretrain_config("alice", preset="cpu", overrides={
+        "steps": 2, "batch": 1, "checkpoint_every": 2, "num_workers": 0, "precision": "32-true",
+        "match_points": 1, "match_partners": 1})
+    assert cfg.patch == (64, 64, 48) and cfg.mask_ratio == 0.75 and cfg.matcher == "registration"
+    record = _CheckTarget()
+    run = pretrain("alice", pool.root, tmp_path / "run", cfg, callbacks=[record])
+    assert len(record.logged) == 2
+    assert {"train/recon", "train/dv", "train/st"} <= set(record.logged[0])
+    assert all(math.isfinite(float(v)) for log in record.logged for v in log.values())
+    saved = torch.load(run / "model.pt", weights_only=False)
+    assert saved["kind"] == "pretrain:alice" and saved["model"] == "unetr-small"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    # model.pt's encoder is the ONLINE encoder (not the EMA target).
+    key = "vit.patch_embedding.patch_embeddings.weight"
+    assert torch.equal(saved["state_dict"][key], ckpt["model." + key])
+    assert not torch.equal(saved["state_dict"][key], ckpt["target.vit.patch_embedding.patch_embeddings.weight"])
+    target = build_model("unetr-small", 1, 2, (64, 64, 48))
+    report = load_weights(target, get_spec("unetr-small"), run / "model.pt", part="encoder")
+    assert report.loaded and all(k.startswith("vit.") for k in report.loaded)
