@@ -66,11 +66,10 @@ def pool(tmp_path_factory) -> PreparedData:
 
 def test_mask_ratio_tube_masks_and_visible_indices():
     rng = np.random.default_rng(0)
-    for grid, ratio in [((4, 4, 3), 0.75), ((8, 8, 8), 0.6), ((4, 4, 4), 0.0)]:
+    for grid, ratio, masked in [((4, 4, 3), 0.75, 36), ((8, 8, 8), 0.6, 308), ((4, 4, 4), 0.0, 0)]:
         mask = random_token_mask(grid, ratio, rng)
         n = int(np.prod(grid))
-        assert mask.shape == (n,) and mask.sum() == mask_counts(n, ratio)[0]
-        assert mask.sum() == n - max(1, int(n * (1 - ratio))) or ratio == 0
+        assert mask.shape == (n,) and mask.sum() == masked == mask_counts(n, ratio)[0]
     tube = random_token_mask((4, 4, 3), 0.75, rng, "tube").reshape(4, 4, 3)
     assert np.all(tube == tube[:, :, :1]) and tube[:, :, 0].sum() == 12  # whole z-columns, 75% of 16
     masks = torch.from_numpy(np.stack([random_token_mask((4, 4, 3), 0.75, rng) for _ in range(3)]))
@@ -144,6 +143,15 @@ def test_contrastive_losses():
     torch.testing.assert_close(dino.center, torch.full((8,), 0.1))
 
 
+def test_strong_augmentation_rotates_about_z():
+    ramp = torch.arange(16.0).view(1, 1, 16, 1, 1).expand(1, 1, 16, 16, 4).contiguous()  # varies along X
+    quarter = torch.tensor([[0, 0, 0, math.pi / 2, 1, 0]], dtype=torch.float32)
+    out = augment_views(ramp, quarter)[0, 0]
+    assert out[:, :, 0].std(dim=0).max() < 1e-3  # now constant along X ...
+    assert out[0, :, 0].std() > 4  # ... and a ramp along Y
+    assert torch.equal(out[..., 0], out[..., 3])  # Z untouched
+
+
 def test_strong_augmentation_is_the_identity_at_zero_and_flips_exactly():
     x = torch.randn(2, 1, 16, 16, 8)
     ident = torch.tensor([[0, 0, 0, 0, 1, 0]] * 2, dtype=torch.float32)
@@ -191,6 +199,25 @@ def test_registration_matcher_finds_a_known_shift_on_a_real_volume(tmp_path):
     assert np.median(errors) < 2.0, errors  # mm, against a shift of ~14 mm
 
 
+class _OneHotNet(torch.nn.Module):
+    """Fine embedding = one-hot of the fine cell, coarse = constant: the only match of a cell is itself."""
+
+    def forward(self, x):
+        gx, gy, gz = (s // FINE_STRIDE for s in x.shape[2:])
+        fine = torch.eye(gx * gy * gz).reshape(1, -1, gx, gy, gz).expand(x.shape[0], -1, -1, -1, -1)
+        coarse = torch.ones(x.shape[0], 2, *(s // 16 for s in x.shape[2:]))
+        return coarse, fine
+
+
+def test_sam_matching_returns_the_exact_cell_for_an_unambiguous_embedding():
+    vol = MatchVolume("v", np.zeros((1, 32, 32, 16), np.float32), (1.0, 1.0, 1.0))
+    matcher = SamMatcher(_OneHotNet(), threshold=0.99, window=(32, 32, 16))
+    for cell in [(5, 2, 1), (0, 7, 3)]:
+        point = tuple((c + 0.5) * FINE_STRIDE - 0.5 for c in cell)  # the cell's centre voxel
+        match = matcher.match(vol, point, vol)
+        assert match.point == point and match.score == pytest.approx(1.0, abs=1e-3) and match.accepted
+
+
 def test_sam_maps_sampling_and_a_trained_matcher_round_trip(pool, tmp_path):
     net = AnatomicalEmbeddingNet(1, 4, 8, 6)
     coarse, fine = net(torch.randn(1, 1, 32, 32, 16))
@@ -207,7 +234,9 @@ def test_sam_maps_sampling_and_a_trained_matcher_round_trip(pool, tmp_path):
     item = ds[3]
     assert item["view1"].shape == (1, 32, 32, 32) and item["fine_negatives"].shape == (8, 4, 3)
     dist = (item["fine_negatives"] - item["positives"][:, None]).norm(dim=-1)
-    assert torch.all(dist >= cfg.min_negative_distance - 1e-4) | torch.all(dist >= 0)  # clipped at the border
+    assert torch.all(dist <= cfg.near + 1e-4)
+    inner = torch.all((item["positives"] >= cfg.near) & (item["positives"] <= 31 - cfg.near), dim=1)
+    assert torch.all(dist[inner] >= cfg.min_negative_distance - 1e-4)  # (border positives get clipped negatives)
     assert torch.equal(ds[3]["view1"], item["view1"])  # pure function of (seed, i)
     run = train_matcher(pool.root, tmp_path / "matcher", cfg)
     matcher = build_matcher("sam", run, threshold=-1.0)
@@ -228,6 +257,7 @@ def test_config_refusals_and_presets():
     with pytest.raises(Exception, match="matcher_run"):
         AliceConfig(matcher="sam")
     assert pretrain_config("alice", preset="cpu").model == "unetr-small"
+    assert AliceConfig(strategy="ddp").strategy == "ddp_find_unused_parameters_true"  # decoder gets no gradient
     with pytest.raises(ConfigError, match="Swin"):
         AliceModule(AliceConfig(model="unet", patch=(64, 64, 48)))
 
@@ -246,6 +276,15 @@ def test_match_table_pairs_different_volumes_and_dataset_is_pure(pool):
     assert all(torch.equal(item[k], again[k]) for k in item)
     same = AliceDataset(pool, cfg.model_copy(update={"inter_volume": False}))
     assert same.table == [] and same[0]["q"].shape == (1, 32, 32, 32)
+    # Nothing reaches an impossible threshold: every point tries every partner (the bounded retries), and each
+    # case keeps only its best-scoring pair.
+    strict = RegistrationMatcher(threshold=1.01, shrink=(2,), iterations=20)
+    table = build_match_table(pool, pool.case_ids, cfg, strict)
+    assert not any(r["accepted"] for r in table)
+    strict_ds = AliceDataset(pool, cfg, matcher=strict)
+    assert strict_ds.acceptance == 0 and len(strict_ds.rows) == len(pool.case_ids)
+    for r in strict_ds.rows:
+        assert r["score"] == max(t["score"] for t in strict_ds.table if t["query"] == r["query"])
 
 
 class _CheckTarget(Callback):

@@ -14,7 +14,8 @@ from medpretrain.matching import Matcher, MatchVolume
 def random_affine(rng: np.random.Generator, max_rotation_deg: float = 10.0, scale: Sequence[float] = (0.9, 1.1),
                   max_shift: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
     """``(M, t)``: rotation about each axis within ``max_rotation_deg``, per-axis scale within ``scale``, shift
-    (voxels) within ``max_shift``; a voxel ``o`` of the warped volume shows voxel ``M @ o + t`` of the original."""
+    (voxels) within ``max_shift``; a voxel ``o`` of the warped volume shows voxel ``M @ (o - c) + c + t`` of the
+    original, ``c`` the volume's centre (see :func:`warp`)."""
     rot = np.eye(3)
     for axis in range(3):
         a = math.radians(rng.uniform(-max_rotation_deg, max_rotation_deg))

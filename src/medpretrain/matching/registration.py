@@ -70,6 +70,11 @@ class RegistrationMatcher:
         self._images: dict[str, object] = {}
         self._transforms: dict[tuple[str, str], object] = {}
 
+    def forget(self, name: str) -> None:
+        """Drop a volume's cached image and every transform it is part of."""
+        self._images.pop(name, None)
+        self._transforms = {k: v for k, v in self._transforms.items() if name not in k}
+
     def _image(self, volume: MatchVolume):
         if volume.name not in self._images:
             self._images[volume.name] = to_sitk(volume)

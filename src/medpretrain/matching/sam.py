@@ -142,7 +142,9 @@ class AnatomicalEmbeddingNet(nn.Module):
 
 def sample_at(maps: torch.Tensor, points: torch.Tensor, stride: int) -> torch.Tensor:
     """Trilinear values of ``(B, D, x, y, z)`` maps of the given stride at voxel coordinates ``(B, P, 3)`` of
-    the full-resolution volume -> ``(B, P, D)`` (map cell ``i`` is centred on voxel ``(i + 0.5) * stride - 0.5``)."""
+    the full-resolution volume -> ``(B, P, D)``. Map cell ``i`` is taken to stand for voxel
+    ``(i + 0.5) * stride - 0.5``, the centre of the voxels it covers (training and matching use the same
+    convention, so any offset of the true receptive-field centre cancels out)."""
     size = torch.tensor(maps.shape[2:], dtype=torch.float32, device=maps.device)
     cell = (points.float() + 0.5) / stride - 0.5
     norm = (2 * cell + 1) / size - 1  # align_corners=False normalisation
@@ -185,6 +187,11 @@ class MatcherDataset(Dataset):
         patch = np.array(cfg.patch, float)
         regions = [np.maximum(1, np.round(patch * rng.uniform(*cfg.scale, 3))).astype(int) for _ in range(2)]
         centre1 = rng.uniform(0, 1, 3) * shape
+        for _ in range(32):  # prefer a centre inside the body: views of air teach nothing
+            c = np.minimum((rng.uniform(0, 1, 3) * shape).astype(int), shape - 1)
+            if volume[(0, *c)] > fill[0] + 1e-3:
+                centre1 = c.astype(float)
+                break
         centre2 = centre1 + rng.uniform(-1, 1, 3) * cfg.max_shift * patch
         starts = [np.round(centre1 - regions[0] / 2).astype(int), np.round(centre2 - regions[1] / 2).astype(int)]
         raw = [resize_linear(read_crop(volume, start, region, fill), cfg.patch) for start, region in zip(starts, regions)]
@@ -284,9 +291,11 @@ class SamMatcher:
 
     name = "sam"
 
-    def __init__(self, net: AnatomicalEmbeddingNet, threshold: float = 0.7, device: str = "cpu"):
+    def __init__(self, net: AnatomicalEmbeddingNet, threshold: float = 0.7, device: str = "cpu",
+                 window: Sequence[int] = (64, 64, 48)):
         self.net = net.eval().to(device)
         self.threshold, self.device = float(threshold), device
+        self.window = tuple(int(w) for w in window)
         self._maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -305,21 +314,26 @@ class SamMatcher:
         net = AnatomicalEmbeddingNet(int(meta["in_channels"]), int(meta["width"]), int(meta["coarse_dim"]),
                                      int(meta["fine_dim"]))
         net.load_state_dict(blob["state_dict"])
-        return cls(net, threshold, device)
+        return cls(net, threshold, device, window=blob.get("patch", (64, 64, 48)))
 
     @torch.no_grad()
     def embed(self, volume: MatchVolume) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coarse and fine maps ``(D, x, y, z)`` of a whole volume (cached by name, float16)."""
+        """Coarse and fine maps ``(D, x, y, z)`` of a whole volume (cached by name, float16), computed in sliding
+        windows of the training view size: instance normalisation then sees the statistics it was trained with."""
         if volume.name in self._maps:
             return self._maps[volume.name]
         img = np.asarray(volume.image, np.float32)
         shape = np.array(img.shape[1:])
-        padded = -(-shape // COARSE_STRIDE) * COARSE_STRIDE
+        from monai.inferers import sliding_window_inference
+
+        padded = np.maximum(-(-shape // COARSE_STRIDE) * COARSE_STRIDE, self.window)
         fill = float(np.min(img[0]))
         x = np.full((img.shape[0], *padded), fill, np.float32)
         x[:, : shape[0], : shape[1], : shape[2]] = img
-        coarse, fine = self.net(torch.from_numpy(x)[None].to(self.device))
-        maps = (coarse[0].half().cpu(), fine[0].half().cpu())
+        coarse, fine = sliding_window_inference(torch.from_numpy(x)[None].to(self.device), self.window, 2, self.net,
+                                                overlap=0.25, mode="gaussian")
+        # Blending averages unit vectors: normalise again.
+        maps = (F.normalize(coarse[0], dim=0).half().cpu(), F.normalize(fine[0], dim=0).half().cpu())
         self._maps[volume.name] = maps
         return maps
 

@@ -17,7 +17,9 @@ Networks. The online encoder (the registered network's encoder: UNETR's ViT or S
 only the masked views. ViT: masked patches are dropped before the transformer blocks (MAE). Swin: windows need
 the full grid, so masked patches are replaced by a learnt mask token right after the patch embedding (SimMIM;
 the paper's Green-MIM grouping saves compute but is not in MONAI): their content never reaches the encoder
-either way. The Swin tokens are its stride-16 hidden state (``mask_patch`` 16). The online decoder is a light
+either way. The Swin tokens are its stride-16 hidden state (``mask_patch`` 16): Alice trains the Swin encoder
+up to ``layers3``; its last stage (``layers4``, stride 32) keeps its initial weights, which fine-tuning loads
+with the rest of ``swinViT.`` (as random as a fresh initialisation). The online decoder is a light
 stack of transformer blocks over the visible tokens plus mask tokens with positional embeddings; it predicts
 the normalised pixels of every patch. The target encoder is the EMA of the online encoder and sees the intact
 augmented views.
@@ -42,7 +44,11 @@ Switches for the authors' public code (paper = default; ``--preset authors`` set
 ``contrast_loss: dino`` (DINO cross-entropy with centring instead of the cosine loss), ``casa_keys:
 target_decoder`` (the teacher's CASA keys/values from an EMA copy of the decoder run on the target encoder's
 tokens), ``mask_kind: tube`` (masks whole columns along z), ``recon_region: all`` (reconstruction over every
-patch) and 64^3 crops. Ablations (paper Tables 4-5): ``inter_volume: false`` takes K from the same volume as
+patch) and 64^3 crops; ``contrast_loss`` applies to ``l_dv`` (and to the pooled contrast of ``casa: false``),
+CASA's ``l_st`` always compares with the cosine loss. Not from the paper (it does not give them): head widths
+(the paper preset uses hidden 2048, bottleneck 256, output 4096), the decoder depth (2 on CPU, 4 in the paper
+preset), the warm-up as a fraction of steps (the paper warms up for 100 epochs), and no MAE crop/flip on the
+masked views (the crops are already anatomy-centred). Ablations (paper Tables 4-5): ``inter_volume: false`` takes K from the same volume as
 Q (a random other crop) and drops ``l_dv``; ``casa: false`` replaces CASA by the plain siamese contrast of the
 masked and intact views' pooled embeddings, ``l_s([cls]_u^Q, [cls]_w^Q) + l_s([cls]_r^K, [cls]_v^K)``.
 """
@@ -59,7 +65,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 from torch.utils.data import Dataset
 
 from medpretrain.blocks.contrastive import DINOLoss, embedding_loss
@@ -146,6 +152,12 @@ class AliceConfig(TrainingConfig):
     match_points: int = 4
     match_partners: int = 2
     betas: tuple[float, float] = (0.9, 0.95)
+
+    @field_validator("strategy")
+    @classmethod
+    def _ddp_with_unused(cls, v: str) -> str:
+        # The registered network's decoder (and Swin's last stage, CASA when off) get no gradient here.
+        return "ddp_find_unused_parameters_true" if v == "ddp" else v
 
     @model_validator(mode="after")
     def _check(self):
@@ -244,7 +256,11 @@ class AliceDataset(Dataset):
             self.acceptance = len(usable) / max(1, len(self.table))
             # Cases without any accepted match still contribute their best-scoring pair: every scan is used.
             covered = {r["query"] for r in usable}
-            self.rows = usable + [r for r in self.table if not r["accepted"] and r["query"] not in covered]
+            best: dict[str, dict] = {}
+            for r in self.table:
+                if r["query"] not in covered and (r["query"] not in best or r["score"] > best[r["query"]]["score"]):
+                    best[r["query"]] = r
+            self.rows = usable + list(best.values())
         else:
             self.table, self.rows, self.acceptance = [], [], 1.0
 
@@ -283,8 +299,10 @@ def augment_views(x: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
     theta = torch.zeros(b, 3, 4, device=x.device, dtype=x.dtype)
     cos, sin = torch.cos(aug[:, 3]).to(x.dtype), torch.sin(aug[:, 3]).to(x.dtype)
     # affine_grid's (x, y, z) columns address (W, H, D) = (Z, Y, X) of our arrays: rotate the (Y, X) pair.
+    # In normalised coordinates a rotation of voxels in an X x Y plane gets the aspect ratio off the diagonal.
+    sx, sy = x.shape[2], x.shape[3]
     theta[:, 0, 0] = 1.0
-    theta[:, 1, 1], theta[:, 1, 2], theta[:, 2, 1], theta[:, 2, 2] = cos, -sin, sin, cos
+    theta[:, 1, 1], theta[:, 1, 2], theta[:, 2, 1], theta[:, 2, 2] = cos, -sin * sx / sy, sin * sy / sx, cos
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     rows = []
@@ -554,13 +572,16 @@ register_method(PretrainMethod(
         "cpu": {},
         # Sec. 4: 192x192x64 crops, AdamW (0.9, 0.95), lr 5e-5, batch 8 per GPU, 100k iterations, SAM matcher.
         "paper": {"model": "unetr", "patch": (192, 192, 64), "batch": 8, "lr": 5e-5, "steps": 100000,
-                  "warmup_fraction": 0.05, "matcher": "sam", "checkpoint_every": 1000, "num_workers": 4},
+                  "warmup_fraction": 0.05, "matcher": "sam", "checkpoint_every": 1000, "num_workers": 4,
+                  "head_hidden": 2048, "head_bottleneck": 256, "head_dim": 4096, "decoder_depth": 4,
+                  "decoder_heads": 8, "casa_dim": 256},
         # The authors' public code: DINO loss, CASA keys from the target decoder, tube masking, reconstruction
         # over the whole volume, 64^3 crops.
         "authors": {"model": "unetr", "patch": (64, 64, 64), "batch": 8, "lr": 5e-5, "steps": 100000,
                     "warmup_fraction": 0.05, "matcher": "sam", "contrast_loss": "dino",
                     "casa_keys": "target_decoder", "mask_kind": "tube", "recon_region": "all",
-                    "checkpoint_every": 1000, "num_workers": 4},
+                    "checkpoint_every": 1000, "num_workers": 4, "head_hidden": 2048, "head_bottleneck": 256,
+                    "head_dim": 4096, "decoder_depth": 4, "decoder_heads": 8, "casa_dim": 256},
     },
     models=("unetr", "swinunetr"),
 ))
