@@ -66,3 +66,32 @@ def background_fill(entry: dict, channels: int) -> list[float]:
     if norm.get("modality") == "MR" and len(norm.get("clip", [])) == channels:
         return [float((c[0] - m) / s) for c, m, s in zip(norm["clip"], norm["mean"], norm["std"])]
     return [0.0] * channels
+
+
+class PoolCases:
+    """The scans a self-supervised dataset reads from a prepared cache, with what every crop needs.
+
+    A labelled cache contributes its train split only (its test cases must stay unseen); a pool, every case.
+
+    Attributes:
+        case_ids: the scans.
+        fill: per scan, the normalised "nothing" intensity per channel (:func:`background_fill`).
+        shape: per scan, its spatial shape (X, Y, Z).
+
+    Raises:
+        CacheError: no case to read.
+        ConfigError: the cache's channel count is not ``in_channels``.
+    """
+
+    def __init__(self, data, in_channels: int, purpose: str = "pretrain on"):
+        from medpretrain.errors import CacheError, ConfigError
+
+        split = data.manifest.get("split") or {}
+        self.case_ids: list[str] = list(data.split("train")) if "train" in split else list(data.case_ids)
+        if not self.case_ids:
+            raise CacheError(f"{data.root}: no prepared case to {purpose}; run `medpretrain prepare --pool ...`")
+        if data.in_channels != in_channels:
+            raise ConfigError(f"{data.root}: images have {data.in_channels} channel(s) but in_channels is "
+                              f"{in_channels}; set in_channels: {data.in_channels} in the config (YAML) file")
+        self.fill = {c: background_fill(data.case(c), data.in_channels) for c in self.case_ids}
+        self.shape = {c: tuple(int(s) for s in data.case(c)["shape"][-3:]) for c in self.case_ids}

@@ -34,9 +34,9 @@ from torch.utils.data import Dataset
 
 from medpretrain.blocks.contrastive import info_nce
 from medpretrain.config import TrainingConfig
-from medpretrain.data.crops import background_fill, read_crop, resize_linear
+from medpretrain.data.crops import PoolCases, read_crop, resize_linear
 from medpretrain.engine.module import NonFiniteLossGuard, one_cycle_scheduler
-from medpretrain.errors import CacheError, ConfigError
+from medpretrain.errors import ConfigError
 from medpretrain.matching import Match, MatchVolume
 
 log = logging.getLogger("medpretrain")
@@ -167,14 +167,8 @@ class MatcherDataset(Dataset):
 
     def __init__(self, data, cfg: MatcherConfig, length: int = 2**62):
         self.data, self.cfg, self.length = data, cfg, length
-        self.case_ids = list(data.split("train")) if "train" in (data.manifest.get("split") or {}) else data.case_ids
-        if not self.case_ids:
-            raise CacheError(f"{data.root}: no prepared case to train the matcher on; run `medpretrain prepare --pool`")
-        if data.in_channels != cfg.in_channels:
-            raise ConfigError(f"{data.root}: images have {data.in_channels} channel(s) but in_channels is "
-                              f"{cfg.in_channels}; set in_channels: {data.in_channels} in the config file")
-        self._fill = {c: background_fill(data.case(c), data.in_channels) for c in self.case_ids}
-        self._shape = {c: tuple(int(s) for s in data.case(c)["shape"][-3:]) for c in self.case_ids}
+        cases = PoolCases(data, cfg.in_channels, "train the matcher on")
+        self.case_ids, self._fill, self._shape = cases.case_ids, cases.fill, cases.shape
 
     def __len__(self) -> int:
         return self.length

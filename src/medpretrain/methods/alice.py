@@ -74,7 +74,7 @@ from medpretrain.blocks.heads import ProjectionHead
 from medpretrain.blocks.masking import (gather_tokens, masked_mse, normalized_pixels, patchify, random_token_mask,
                                         scatter_tokens, visible_indices)
 from medpretrain.config import TrainingConfig
-from medpretrain.data.crops import background_fill, read_crop
+from medpretrain.data.crops import PoolCases, background_fill, read_crop
 from medpretrain.engine.module import NonFiniteLossGuard, one_cycle_scheduler
 from medpretrain.errors import CacheError, ConfigError
 from medpretrain.matching import MatchVolume, build_matcher
@@ -240,14 +240,8 @@ class AliceDataset(Dataset):
 
     def __init__(self, data, cfg: AliceConfig, length: int = 2**62, matcher=None):
         self.data, self.cfg, self.length = data, cfg, length
-        self.case_ids = list(data.split("train")) if "train" in (data.manifest.get("split") or {}) else data.case_ids
-        if not self.case_ids:
-            raise CacheError(f"{data.root}: no prepared case to pretrain on; run `medpretrain prepare --pool ...`")
-        if data.in_channels != cfg.in_channels:
-            raise ConfigError(f"{data.root}: images have {data.in_channels} channel(s) but in_channels is "
-                              f"{cfg.in_channels}; set in_channels: {data.in_channels} in the config file")
-        self._fill = {c: background_fill(data.case(c), data.in_channels) for c in self.case_ids}
-        self._shape = {c: tuple(int(s) for s in data.case(c)["shape"][-3:]) for c in self.case_ids}
+        cases = PoolCases(data, cfg.in_channels)
+        self.case_ids, self._fill, self._shape = cases.case_ids, cases.fill, cases.shape
         if cfg.inter_volume:
             if matcher is None:
                 matcher = build_matcher(cfg.matcher, cfg.matcher_run, cfg.match_threshold)

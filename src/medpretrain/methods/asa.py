@@ -88,10 +88,10 @@ from medpretrain.blocks.heads import ProjectionHead
 from medpretrain.config import TrainingConfig
 from medpretrain.data.sampling import choose_patch_start
 from medpretrain.engine.module import NonFiniteLossGuard, one_cycle_scheduler
-from medpretrain.errors import CacheError, ConfigError
+from medpretrain.errors import ConfigError
 from medpretrain.methods import PretrainMethod, register_method
 # Crop reading and resizing are shared with Volume Fusion (memory-mapped reads, background padding).
-from medpretrain.data.crops import background_fill, read_crop, resize_linear
+from medpretrain.data.crops import PoolCases, read_crop, resize_linear
 from medpretrain.models import build_model
 
 # First words of the sample seed sequences: keep ASA's draws independent of other datasets' (seed, i) streams.
@@ -429,17 +429,9 @@ class ASADataset(Dataset):
         self.data = data
         self.cfg = cfg
         self.length = length
-        self.case_ids = list(data.split("train")) if "train" in (data.manifest.get("split") or {}) else data.case_ids
-        if not self.case_ids:
-            raise CacheError(f"{data.root}: no prepared case to pretrain on; run `medpretrain prepare --pool ...`")
-        if data.in_channels != cfg.in_channels:
-            raise ConfigError(
-                f"{data.root}: images have {data.in_channels} channel(s) but in_channels is {cfg.in_channels}; "
-                f"set in_channels: {data.in_channels} in the config (YAML) file"
-            )
+        cases = PoolCases(data, cfg.in_channels)
+        self.case_ids, self._fill, self._shape = cases.case_ids, cases.fill, cases.shape
         self.size = int(cfg.patch[0])
-        self._fill = {cid: background_fill(data.case(cid), data.in_channels) for cid in self.case_ids}
-        self._shape = {cid: tuple(int(s) for s in data.case(cid)["shape"][-3:]) for cid in self.case_ids}
         # Crop origins on the sub-volume grid of the up-sampled cube, per axis.
         self._positions = (cfg.upsampled - self.size) // cfg.sub_volume + 1
 

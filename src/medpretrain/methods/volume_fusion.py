@@ -46,10 +46,10 @@ from pydantic import field_validator, model_validator
 from torch.utils.data import Dataset
 
 from medpretrain.config import TrainingConfig
-from medpretrain.data.crops import background_fill, read_crop, resize_linear
+from medpretrain.data.crops import PoolCases, read_crop, resize_linear
 from medpretrain.data.sampling import choose_patch_start
 from medpretrain.engine.module import SegmentationModule, one_cycle_scheduler
-from medpretrain.errors import CacheError, ConfigError
+from medpretrain.errors import CacheError
 from medpretrain.methods import PretrainMethod, register_method
 
 # First word of every sample's seed sequence: keeps VF draws independent of other datasets' (seed, i) streams.
@@ -359,24 +359,16 @@ class VolumeFusionDataset(Dataset):
         self.cfg = cfg
         self.patch: Int3 = tuple(int(p) for p in cfg.patch)  # type: ignore[assignment]
         self.length = length
-        self.case_ids = list(data.split("train")) if "train" in (data.manifest.get("split") or {}) else data.case_ids
-        if not self.case_ids:
-            raise CacheError(f"{data.root}: no prepared case to pretrain on; run `medpretrain prepare --pool ...`")
+        cases = PoolCases(data, cfg.in_channels)
+        self.case_ids, self._fill, self._shape = cases.case_ids, cases.fill, cases.shape
         if cfg.variant == "paper" and len(self.case_ids) < 2:
             raise CacheError(
                 f"{data.root}: holds {len(self.case_ids)} scan; Volume Fusion (variant 'paper') fuses crops of two "
                 "different scans: prepare a pool of at least 2 scans, or set variant: grid (one scan is enough)"
             )
-        if data.in_channels != cfg.in_channels:
-            raise ConfigError(
-                f"{data.root}: images have {data.in_channels} channel(s) but in_channels is {cfg.in_channels}; "
-                f"set in_channels: {data.in_channels} in the config (YAML) file"
-            )
         self.k = cfg.k
         self.box_min, self.box_max = cfg.box_range()
         self.block_min, self.block_max = cfg.grid_block_range()
-        self._fill = {cid: background_fill(data.case(cid), data.in_channels) for cid in self.case_ids}
-        self._shape = {cid: tuple(int(s) for s in data.case(cid)["shape"][-3:]) for cid in self.case_ids}
 
     def __len__(self) -> int:
         return self.length
