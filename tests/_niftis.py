@@ -100,3 +100,16 @@ def init_report_of_one_step_finetune(model_pt: Path, prepared_root: Path, out: P
         model="unet", steps=1, patch=(32, 32, 16), batch=1, num_workers=0, precision="32-true",
         init=model_pt, init_part="all", augment=AugmentConfig(enabled=False)))
     return json.loads((run / "init_report.json").read_text(encoding="utf-8"))
+
+
+def prepared_pool(root: Path, scans):
+    """Write ``scans`` (3D arrays, 1 mm) as NIfTI under ``root/scans`` and prepare them as an unlabelled MR pool
+    (no body cropping) in ``root/prepared``; returns the ``PreparedData``."""
+    from medpretrain.data.cache import prepare
+    from medpretrain.data.preprocess import PreprocessConfig
+
+    for i, scan in enumerate(scans):
+        save_nifti(root / "scans" / f"scan_{i}.nii.gz", scan, ras_affine())
+    return prepare(pool=root / "scans", out=root / "prepared",
+                   cfg=PreprocessConfig(spacing=(1.0, 1.0, 1.0), crop_foreground=False, modality="MR"),
+                   progress=False)

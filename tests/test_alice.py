@@ -15,13 +15,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from _niftis import ras_affine, save_nifti
+from _niftis import prepared_pool
 from medpretrain.blocks.contrastive import DINOLoss, info_nce
 from medpretrain.blocks.ema import cosine_momentum
 from medpretrain.blocks.masking import (gather_tokens, mask_counts, masked_mse, normalized_pixels, patchify,
                                         random_token_mask, scatter_tokens, unpatchify, visible_indices)
-from medpretrain.data.cache import PreparedData, prepare
-from medpretrain.data.preprocess import PreprocessConfig
+from medpretrain.data.cache import PreparedData
 from medpretrain.engine.pretrain import pretrain, pretrain_config
 from medpretrain.errors import ConfigError
 from medpretrain.matching import MatchVolume, build_matcher
@@ -49,11 +48,7 @@ def _anatomy(shape, seed):
 
 
 def _pool(root, shapes) -> PreparedData:
-    for i, shape in enumerate(shapes):
-        save_nifti(root / "scans" / f"scan_{i}.nii.gz", _anatomy(shape, i), ras_affine())
-    return prepare(pool=root / "scans", out=root / "prepared",
-                   cfg=PreprocessConfig(spacing=(1.0, 1.0, 1.0), crop_foreground=False, modality="MR"),
-                   progress=False)
+    return prepared_pool(root, [_anatomy(shape, i) for i, shape in enumerate(shapes)])
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,9 @@ import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 
-from _niftis import ras_affine, save_nifti
+from _niftis import prepared_pool
 from medpretrain.blocks import ProjectionHead, cosine_momentum, ema_update, make_teacher
-from medpretrain.data.cache import PreparedData, prepare
-from medpretrain.data.preprocess import PreprocessConfig
+from medpretrain.data.cache import PreparedData
 from medpretrain.engine.pretrain import pretrain, pretrain_config
 from medpretrain.errors import ConfigError
 from medpretrain.methods.asa import (
@@ -39,11 +38,7 @@ def _scan(shape, seed):
 
 
 def _pool(root, shapes) -> PreparedData:
-    for i, shape in enumerate(shapes):
-        save_nifti(root / "scans" / f"scan_{i}.nii.gz", _scan(shape, i), ras_affine())
-    return prepare(pool=root / "scans", out=root / "prepared",
-                   cfg=PreprocessConfig(spacing=(1.0, 1.0, 1.0), crop_foreground=False, modality="MR"),
-                   progress=False)
+    return prepared_pool(root, [_scan(shape, i) for i, shape in enumerate(shapes)])
 
 
 @pytest.fixture(scope="module")

@@ -126,3 +126,11 @@ class SegmentationModule(pl.LightningModule):
         sched = one_cycle_scheduler(opt, self.cfg.steps, self.cfg.warmup_fraction)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+
+
+def log_loss_parts(module: pl.LightningModule, parts: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+    """Stop on a non-finite total (``parts["loss"]``), log every part as ``train/<name>``; returns the total."""
+    NonFiniteLossGuard.check(parts["loss"], module.global_step)
+    for name, value in parts.items():
+        module.log(f"train/{name}", value, on_step=True, prog_bar=name == "loss", batch_size=batch_size)
+    return parts["loss"]

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from medpretrain.blocks.contrastive import info_nce
 from medpretrain.config import TrainingConfig
 from medpretrain.data.crops import PoolCases, read_crop, resize_linear
-from medpretrain.engine.module import NonFiniteLossGuard, one_cycle_scheduler
+from medpretrain.engine.module import log_loss_parts, one_cycle_scheduler
 from medpretrain.errors import ConfigError
 from medpretrain.matching import Match, MatchVolume
 
@@ -243,12 +243,7 @@ class MatcherModule(pl.LightningModule):
         return out
 
     def training_step(self, batch, batch_idx):
-        parts = self.losses(batch)
-        NonFiniteLossGuard.check(parts["loss"], self.global_step)
-        n = batch["view1"].shape[0]
-        for k, v in parts.items():
-            self.log(f"train/{k}", v, on_step=True, prog_bar=k == "loss", batch_size=n)
-        return parts["loss"]
+        return log_loss_parts(self, self.losses(batch), batch["view1"].shape[0])
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)

@@ -75,7 +75,7 @@ from medpretrain.blocks.masking import (gather_tokens, masked_mse, normalized_pi
                                         scatter_tokens, visible_indices)
 from medpretrain.config import TrainingConfig
 from medpretrain.data.crops import PoolCases, background_fill, read_crop
-from medpretrain.engine.module import NonFiniteLossGuard, one_cycle_scheduler
+from medpretrain.engine.module import log_loss_parts, one_cycle_scheduler
 from medpretrain.errors import CacheError, ConfigError
 from medpretrain.matching import MatchVolume, build_matcher
 from medpretrain.methods import PretrainMethod, register_method
@@ -514,14 +514,10 @@ class AliceModule(pl.LightningModule):
         return out
 
     def training_step(self, batch, batch_idx):
-        parts = self.losses(batch)
-        NonFiniteLossGuard.check(parts["loss"], self.global_step)
-        n = batch["q"].shape[0]
-        for k, v in parts.items():
-            self.log(f"train/{k}", v, on_step=True, prog_bar=k == "loss", batch_size=n)
+        loss = log_loss_parts(self, self.losses(batch), batch["q"].shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
         self._updates_done = self.global_step
-        return parts["loss"]
+        return loss
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
