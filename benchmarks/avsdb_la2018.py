@@ -30,11 +30,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import sh
+from _common import METRICS, finetune_and_evaluate, load_records, mean_std, paired, sh
 
 FINETUNE = ["--model", "unet", "--steps", "600", "--patch", "64", "64", "48", "--batch", "2", "--lr", "0.001",
             "--precision", "auto"]
-METRICS = ("dice", "nsd", "assd", "hd95")
 # Generator settings of each pretraining arm, over the cpu preset (64^3, xy8-z2, overlap, outline).
 ARMS = {
     "avsdb": {},
@@ -44,16 +43,6 @@ ARMS = {
 }
 
 
-
-
-def load_records(path: Path) -> dict[tuple, dict]:
-    records = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                records[(r["arm"], r["n_labeled"], r["seed"])] = r
-    return records
 
 
 def pretrain(exe, work: Path, arm: str, steps: int, log: Path) -> tuple[Path, float]:
@@ -70,37 +59,6 @@ def pretrain(exe, work: Path, arm: str, steps: int, log: Path) -> tuple[Path, fl
                   "--out", str(pre)] + extra + resume, log)
     info = json.loads((pre / "run.json").read_text(encoding="utf-8"))
     return pre / "model.pt", float(info.get("training", {}).get("wall_time_s", float("nan")))
-
-
-def finetune_and_evaluate(exe, prepared: Path, run: Path, n: int, seed: int, init: Path | None, log: Path) -> dict:
-    if not (run / "model.pt").exists():
-        extra = ["--init", str(init), "--init-part", "all"] if init else []
-        resume = ["--resume"] if (run / "checkpoints").exists() else []
-        sh(exe + ["finetune", "--data", str(prepared), "--out", str(run), "--n-labeled", str(n), "--seed", str(seed)]
-           + FINETUNE + extra + resume, log)
-    if not (run / "eval" / "metrics.json").exists():
-        sh(exe + ["evaluate", "--run", str(run), "--data", str(prepared), "--overlays", "0"], log)
-    metrics = json.loads((run / "eval" / "metrics.json").read_text(encoding="utf-8"))
-    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    with open(run / "eval" / "per_case.csv", encoding="utf-8") as fh:
-        per_case = {row["case_id"]: float(row["dice"]) for row in csv.DictReader(fh)}
-    return {**{m: round(metrics["overall"][m]["mean"], 4) for m in METRICS}, "per_case_dice": per_case,
-            "train_wall_s": info["training"]["wall_time_s"]}
-
-
-def paired(rec: dict, scratch: dict) -> tuple[float, str]:
-    """Mean per-case Dice gain over scratch and the number of improved cases (same seed, same cases)."""
-    if rec.get("per_case_dice") and scratch.get("per_case_dice"):
-        diffs = [rec["per_case_dice"][c] - scratch["per_case_dice"][c] for c in scratch["per_case_dice"]]
-        return round(float(np.mean(diffs)), 4), f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
-    if "paired_dice_gain_vs_scratch" in rec:  # recorded before per-case records existed
-        return rec["paired_dice_gain_vs_scratch"], rec["cases_improved"]
-    # scratch run without per-case values (previous session): only the difference of the means is known
-    return round(rec["dice"] - scratch["dice"], 4), "n/a"
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
 
 
 def main() -> None:
@@ -146,7 +104,7 @@ def main() -> None:
         name = (f"scratch-unet-n{n}-s{seed}-600steps-auto" if arm == "scratch" else
                 f"avsdb{args.pretrain_steps}-unet-n{n}-s{seed}-600steps" if arm == "avsdb" else
                 f"avsdb{args.pretrain_steps}-{arm}-unet-n{n}-s{seed}-600steps")
-        res = finetune_and_evaluate(exe, prepared, args.work / name, n, seed, init, log)
+        res = finetune_and_evaluate(exe, prepared, args.work / name, n, seed, init, log, FINETUNE)
         rec = {"arm": arm, "model": "unet", "n_labeled": n, "seed": seed, "steps": 600,
                "pretrain_steps": None if arm == "scratch" else args.pretrain_steps,
                "pretrain_wall_s": pretrain_wall.get(arm), **res}
