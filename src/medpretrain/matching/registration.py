@@ -63,6 +63,7 @@ class RegistrationMatcher:
     """
 
     name = "registration"
+    release_after_query = True  # whole images are cached: callers iterating over queries free them
 
     def __init__(self, threshold: float = 0.3, window: int = 32, shrink: Sequence[int] = (4, 2),
                  iterations: int = 100):

@@ -224,8 +224,8 @@ def build_match_table(data, case_ids, cfg: AliceConfig, matcher) -> list[dict]:
                 if m.accepted:
                     break
             rows.append(best)
-        if hasattr(matcher, "forget"):
-            matcher.forget(q)
+        if getattr(matcher, "release_after_query", False):
+            matcher.forget(q)  # large per-volume caches (registration keeps whole images): free as we go
     accepted = sum(r["accepted"] for r in rows)
     log.info("Alice match table (%s matcher): %d of %d points matched above the threshold", matcher.name, accepted,
              len(rows))
