@@ -95,3 +95,18 @@ class PoolCases:
                               f"{in_channels}; set in_channels: {data.in_channels} in the config (YAML) file")
         self.fill = {c: background_fill(data.case(c), data.in_channels) for c in self.case_ids}
         self.shape = {c: tuple(int(s) for s in data.case(c)["shape"][-3:]) for c in self.case_ids}
+
+
+def body_points(image: np.ndarray, threshold: float, n: int, rng: np.random.Generator, margin, step: int = 1
+                ) -> np.ndarray:
+    """``n`` random voxel coordinates ``(n, 3)`` of a 3D ``image`` where it exceeds ``threshold``, at least
+    ``margin`` (an int or one per axis) from the border, drawn from a lattice of ``step`` voxels. Falls back to
+    body voxels near the border, then to the centre, when nothing qualifies."""
+    cand = np.argwhere(image[::step, ::step, ::step] > threshold) * step
+    lo = np.broadcast_to(np.asarray(margin), (3,))
+    hi = np.array(image.shape) - lo
+    inner = cand[np.all((cand >= lo) & (cand < hi), axis=1)]
+    cand = inner if len(inner) else cand
+    if not len(cand):
+        cand = np.array([[s // 2 for s in image.shape]])
+    return cand[rng.choice(len(cand), n, replace=len(cand) < n)].astype(float)

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from medpretrain.data.crops import body_points as crop_body_points
 from medpretrain.matching import Matcher, MatchVolume
 
 
@@ -48,10 +49,7 @@ def warped_point(p: Sequence[float], m: np.ndarray, t: np.ndarray, shape: Sequen
 def body_points(volume: MatchVolume, n: int, rng: np.random.Generator, margin: int = 8) -> np.ndarray:
     """``n`` random voxels of the body (above the volume's median intensity), ``margin`` from the border."""
     img = volume.image[0]
-    inner = np.zeros(img.shape, bool)
-    inner[margin:-margin, margin:-margin, margin:-margin] = True
-    cand = np.argwhere(inner & (img > np.median(img)))
-    return cand[rng.choice(len(cand), n, replace=len(cand) < n)].astype(float)
+    return crop_body_points(img, float(np.median(img)), n, rng, margin)
 
 
 def affine_errors(matcher: Matcher, volume: MatchVolume, n_transforms: int = 3, n_points: int = 20,

@@ -74,7 +74,7 @@ from medpretrain.blocks.heads import ProjectionHead
 from medpretrain.blocks.masking import (gather_tokens, masked_mse, normalized_pixels, patchify, random_token_mask,
                                         scatter_tokens, visible_indices)
 from medpretrain.config import TrainingConfig
-from medpretrain.data.crops import PoolCases, background_fill, read_crop
+from medpretrain.data.crops import PoolCases, background_fill, body_points, read_crop
 from medpretrain.engine.module import log_loss_parts, one_cycle_scheduler
 from medpretrain.errors import CacheError, ConfigError
 from medpretrain.matching import MatchVolume, build_matcher
@@ -186,19 +186,6 @@ class AliceConfig(TrainingConfig):
 # Data: the match table, then crops and views' ingredients per sample
 
 
-def _body_points(image: np.ndarray, fill: float, n: int, rng: np.random.Generator, margin) -> np.ndarray:
-    img = image[0]
-    step = 4  # a coarse lattice is plenty to draw crop centres from
-    sub = img[::step, ::step, ::step]
-    cand = np.argwhere(sub > fill + 1e-3) * step
-    lo, hi = np.array(margin), np.array(img.shape) - np.array(margin)
-    inner = cand[np.all((cand >= lo) & (cand < hi), axis=1)]
-    cand = inner if len(inner) else cand
-    if not len(cand):
-        cand = np.array([[s // 2 for s in img.shape]])
-    return cand[rng.choice(len(cand), n, replace=len(cand) < n)].astype(float)
-
-
 def build_match_table(data, case_ids, cfg: AliceConfig, matcher) -> list[dict]:
     """For every case, ``match_points`` body points matched into up to ``match_partners`` other cases (next
     partner only while unaccepted); one row per point: query/key case and points, score, accepted."""
@@ -213,7 +200,7 @@ def build_match_table(data, case_ids, cfg: AliceConfig, matcher) -> list[dict]:
             raise CacheError(f"{data.root}: Alice needs at least two volumes (query and key from different scans)")
         partners = [others[i] for i in rng.permutation(len(others))[: cfg.match_partners]]
         fill = background_fill(data.case(q), data.in_channels)[0]
-        for p in _body_points(volumes[q].image, fill, cfg.match_points, rng, margin):
+        for p in body_points(volumes[q].image[0], fill + 1e-3, cfg.match_points, rng, margin, step=4):
             best = None
             for k in partners:
                 m = matcher.match(volumes[q], p, volumes[k])
@@ -436,7 +423,7 @@ class AliceModule(pl.LightningModule):
         self.cfg = cfg
         self.model = build_model(cfg.model, cfg.in_channels, cfg.in_channels, cfg.patch, **cfg.model_options)
         if hasattr(self.model, "vit"):
-            if int(self.model.patch_size[0] if hasattr(self.model, "patch_size") else 16) != cfg.mask_patch:
+            if int(self.model.patch_size[0]) != cfg.mask_patch:
                 raise ConfigError(f"mask_patch {cfg.mask_patch} must equal the ViT's patch size 16")
             self.online = ViTEncoder(self.model.vit)
         elif hasattr(self.model, "swinViT"):
