@@ -59,14 +59,40 @@ def test_plan_is_fair_and_every_registered_method_joins(tmp_path):
     assert all(f"pretrain-{j.info['method']}-unet" in j.needs for j in finetunes if j.info["method"] != "scratch")
 
 
+def test_a_variant_runs_beside_its_method_with_its_own_config(tmp_path):
+    from medpretrain.benchmark import _methods, job_files
+
+    cfg = _config(tmp_path / "ds", exclude=["asa", "avsdb", "alice"], pool_add_downstream_train=False, methods={
+        "volume-fusion-k1": {"method": "volume-fusion", "steps": 3, "config": {"k": 1}}})
+    out = tmp_path / "out"
+    jobs = {j.name: j for j in plan(cfg, out)}
+    assert {"pretrain-volume-fusion-unet", "pretrain-volume-fusion-k1-unet"} <= set(jobs)
+    variant = jobs["pretrain-volume-fusion-k1-unet"].commands[0]
+    assert variant[variant.index("--method") + 1] == "volume-fusion"
+    files = job_files(cfg, out.resolve(), _methods(cfg))
+    written = yaml.safe_load(files[Path(variant[variant.index("--config") + 1])])
+    assert written == {"k": 1, "steps": 3}
+    base = jobs["pretrain-volume-fusion-unet"].commands[0]
+    assert "k" not in yaml.safe_load(files[Path(base[base.index("--config") + 1])])
+    for seed in cfg.seeds:  # the variant's fine-tunes use its own checkpoint, with the shared budget
+        ft = jobs[f"volume-fusion-k1-unet-n2-s{seed}"].commands[0]
+        assert ft[ft.index("--init") + 1] == str(out.resolve() / "pretrain" / "volume-fusion-k1-unet" / "model.pt")
+        assert ft[ft.index("--config") + 1] == jobs[f"scratch-unet-n2-s{seed}"].commands[0][
+            ft.index("--config") + 1]
+
+
 def test_config_errors_name_the_key_and_valid_values(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "dataset": "d", "backbones": {"u": {"model": "unet"}},
                                    "seedz": [0]}), encoding="utf-8")
     with pytest.raises(ConfigError, match="unknown key 'seedz'"):
         load_benchmark_config(bad)
-    with pytest.raises(ConfigError, match="registered methods"):
+    with pytest.raises(ConfigError, match="'simclr' is not a registered method.*method: <registered name>"):
         plan(_config(tmp_path, methods={"simclr": {}}), tmp_path / "out")
+    with pytest.raises(ConfigError, match="registered methods"):
+        plan(_config(tmp_path, methods={"simclr-v2": {"method": "simclr"}}), tmp_path / "out")
+    with pytest.raises(ConfigError, match="give the variant a name of its own"):
+        plan(_config(tmp_path, methods={"avsdb": {"method": "volume-fusion"}}), tmp_path / "out")
     with pytest.raises(ConfigError, match="no preset 'gpu'"):
         plan(_config(tmp_path, methods={"avsdb": {"preset": "gpu"}}), tmp_path / "out")
     with pytest.raises(ConfigError, match="cannot pretrain 'unet'"):

@@ -84,9 +84,13 @@ class MethodSettings(_Strict):
         steps: pretraining steps (None = the preset's).
         config: further keys of the method's config (as in a ``pretrain --config`` YAML).
         backbones: the backbones it is run with (None = every backbone the method supports).
+        method: the registered method this entry runs; set it to add a variant under a new name (an
+            ablation arm, e.g. ``volume-fusion-k1: {method: volume-fusion, config: {k: 1}}``), which then runs
+            beside the method's own entry. None = the entry's name is the method.
     """
 
     preset: str | None = "default"
+    method: str | None = None
     steps: int | None = None
     config: dict[str, Any] = {}
     backbones: list[str] | None = None
@@ -199,30 +203,50 @@ class Job:
         return self.done_marker.exists()
 
 
+def _base(name: str, settings: MethodSettings) -> str:
+    """The registered method a benchmark entry runs (a variant names it in ``method``)."""
+    return settings.method or name
+
+
 def _methods(cfg: BenchmarkConfig) -> dict[str, MethodSettings]:
-    """Every registered method not excluded, with its settings resolved (preset), checked against the registry."""
+    """Every registered method not excluded plus the profile's variants, with their settings resolved
+    (preset), checked against the registry."""
     from medpretrain.methods import get_method, list_methods
 
     registered = {m.name for m in list_methods()}
-    for name in [*cfg.methods, *cfg.exclude]:
+    for name in cfg.exclude:
         if name != SCRATCH:
             get_method(name)  # ConfigError listing the registered methods
+    for name, settings in cfg.methods.items():
+        if name == SCRATCH:
+            raise ConfigError("benchmark methods: 'scratch' always runs with the backbone's budget and takes no "
+                              "settings; remove its entry")
+        if settings.method is None and name not in registered:
+            raise ConfigError(f"benchmark method '{name}' is not a registered method (registered: "
+                              f"{', '.join(sorted(registered))}); to add a variant of one, give it "
+                              f"'method: <registered name>'")
+        if settings.method not in (None, name) and name in registered:
+            raise ConfigError(f"benchmark method '{name}' is a registered method and cannot run "
+                              f"'{settings.method}'; give the variant a name of its own")
+        get_method(_base(name, settings))  # ConfigError listing the registered methods
+    names = sorted(registered - set(cfg.exclude)) + sorted(
+        n for n, s in cfg.methods.items() if s.method is not None and n not in registered and n not in cfg.exclude)
     methods = {}
-    for name in sorted(registered - set(cfg.exclude)):
+    for name in names:
         settings = cfg.methods.get(name, MethodSettings())
-        presets = get_method(name).presets
+        base = get_method(_base(name, settings))
         if settings.preset == "default":
-            settings = settings.model_copy(update={"preset": cfg.preset if cfg.preset in presets else None})
-        elif settings.preset is not None and settings.preset not in presets:
+            settings = settings.model_copy(update={"preset": cfg.preset if cfg.preset in base.presets else None})
+        elif settings.preset is not None and settings.preset not in base.presets:
             raise ConfigError(f"benchmark method '{name}': no preset '{settings.preset}'; its presets: "
-                              f"{', '.join(presets) or 'none'} (or preset: null for its defaults)")
+                              f"{', '.join(base.presets) or 'none'} (or preset: null for its defaults)")
         for b in settings.backbones or []:
             if b not in cfg.backbones:
                 raise ConfigError(f"benchmark method '{name}' names backbone '{b}'; backbones: "
                                   f"{', '.join(cfg.backbones)}")
-            if not get_method(name).supports(cfg.backbones[b].model):
+            if not base.supports(cfg.backbones[b].model):
                 raise ConfigError(f"benchmark method '{name}' cannot pretrain '{cfg.backbones[b].model}' (backbone "
-                                  f"'{b}'); it pretrains {', '.join(get_method(name).models)}")
+                                  f"'{b}'); it pretrains {', '.join(base.models)}")
         methods[name] = settings
     return methods
 
@@ -232,7 +256,7 @@ def _method_runs_on(name: str, settings: MethodSettings, backbone: str, model: s
 
     if settings.backbones is not None:
         return backbone in settings.backbones
-    return get_method(name).supports(model)
+    return get_method(_base(name, settings)).supports(model)
 
 
 def _n_label(n: int | str) -> str:
@@ -251,7 +275,7 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                 [["prepare", "--dataset", str(cfg.dataset), "--out", str(prepared), "--workers", str(cfg.workers),
                   "--config", str(cfg_dir / "preprocess-downstream.yaml")]],
                 prepared / "manifest.json")]
-    needs_pool = any(get_method(m).needs_data and _method_runs_on(m, s, b_name, b.model)
+    needs_pool = any(get_method(_base(m, s)).needs_data and _method_runs_on(m, s, b_name, b.model)
                      for m, s in methods.items() for b_name, b in cfg.backbones.items())
     if needs_pool:
         jobs.append(Job("prepare-pool", "prepare",
@@ -262,15 +286,16 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
         for m_name, m in methods.items():
             if not _method_runs_on(m_name, m, b_name, b.model):
                 continue
+            base = get_method(_base(m_name, m))
             run = out / "pretrain" / f"{m_name}-{b_name}"
-            cmd = ["pretrain", "--method", m_name, "--model", b.model, "--out", str(run),
+            cmd = ["pretrain", "--method", base.name, "--model", b.model, "--out", str(run),
                    "--config", str(cfg_dir / f"pretrain-{m_name}-{b_name}.yaml")]
             if m.preset:
                 cmd += ["--preset", m.preset]
-            if get_method(m_name).needs_data:
+            if base.needs_data:
                 cmd += ["--data", str(pool)]
             jobs.append(Job(f"pretrain-{m_name}-{b_name}", "pretrain", [cmd], run / "model.pt",
-                            needs=["prepare-pool"] if get_method(m_name).needs_data else [],
+                            needs=["prepare-pool"] if base.needs_data else [],
                             info={"method": m_name, "backbone": b_name, "run": str(run)}))
     pretrain_jobs = {(j.info["method"], j.info["backbone"]): j for j in jobs if j.kind == "pretrain"}
     # Seeds outermost: a partial benchmark has complete seeds rather than one method at every seed.
@@ -548,7 +573,7 @@ def _validate_job_settings(cfg: BenchmarkConfig, methods: dict[str, MethodSettin
         get_spec(ft.model).check_patch(ft.patch)
         for m_name, m in methods.items():
             if _method_runs_on(m_name, m, b_name, b.model):
-                pre = pretrain_config(m_name, None, m.preset, {**b.pretrain, **m.config, "model": b.model,
+                pre = pretrain_config(_base(m_name, m), None, m.preset, {**b.pretrain, **m.config, "model": b.model,
                                                                 **({"steps": m.steps} if m.steps else {})})
                 get_spec(pre.model).check_patch(pre.patch)
 
@@ -604,7 +629,8 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
     not_run = {m: [b for b, bb in cfg.backbones.items() if not _method_runs_on(m, s, b, bb.model)]
                for m, s in methods.items()}
     notes = [f"{m}: not run on backbone(s) {', '.join(bs)} (it pretrains "
-             f"{', '.join(get_method(m).models) or 'any network'})" for m, bs in not_run.items() if bs]
+             f"{', '.join(get_method(_base(m, methods[m])).models) or 'any network'})"
+             for m, bs in not_run.items() if bs]
     notes += [f"excluded by the profile: {', '.join(cfg.exclude)}"] if cfg.exclude else []
     report = write_benchmark_report(cfg, out, [j for j in jobs if j.kind == "finetune"],
                                     [j for j in jobs if j.kind == "pretrain"], runner.failed, notes)
