@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,8 @@ def test_tiny_benchmark_runs_caches_and_resumes(tmp_path):
                            str(out)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[6/6]" in proc.stderr  # the progress view counts every job
+    # once a job of each kind has finished, every progress line carries an ETA
+    assert re.search(r"\[5/6\] \S+ done in \S+; ETA \d+m\d\ds", proc.stderr), proc.stderr[-2000:]
     assert not (out / ".lock").read_text(encoding="utf-8") == ""  # the driver held the folder
 
     with open(out / "results.csv", encoding="utf-8") as fh:
@@ -170,6 +173,12 @@ def test_tiny_benchmark_runs_caches_and_resumes(tmp_path):
     assert (out / "runs" / "scratch-unet-n2-s1" / "eval" / "metrics.json").exists()
     log = (out / "logs" / "scratch-unet-n2-s1.log").read_text(encoding="utf-8")
     assert log.count("$ medpretrain finetune") == 1 and log.count("$ medpretrain evaluate") == 2
+
+    # --report-only rewrites the report from the finished runs and runs nothing
+    (out / "report.md").unlink()
+    run_benchmark(cfg_file, out, report_only=True)
+    assert "Finished runs: 4 of 4 planned" in (out / "report.md").read_text(encoding="utf-8")
+    assert model.stat().st_mtime_ns == mtime
 
     # other settings for the same folder are refused, not mixed in
     changed = _config(raw)

@@ -382,8 +382,9 @@ def _threads_per_job(parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // parallel)
 
 
-def _check_recorded_commands(jobs: list[Job], out: Path, files: dict[Path, str]) -> dict[str, list]:
-    """Refuse to mix results made with other settings into this benchmark's folder."""
+def _check_recorded_commands(jobs: list[Job], out: Path, files: dict[Path, str], record: bool = True) -> dict[str, list]:
+    """Refuse to mix results made with other settings into this benchmark's folder; ``record`` = note the
+    finished jobs' settings in ``jobs.json``."""
     path = out / "jobs.json"
     recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
@@ -405,9 +406,10 @@ def _check_recorded_commands(jobs: list[Job], out: Path, files: dict[Path, str])
             f"{out}: job(s) {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} were run with other "
             "settings; use another --out, or delete those jobs' folders and their entries in jobs.json"
         )
-    # Record the finished jobs now and the others when they start: unstarted jobs stay free to change.
-    recorded.update({j.name: current[j.name] for j in jobs if j.done})
-    atomic_write_json(path, recorded)
+    if record:
+        # Record the finished jobs now and the others when they start: unstarted jobs stay free to change.
+        recorded.update({j.name: current[j.name] for j in jobs if j.done})
+        atomic_write_json(path, recorded)
     return current
 
 
@@ -437,6 +439,7 @@ class _Runner:
         self.signatures = signatures
         self.failed: dict[str, str] = {}
         self.durations: dict[str, list[float]] = {}
+        self.trained: set[str] = set()  # jobs whose run includes their first command (not evaluate-only)
         self.running: dict[str, tuple[subprocess.Popen, float, int, Any]] = {}
 
     def _env(self) -> dict[str, str]:
@@ -455,6 +458,7 @@ class _Runner:
             elif (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("*.ckpt")):
                 args = [*args, "--resume"]  # an interrupted training continues from its last checkpoint
         if step == 0:
+            self.trained.add(job.name)
             _record_started(self.out, job.name, self.signatures[job.name])
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -514,7 +518,7 @@ class _Runner:
                         log.error("[%d/%d] FAILED %s: %s", finished, total, name, self.failed[name])
                         continue
                     seconds = time.perf_counter() - start
-                    if step == 0:  # evaluate-only jobs would make the ETA optimistic
+                    if name in self.trained:  # evaluate-only jobs would make the ETA optimistic
                         self.durations.setdefault(job.kind, []).append(seconds)
                     finished += 1
                     left = pending + [self.jobs[n] for n in self.running]
@@ -579,7 +583,7 @@ def _validate_job_settings(cfg: BenchmarkConfig, methods: dict[str, MethodSettin
 
 
 def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, parallel: int | None = None,
-                  dry_run: bool = False) -> Path:
+                  dry_run: bool = False, report_only: bool = False) -> Path:
     """Run (or continue) a benchmark and write its report.
 
     Args:
@@ -587,13 +591,12 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
         out: the benchmark's folder (prepared data, pretrained checkpoints, runs, logs, report).
         parallel: override of ``config.parallel``.
         dry_run: print the jobs and their commands, run nothing.
+        report_only: write the report of the runs finished so far (e.g. while the benchmark runs, or after
+            stopping it), run nothing.
 
     Returns:
         The path of ``report.md``.
     """
-    from medpretrain.evaluation.benchmark_report import write_benchmark_report
-    from medpretrain.methods import get_method
-
     cfg = config if isinstance(config, BenchmarkConfig) else load_benchmark_config(config)
     if parallel is not None:
         cfg = make_config(BenchmarkConfig, {**cfg.model_dump(), "parallel": parallel}, "--parallel")
@@ -615,6 +618,9 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
                           f"{sorted({j.info['method'] for j in jobs if 'prepare-pool' in j.needs})} need an unlabelled "
                           "pool: list sources under 'pool:' or set pool_add_downstream_train: true")
     _validate_job_settings(cfg, methods)
+    if report_only:  # reads only: a benchmark may be running in this folder
+        _check_recorded_commands(jobs, out, files, record=False)
+        return _write_report(cfg, out, jobs, methods, {})
     from medpretrain.engine.job import run_folder_lock
 
     with run_folder_lock(out, "benchmark"):
@@ -626,16 +632,26 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
         atomic_write_json(out / "benchmark.json", json.loads(cfg.model_dump_json()))
         runner = _Runner(jobs, out, cfg.parallel, signatures)
         runner.run()
-    not_run = {m: [b for b, bb in cfg.backbones.items() if not _method_runs_on(m, s, b, bb.model)]
-               for m, s in methods.items()}
-    notes = [f"{m}: not run on backbone(s) {', '.join(bs)} (it pretrains "
-             f"{', '.join(get_method(_base(m, methods[m])).models) or 'any network'})"
-             for m, bs in not_run.items() if bs]
-    notes += [f"excluded by the profile: {', '.join(cfg.exclude)}"] if cfg.exclude else []
-    report = write_benchmark_report(cfg, out, [j for j in jobs if j.kind == "finetune"],
-                                    [j for j in jobs if j.kind == "pretrain"], runner.failed, notes)
+    report = _write_report(cfg, out, jobs, methods, runner.failed)
     if runner.failed:
         raise MedpretrainError(f"{len(runner.failed)} job(s) failed or were skipped "
                                f"({', '.join(list(runner.failed)[:5])}); the report covers the finished ones: "
                                f"{report}. Fix the cause (logs in {out / 'logs'}) and re-run the same command")
     return report
+
+
+def _write_report(cfg: BenchmarkConfig, out: Path, jobs: list[Job], methods: dict[str, MethodSettings],
+                  failed: dict[str, str]) -> Path:
+    from medpretrain.evaluation.benchmark_report import write_benchmark_report
+    from medpretrain.methods import get_method
+
+    not_run = {m: [b for b, bb in cfg.backbones.items() if not _method_runs_on(m, s, b, bb.model)]
+               for m, s in methods.items()}
+    notes = [f"{m}: not run on backbone(s) {', '.join(bs)} (it pretrains "
+             f"{', '.join(get_method(_base(m, methods[m])).models) or 'any network'})"
+             for m, bs in not_run.items() if bs]
+    notes += [f"{m}: variant of {s.method} with {json.dumps(s.config, sort_keys=True)}"
+              for m, s in methods.items() if s.method is not None]
+    notes += [f"excluded by the profile: {', '.join(cfg.exclude)}"] if cfg.exclude else []
+    return write_benchmark_report(cfg, out, [j for j in jobs if j.kind == "finetune"],
+                                  [j for j in jobs if j.kind == "pretrain"], failed, notes)
