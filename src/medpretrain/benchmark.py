@@ -438,7 +438,7 @@ class _Runner:
         self.parallel = parallel
         self.signatures = signatures
         self.failed: dict[str, str] = {}
-        self.durations: dict[str, list[float]] = {}
+        self.durations: dict[tuple[str, str | None], list[float]] = {}  # by (kind, backbone)
         self.trained: set[str] = set()  # jobs whose run includes their first command (not evaluate-only)
         self.running: dict[str, tuple[subprocess.Popen, float, int, Any]] = {}
 
@@ -471,10 +471,17 @@ class _Runner:
         self.running[job.name] = (proc, start, step, fh)
 
     def _eta(self, remaining: list[Job]) -> str:
+        # Per (kind, backbone): a PCT-Net fine-tuning takes several times a U-Net's; a backbone not timed yet
+        # borrows the mean of its kind.
         known = {k: sum(v) / len(v) for k, v in self.durations.items()}
-        if not all(j.kind in known for j in remaining):
+        by_kind: dict[str, list[float]] = {}
+        for (kind, _), v in self.durations.items():
+            by_kind.setdefault(kind, []).extend(v)
+        if not all(j.kind in by_kind for j in remaining):
             return "ETA after the first job of each kind"
-        return "ETA " + _fmt_s(sum(known[j.kind] for j in remaining) / self.parallel)
+        seconds = sum(known.get((j.kind, j.info.get("backbone")), sum(by_kind[j.kind]) / len(by_kind[j.kind]))
+                      for j in remaining)
+        return "ETA " + _fmt_s(seconds / self.parallel)
 
     def _stop_children(self) -> None:
         for proc, _, _, _ in self.running.values():
@@ -519,7 +526,7 @@ class _Runner:
                         continue
                     seconds = time.perf_counter() - start
                     if name in self.trained:  # evaluate-only jobs would make the ETA optimistic
-                        self.durations.setdefault(job.kind, []).append(seconds)
+                        self.durations.setdefault((job.kind, job.info.get("backbone")), []).append(seconds)
                     finished += 1
                     left = pending + [self.jobs[n] for n in self.running]
                     log.info("[%d/%d] %s done in %s; %s", finished, total, name, _fmt_s(seconds), self._eta(left))
