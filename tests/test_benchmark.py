@@ -82,6 +82,20 @@ def test_a_variant_runs_beside_its_method_with_its_own_config(tmp_path):
             ft.index("--config") + 1]
 
 
+def test_a_linear_probing_twin_shares_the_pretraining(tmp_path):
+    unet = _config(tmp_path).backbones["unet"].model_dump()
+    probe = {**unet, "init_part": "encoder", "finetune": {**unet["finetune"], "freeze_encoder": True}}
+    cfg = _config(tmp_path / "ds", backbones={"unet": unet, "unet-probe": probe})
+    jobs = plan(cfg, tmp_path / "out")
+    assert [j.name for j in jobs if j.kind == "pretrain"] == ["pretrain-avsdb-unet"]
+    for seed in cfg.seeds:
+        full = next(j for j in jobs if j.name == f"avsdb-unet-n2-s{seed}").commands[0]
+        frozen = next(j for j in jobs if j.name == f"avsdb-unet-probe-n2-s{seed}").commands[0]
+        assert full[full.index("--init") + 1] == frozen[frozen.index("--init") + 1]
+        assert frozen[frozen.index("--init-part") + 1] == "encoder"
+        assert "pretrain-avsdb-unet" in next(j for j in jobs if j.name == f"avsdb-unet-probe-n2-s{seed}").needs
+
+
 def test_config_errors_name_the_key_and_valid_values(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "dataset": "d", "backbones": {"u": {"model": "unet"}},

@@ -62,6 +62,8 @@ class BackboneBudget(_Strict):
         init_part: what a pretrained checkpoint gives the fine-tuning run: ``all`` (encoder and decoder; the
             head is replaced) or ``encoder``.
         pretrain: config keys given to every method's pretraining of this backbone (e.g. ``patch``).
+            Backbones with the same ``model`` and ``pretrain`` share one pretraining per method (e.g. a
+            linear-probing twin: ``finetune: {freeze_encoder: true}``, ``init_part: encoder``).
     """
 
     model: str
@@ -282,9 +284,17 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                         [["prepare", "--pool", str(out / "pool.json"), "--out", str(pool), "--workers",
                           str(cfg.workers), "--config", str(cfg_dir / "preprocess-pool.yaml")]],
                         pool / "manifest.json", needs=["prepare-downstream"]))
+    pretrain_jobs: dict[tuple[str, str], Job] = {}
+    shared: dict[tuple[str, str, str], Job] = {}
     for b_name, b in cfg.backbones.items():
         for m_name, m in methods.items():
             if not _method_runs_on(m_name, m, b_name, b.model):
+                continue
+            # Backbones that differ only in fine-tuning (e.g. a linear-probing twin with a frozen encoder)
+            # share one pretraining.
+            key = (m_name, b.model, json.dumps(b.pretrain, sort_keys=True))
+            if key in shared:
+                pretrain_jobs[(m_name, b_name)] = shared[key]
                 continue
             base = get_method(_base(m_name, m))
             run = out / "pretrain" / f"{m_name}-{b_name}"
@@ -294,10 +304,11 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                 cmd += ["--preset", m.preset]
             if base.needs_data:
                 cmd += ["--data", str(pool)]
-            jobs.append(Job(f"pretrain-{m_name}-{b_name}", "pretrain", [cmd], run / "model.pt",
-                            needs=["prepare-pool"] if base.needs_data else [],
-                            info={"method": m_name, "backbone": b_name, "run": str(run)}))
-    pretrain_jobs = {(j.info["method"], j.info["backbone"]): j for j in jobs if j.kind == "pretrain"}
+            job = Job(f"pretrain-{m_name}-{b_name}", "pretrain", [cmd], run / "model.pt",
+                      needs=["prepare-pool"] if base.needs_data else [],
+                      info={"method": m_name, "backbone": b_name, "run": str(run)})
+            jobs.append(job)
+            pretrain_jobs[(m_name, b_name)] = shared[key] = job
     # Seeds outermost: a partial benchmark has complete seeds rather than one method at every seed.
     for seed in cfg.seeds:
         for n in cfg.n_labeled:
