@@ -478,7 +478,8 @@ class _Runner:
         fh.flush()
         start = self.running[job.name][1] if job.name in self.running else time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "medpretrain", *args], stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=self._env(), start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=self._env(), start_new_session=True,
+                                preexec_fn=_default_sigint)
         self.running[job.name] = (proc, start, step, fh)
 
     def _eta(self, remaining: list[Job]) -> str:
@@ -569,6 +570,13 @@ class _Runner:
         finally:
             self._stop_children()
             signal.signal(signal.SIGTERM, previous)
+
+
+def _default_sigint() -> None:
+    # A driver started in the background (`nohup ... &`) inherits an ignored SIGINT and would pass that on,
+    # so the SIGINT that stops a job cleanly (Lightning saves nothing half-written) would be ignored and the
+    # job killed after the grace period instead.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _raise_interrupt(signum, frame):
@@ -665,8 +673,9 @@ def _write_report(cfg: BenchmarkConfig, out: Path, jobs: list[Job], methods: dic
 
     not_run = {m: [b for b, bb in cfg.backbones.items() if not _method_runs_on(m, s, b, bb.model)]
                for m, s in methods.items()}
-    notes = [f"{m}: not run on backbone(s) {', '.join(bs)} (it pretrains "
-             f"{', '.join(get_method(_base(m, methods[m])).models) or 'any network'})"
+    notes = [f"{m}: not run on backbone(s) {', '.join(bs)} (" + (
+        f"the profile gives it {', '.join(methods[m].backbones)}" if methods[m].backbones is not None else
+        f"it pretrains {', '.join(get_method(_base(m, methods[m])).models) or 'any network'}") + ")"
              for m, bs in not_run.items() if bs]
     notes += [f"{m}: variant of {s.method} with {json.dumps(s.config, sort_keys=True)}"
               for m, s in methods.items() if s.method is not None]
