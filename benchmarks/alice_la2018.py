@@ -17,7 +17,10 @@ labels unused), `--pretrain-steps` steps; an ablation changes one setting:
 - `no-dv`: `inter_volume: false`: K is another crop of the query's scan and l_dv is dropped (Table 4 "x");
 - `no-casa`: `casa: false`: pooled siamese contrast of masked and intact views instead of CASA (Table 5 "w/o").
 
-Finished runs are recorded in `OUT/records.jsonl`; a re-run skips them.
+Finished runs are recorded in `OUT/records.jsonl`; a re-run skips them. On 2 cores the full plan runs as two
+lanes side by side (`OMP_NUM_THREADS=1`, disjoint `--seeds`/`--arms`, e.g. `--seeds 1 --arms alice` and
+`--seeds 2 --arms alice`; an ablation arm's pretraining in one lane only), then the full plan with
+`--report-only` writes the report.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report of the recorded runs of this plan and run nothing (e.g. after lanes: "
+                         "invocations with disjoint --seeds/--arms and OMP_NUM_THREADS=1 side by side)")
     args = ap.parse_args()
     exe = [sys.executable, "-m", "medpretrain"]
     finetune_args = ["--model", "unetr-small", "--steps", "600", "--patch", "64", "64", "48", "--batch", "2",
@@ -68,12 +74,14 @@ def main() -> None:
     records = load_records(rec_path)
     prepared = args.work / "la2018-prepared"
     jobs = [(arm, n, s) for s in args.seeds for n in args.n_labeled for arm in ("scratch", *args.arms)]
-    if any(job not in records for job in jobs) and not (prepared / "manifest.json").exists():
+    if args.report_only:
+        jobs_to_run = []
+    else:
+        jobs_to_run = [job for job in jobs if job not in records]
+    if jobs_to_run and not (prepared / "manifest.json").exists():
         sh(exe + ["prepare", "--dataset", str(args.shared / "data" / "la2018"), "--out", str(prepared),
                   "--spacing", "1.25", "1.25", "1.25", "--modality", "MR", "--workers", "2"], log)
-    for arm, n, seed in jobs:
-        if (arm, n, seed) in records:
-            continue
+    for arm, n, seed in jobs_to_run:
         init, pre_wall = (None, None) if arm == "scratch" else pretrain(exe, args, arm, log)
         run = args.work / f"{arm}-unetr-small-n{n}-s{seed}-600steps-lr{args.lr:g}"
         res = finetune_and_evaluate(exe, prepared, run, n, seed, init, log, finetune_args, init_part="encoder")
@@ -84,6 +92,7 @@ def main() -> None:
             fh.write(json.dumps(rec) + "\n")
         records[(arm, n, seed)] = rec
 
+    records = load_records(rec_path)  # another invocation (lane) may have added runs meanwhile
     cmd = (f"python benchmarks/alice_la2018.py --shared ../shared --pool {args.pool} --matcher-run "
            f"{args.matcher_run} --work {args.work} --out {args.out} --seeds {' '.join(map(str, args.seeds))} "
            f"--n-labeled {' '.join(map(str, args.n_labeled))} --arms {' '.join(args.arms)} "
