@@ -14,7 +14,8 @@ load the encoder only (`--init-part encoder`: Alice pretrains the online encoder
 pretrain --method alice --preset cpu --matcher sam` on the pool (20 shared scans + the 80 la2018 train images,
 labels unused), `--pretrain-steps` steps; an ablation changes one setting:
 
-- `no-dv`: `inter_volume: false`: K is another crop of the query's scan and l_dv is dropped (Table 4 "x");
+- `no-dv`: `inter_volume: false`: K is a crop around another of the query scan's table points (Q's centres
+  are the match table's, as in `alice`) and l_dv is dropped (Table 4 "x");
 - `no-casa`: `casa: false`: pooled siamese contrast of masked and intact views instead of CASA (Table 5 "w/o").
 
 Finished runs are recorded in `OUT/records.jsonl`; a re-run skips them. On 2 cores the full plan runs as two

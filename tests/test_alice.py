@@ -269,8 +269,18 @@ def test_match_table_pairs_different_volumes_and_dataset_is_pure(pool):
     assert item["mask_q"].shape == (8,) and int(item["mask_q"].sum()) == 6
     again = ds[5]
     assert all(torch.equal(item[k], again[k]) for k in item)
+    # The same-volume ablation (paper Table 4 "x") draws Q from the very points the match table queried, and K
+    # from another of the query scan's points: only K's volume differs from the full method.
     same = AliceDataset(pool, cfg.model_copy(update={"inter_volume": False}))
     assert same.table == [] and same[0]["q"].shape == (1, 32, 32, 32)
+    assert sorted((r["query"], r["q_point"]) for r in same.rows) == sorted((r["query"], r["q_point"]) for r in table)
+    crops = {(q, i): torch.from_numpy(same._crop(q, p)) for q, pts in same.points.items() for i, p in enumerate(pts)}
+    for i in range(8):
+        item = same[i]
+        q_at = [key for key, c in crops.items() if torch.equal(item["q"], c)]
+        k_at = [key for key, c in crops.items() if torch.equal(item["k"], c)]
+        assert q_at and k_at, "Q and K are crops around the scan's table points"
+        assert any(qa[0] == ka[0] and qa[1] != ka[1] for qa in q_at for ka in k_at), "K: another point, same scan"
     # Nothing reaches an impossible threshold: every point tries every partner (the bounded retries), and each
     # case keeps only its best-scoring pair.
     strict = RegistrationMatcher(threshold=1.01, shrink=(2,), iterations=20)

@@ -49,7 +49,7 @@ CASA's ``l_st`` always compares with the cosine loss. Not from the paper (it doe
 (the paper preset uses hidden 2048, bottleneck 256, output 4096), the decoder depth (2 on CPU, 4 in the paper
 preset), the warm-up as a fraction of steps (the paper warms up for 100 epochs), and no MAE crop/flip on the
 masked views (the crops are already anatomy-centred). Ablations (paper Tables 4-5): ``inter_volume: false`` takes K from the same volume as
-Q (a random other crop) and drops ``l_dv``; ``casa: false`` replaces CASA by the plain siamese contrast of the
+Q (another of that volume's ``match_points`` body points; Q's centres are the match table's) and drops ``l_dv``; ``casa: false`` replaces CASA by the plain siamese contrast of the
 masked and intact views' pooled embeddings, ``l_s([cls]_u^Q, [cls]_w^Q) + l_s([cls]_r^K, [cls]_v^K)``.
 """
 
@@ -186,21 +186,30 @@ class AliceConfig(TrainingConfig):
 # Data: the match table, then crops and views' ingredients per sample
 
 
-def build_match_table(data, case_ids, cfg: AliceConfig, matcher) -> list[dict]:
-    """For every case, ``match_points`` body points matched into up to ``match_partners`` other cases (next
-    partner only while unaccepted); one row per point: query/key case and points, score, accepted."""
+def query_points(data, case_ids, cfg: AliceConfig):
+    """Per case: ``(case, partners, points)``: up to ``match_partners`` other cases in random order and
+    ``match_points`` body points ``(n, 3)`` (a quarter patch from the border). The one source of Q centres, for
+    the match table and for the same-volume ablation alike, so ``inter_volume`` changes nothing else."""
     rng = np.random.default_rng([_TAG, _TABLE, int(cfg.seed)])
-    spacing = tuple(float(s) for s in data.spacing)
-    volumes = {c: MatchVolume(c, np.asarray(data.image(c)), spacing) for c in case_ids}
     margin = [p // 4 for p in cfg.patch]
-    rows = []
-    for qi, q in enumerate(case_ids):
+    for q in case_ids:
         others = [c for c in case_ids if c != q]
         if not others:
             raise CacheError(f"{data.root}: Alice needs at least two volumes (query and key from different scans)")
         partners = [others[i] for i in rng.permutation(len(others))[: cfg.match_partners]]
         fill = background_fill(data.case(q), data.in_channels)[0]
-        for p in body_points(volumes[q].image[0], fill + 1e-3, cfg.match_points, rng, margin, step=4):
+        yield q, partners, body_points(np.asarray(data.image(q))[0], fill + 1e-3, cfg.match_points, rng, margin,
+                                       step=4)
+
+
+def build_match_table(data, case_ids, cfg: AliceConfig, matcher) -> list[dict]:
+    """For every case, ``match_points`` body points matched into up to ``match_partners`` other cases (next
+    partner only while unaccepted); one row per point: query/key case and points, score, accepted."""
+    spacing = tuple(float(s) for s in data.spacing)
+    volumes = {c: MatchVolume(c, np.asarray(data.image(c)), spacing) for c in case_ids}
+    rows = []
+    for q, partners, points in query_points(data, case_ids, cfg):
+        for p in points:
             best = None
             for k in partners:
                 m = matcher.match(volumes[q], p, volumes[k])
@@ -228,7 +237,7 @@ class AliceDataset(Dataset):
     def __init__(self, data, cfg: AliceConfig, length: int = 2**62, matcher=None):
         self.data, self.cfg, self.length = data, cfg, length
         cases = PoolCases(data, cfg.in_channels)
-        self.case_ids, self._fill, self._shape = cases.case_ids, cases.fill, cases.shape
+        self.case_ids, self._fill = cases.case_ids, cases.fill
         if cfg.inter_volume:
             if matcher is None:
                 matcher = build_matcher(cfg.matcher, cfg.matcher_run, cfg.match_threshold)
@@ -243,7 +252,13 @@ class AliceDataset(Dataset):
                     best[r["query"]] = r
             self.rows = usable + list(best.values())
         else:
-            self.table, self.rows, self.acceptance = [], [], 1.0
+            # Same-volume ablation: Q and K centres are two different points of the table's per-case body points,
+            # so Q's distribution and the crop variety equal the full method's; only K's volume differs.
+            self.table, self.acceptance = [], 1.0
+            self.points = {q: [[float(v) for v in p] for p in pts] for q, _, pts in
+                           query_points(data, self.case_ids, cfg)}
+            self.rows = [{"query": q, "q_point": p, "point_index": i} for q, pts in self.points.items()
+                         for i, p in enumerate(pts)]
 
     def __len__(self) -> int:
         return self.length
@@ -255,13 +270,14 @@ class AliceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         rng = np.random.default_rng([_TAG, _SAMPLE, int(cfg.seed), int(index)])
+        row = self.rows[int(rng.integers(len(self.rows)))]
+        q_case, q_point = row["query"], row["q_point"]
         if cfg.inter_volume:
-            row = self.rows[int(rng.integers(len(self.rows)))]
-            q_case, q_point, k_case, k_point = row["query"], row["q_point"], row["key"], row["k_point"]
+            k_case, k_point = row["key"], row["k_point"]
         else:
-            q_case = k_case = self.case_ids[int(rng.integers(len(self.case_ids)))]
-            shape = np.array(self._shape[q_case])
-            q_point, k_point = (rng.uniform(0.25, 0.75, 3) * shape for _ in range(2))
+            points = self.points[q_case]
+            others = [j for j in range(len(points)) if j != row["point_index"]] or [row["point_index"]]
+            k_case, k_point = q_case, points[others[int(rng.integers(len(others)))]]
         masks = [random_token_mask(cfg.grid, cfg.mask_ratio, rng, cfg.mask_kind) for _ in range(2)]
         aug = np.zeros((2, 6), np.float32)
         aug[:, :3] = rng.random((2, 3)) < 0.5
