@@ -29,7 +29,7 @@ from medpretrain.matching.registration import RegistrationMatcher
 from medpretrain.matching.sam import (FINE_STRIDE, AnatomicalEmbeddingNet, MatcherConfig,
                                       MatcherDataset, SamMatcher, sample_at, train_matcher)
 from medpretrain.methods.alice import (CASA, AliceConfig, AliceDataset, AliceModule, SwinEncoder, ViTEncoder,
-                                       augment_views, build_match_table)
+                                       augment_views, build_match_table, embedding_spread)
 from medpretrain.models import build_model, get_spec, load_weights
 
 SHARED_POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pool"
@@ -124,6 +124,14 @@ def test_casa_shapes_and_attention_rows_sum_to_one():
     assert att.shape == (2, 7, 20) and torch.all(att >= 0)
     torch.testing.assert_close(att.sum(-1), torch.ones(2, 7))
     assert casa(q, k).shape == (2, 7, 32)
+
+
+def test_embedding_spread_detects_collapse():
+    same = torch.tensor([1.0, 2.0, -0.5]).expand(2, 9, 3) * torch.rand(2, 9, 1).add(0.5)  # one direction
+    assert float(embedding_spread(same)) == pytest.approx(0.0, abs=1e-6)
+    opposite = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])
+    assert float(embedding_spread(opposite)) == pytest.approx(1.0)
+    assert 0.8 < float(embedding_spread(torch.randn(4, 64, 32))) <= 1.0
 
 
 def test_contrastive_losses():
@@ -314,7 +322,7 @@ def test_one_full_alice_run_at_the_cpu_preset_exports_the_online_encoder(pool, t
     record = _CheckTarget()
     run = pretrain("alice", pool.root, tmp_path / "run", cfg, callbacks=[record])
     assert len(record.logged) == 2
-    assert {"train/recon", "train/dv", "train/st"} <= set(record.logged[0])
+    assert {"train/recon", "train/dv", "train/st", "train/st_spread"} <= set(record.logged[0])
     assert all(math.isfinite(float(v)) for log in record.logged for v in log.values())
     saved = torch.load(run / "model.pt", weights_only=False)
     assert saved["kind"] == "pretrain:alice" and saved["model"] == "unetr-small"

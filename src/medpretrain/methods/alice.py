@@ -395,6 +395,13 @@ class MaskedDecoder(nn.Module):
         return t, self.pred(t)
 
 
+def embedding_spread(emb: torch.Tensor) -> torch.Tensor:
+    """``1 - ||mean of the L2-normalised rows||`` over all rows of ``(..., C)`` embeddings: 0 when every
+    embedding points the same way (collapse), near 1 for directions spread over the sphere."""
+    unit = F.normalize(emb.reshape(-1, emb.shape[-1]).float(), dim=-1)
+    return 1.0 - unit.mean(0).norm()
+
+
 class CASA(nn.Module):
     """Conditional anatomical semantic alignment (eq. 3-4): ``zeta(softmax(q k^T / sqrt(C)) v)`` with
     ``q = LN(V) W_q`` and ``k, v = LN(H) W_k, LN(H) W_v``.
@@ -508,6 +515,10 @@ class AliceModule(pl.LightningModule):
                 with torch.no_grad():
                     t = self.casa(v_tokens, y_keys)
                 out["st"] = embedding_loss(s, t)
+                # Collapse monitor (logged, not optimised): S and T share W_v and zeta, so a small l_st can also
+                # mean every embedding became zeta's bias. Spread = 1 - |mean of the unit S vectors|: 0 when all
+                # tokens of all samples point the same way.
+                out["st_spread"] = embedding_spread(s.detach())
             else:
                 out["st"] = self._contrast(cls_h, cls_y)     # (u^Q, w^Q) and (r^K, v^K)
         if self.dino is not None and self.training:
