@@ -63,6 +63,17 @@ def finetune_and_evaluate(exe, prepared: Path, run: Path, n: int, seed: int, ini
             "train_wall_s": info["training"]["wall_time_s"]}
 
 
+def case_gains(recs: list[dict], scratches: list[dict]) -> list[float]:
+    """Per test case, the Dice gain over scratch averaged over the paired seeds (the unit of a signed-rank test:
+    cases are independent, seeds of one case are not)."""
+    per_case: dict[str, list[float]] = {}
+    for rec, scratch in zip(recs, scratches):
+        for case, dice in scratch.get("per_case_dice", {}).items():
+            if case in rec.get("per_case_dice", {}):
+                per_case.setdefault(case, []).append(rec["per_case_dice"][case] - dice)
+    return [float(np.mean(v)) for v in per_case.values()]
+
+
 def paired(rec: dict, scratch: dict) -> tuple[float, str]:
     """Mean per-case Dice gain over scratch and the number of improved cases (same seed, same cases)."""
     if rec.get("per_case_dice") and scratch.get("per_case_dice"):
@@ -75,4 +86,7 @@ def paired(rec: dict, scratch: dict) -> tuple[float, str]:
 
 
 def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+    """``mean ± sample std``; a single value alone (its spread over seeds is unknown, not zero)."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"

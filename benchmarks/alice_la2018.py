@@ -31,7 +31,9 @@ import json
 import sys
 from pathlib import Path
 
-from _common import METRICS, finetune_and_evaluate, load_records, mean_std, paired, sh
+from medpretrain.evaluation.benchmark_report import wilcoxon_p
+
+from _common import METRICS, case_gains, finetune_and_evaluate, load_records, mean_std, paired, sh
 
 ARMS = {"alice": {}, "no-dv": {"inter_volume": False}, "no-casa": {"casa": False}}
 
@@ -102,20 +104,24 @@ def main() -> None:
              f"Pretraining: {args.pretrain_steps} steps of the alice CPU preset (sam matcher). Fine-tuning budget "
              f"per run: 600 steps, unetr-small, patch 64x64x48, batch 2, lr {args.lr:g}; 20 test cases. A metric "
              "is the mean over the test cases; mean ± sample std over seeds; paired gain = mean per-case Dice "
-             "difference to scratch with the same seed (same labelled and test cases).", "",
-             "| n labelled | arm | seeds | Dice | NSD | ASSD (mm) | HD95 (mm) | paired Dice gain | cases improved |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "difference to scratch with the same seed (same labelled and test cases), per seed; p = two-sided "
+             "Wilcoxon signed-rank test over the 20 test cases of the per-case gain averaged over seeds.", "",
+             "| n labelled | arm | seeds | Dice | NSD | ASSD (mm) | HD95 (mm) | paired Dice gain | cases improved "
+             "(per seed) | p |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for n in args.n_labeled:
         for arm in ("scratch", *args.arms):
             sel = [records[(arm, n, s)] for s in args.seeds if (arm, n, s) in records]
             if not sel:
                 continue
-            gains = [paired(records[(arm, n, r["seed"])], records[("scratch", n, r["seed"])])
-                     for r in sel if arm != "scratch" and ("scratch", n, r["seed"]) in records]
+            pairs = [(r, records[("scratch", n, r["seed"])]) for r in sel
+                     if arm != "scratch" and ("scratch", n, r["seed"]) in records]
+            gains = [paired(r, s) for r, s in pairs]
             gain = mean_std([g for g, _ in gains]) if gains else ""
             improved = ", ".join(i for _, i in gains)
+            p = wilcoxon_p(case_gains(*zip(*pairs))) if pairs else None
             lines.append(f"| {n} | {arm} | {len(sel)} | " + " | ".join(mean_std([r[m] for r in sel]) for m in METRICS)
-                         + f" | {gain} | {improved} |")
+                         + f" | {gain} | {improved} | {'' if p is None else f'{p:.2g}'} |")
     done = sum(job in records for job in jobs)
     lines += ["", f"{done} of {len(jobs)} planned runs recorded."]
     (args.out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -68,7 +68,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def _wilcoxon_p(diffs: list[float]) -> float | None:
+def wilcoxon_p(diffs: list[float]) -> float | None:
+    """Two-sided Wilcoxon signed-rank p-value of paired differences (zeros dropped); None below 6 pairs."""
     diffs = [d for d in diffs if d != 0.0]
     if len(diffs) < 6:  # too few pairs for a meaningful signed-rank test
         return None
@@ -114,7 +115,7 @@ def summarize_runs(rows: list[dict]) -> dict[str, Any]:
                     "dice_mean": mean, "dice_std": std, "seeds_paired": len(paired),
                     "seeds_improved": sum(d > 0 for d in per_seed),
                     "cases_improved": sum(d > 0 for d in case_gain), "cases": len(case_gain),
-                    "wilcoxon_p": _wilcoxon_p(case_gain),
+                    "wilcoxon_p": wilcoxon_p(case_gain),
                 }
         table.append(entry)
     return {"groups": table}
