@@ -561,6 +561,13 @@ class ASAModule(pl.LightningModule):
         h = hidden[4] if self.cfg.global_stage == "deepest" else hidden[self.stage]
         return h.flatten(2).mean(-1)
 
+    def phase_loss_names(self, phase: int) -> list[str]:
+        """The loss terms phase 1 or 2 computes (those with a non-zero weight)."""
+        cfg = self.cfg
+        weights = ({"order": cfg.lambda_vop, "appearance": cfg.lambda_var, "global": cfg.lambda_global} if phase == 1
+                   else {"global": cfg.lambda_global, "local": cfg.lambda_local})
+        return [name for name, weight in weights.items() if weight]
+
     def phase1_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Order prediction, appearance recovery and global consistency of shuffled vs original cubes."""
         cfg = self.cfg
@@ -627,6 +634,10 @@ class ASAModule(pl.LightningModule):
         for name, value in parts.items():
             if name != "loss":
                 self.log(f"train/p{phase}_{name}", value, on_step=True, batch_size=n)
+        # Lightning re-sends a step metric's last value on every later step of the epoch, so the other phase's
+        # losses would repeat stale numbers in this phase's rows; NaN marks them as not measured here.
+        for name in self.phase_loss_names(3 - phase):
+            self.log(f"train/p{3 - phase}_{name}", float("nan"), on_step=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
         base, final = self.cfg.ema_momentum
         self.log("train/ema_momentum", cosine_momentum(self.global_step, self.cfg.steps, base, final), on_step=True)
