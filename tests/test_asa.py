@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from _niftis import prepared_pool
@@ -191,8 +192,17 @@ def test_config_presets_and_refusals():
     authors = pretrain_config("asa", preset="authors")
     assert authors.teacher_sees_shuffled and not authors.normalize_local
     assert (authors.optimizer, authors.lr, authors.sgd_momentum) == ("sgd", 1e-3, 0.9)
-    assert pretrain_config("asa", overrides={"strategy": "ddp"}).strategy == "ddp_find_unused_parameters_true"
+    assert (authors.consistency_distance, authors.global_stage) == ("mse", "tokens")
+    assert (paper.consistency_distance, paper.global_stage) == ("squared_l2", "deepest")
+    # Every DDP flavour, and "auto" on several devices (which Lightning makes DDP), tolerates the parameters
+    # each phase leaves without gradient; one device stays as it is.
+    for overrides, strategy in [({"strategy": "ddp"}, "ddp_find_unused_parameters_true"),
+                                ({"strategy": "ddp_spawn"}, "ddp_spawn_find_unused_parameters_true"),
+                                ({"devices": 2}, "ddp_find_unused_parameters_true"),
+                                ({"num_nodes": 2}, "ddp_find_unused_parameters_true"), ({}, "auto")]:
+        assert pretrain_config("asa", overrides=overrides).strategy == strategy
     for bad, match in [({"patch": (64, 64, 32)}, "cube"), ({"upsampled": 70}, "upsampled >= 80"),
+                       ({"upsampled": 128}, "upsampled < 128"),
                        ({"sub_volume": 12}, "power|2, 4, 8"), ({"patch": (80, 80, 80), "sub_volume": 32}, "multiple"),
                        ({"lambda_global": 0, "lambda_local": 0}, "phase 2"), ({"ema_momentum": (1.0, 0.9)}, "base")]:
         with pytest.raises(ConfigError, match=match):
@@ -202,6 +212,18 @@ def test_config_presets_and_refusals():
     assert [phase_of_step(s, (2, 1)) for s in range(6)] == [1, 1, 2, 1, 1, 2]
     with pytest.raises(ConfigError, match="Swin UNETR"):
         ASAModule(pretrain_config("asa", overrides={"model": "unet"}))
+
+
+def test_consistency_distance_mse_is_the_squared_l2_distance_averaged_over_the_width():
+    a, b = torch.randn(3, 256), torch.randn(3, 256)
+    paper = ASAModule(pretrain_config("asa", preset="cpu"))
+    authors = ASAModule(pretrain_config("asa", overrides={"consistency_distance": "mse"}))
+    unit = F.normalize(a, dim=-1) - F.normalize(b, dim=-1)
+    assert torch.allclose(paper.consistency_loss(a, b), unit.pow(2).sum(-1).mean())
+    assert torch.allclose(authors.consistency_loss(a, b), F.mse_loss(F.normalize(a, dim=-1), F.normalize(b, dim=-1)))
+    # Without normalisation both are the plain MSE.
+    assert torch.allclose(authors.consistency_loss(a, b, False), F.mse_loss(a, b))
+    assert torch.allclose(paper.consistency_loss(a, b, False), F.mse_loss(a, b))
 
 
 def test_dataset_samples_are_pure_and_read_the_pool(pool):
@@ -319,8 +341,10 @@ def test_one_phase1_and_one_phase2_step_export_the_teacher(tmp_path):
     info = json.loads((run / "run.json").read_text(encoding="utf-8"))
     assert info["method"] == "asa" and info["config"]["sub_volume"] == 16
 
-    # Downstream: everything but the intensity head loads into a 3-class Swin UNETR.
-    target = build_model("swinunetr-small", 1, 3, (64, 64, 64))
-    report = load_weights(target, get_spec("swinunetr-small"), run / "model.pt", part="all")
-    assert {m[0] for m in report.shape_mismatch} == {"out.conv.conv.weight", "out.conv.conv.bias"}
-    assert not report.missing and not report.unexpected
+    # Downstream: everything but the intensity head loads into a Swin UNETR, even one whose head has the
+    # intensity head's shape (one output channel).
+    for classes in (3, 1):
+        target = build_model("swinunetr-small", 1, classes, (64, 64, 64))
+        report = load_weights(target, get_spec("swinunetr-small"), run / "model.pt", part="all")
+        assert set(report.not_requested) == {"out.conv.conv.weight", "out.conv.conv.bias"}
+        assert not report.missing and not report.shape_mismatch and not report.unexpected

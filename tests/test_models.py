@@ -59,6 +59,19 @@ def test_encoder_only_load_and_head_replacement(tmp_path):
     assert len(whole.loaded) == len(target.state_dict()) - 2
 
 
+def test_pretext_head_of_a_pretraining_export_is_never_loaded(tmp_path):
+    """An intensity or fusion-class head whose shape happens to equal the segmentation head's stays fresh."""
+    source, spec = build_model("unet", 1, 2), get_spec("unet")
+    head = [n for n in source.state_dict() if spec.part_of(n) == "head"]
+    pretext, segmentation = tmp_path / "pretext.pt", tmp_path / "segmentation.pt"
+    torch.save({"state_dict": source.state_dict(), "model": "unet", "kind": "pretrain:asa"}, pretext)
+    torch.save({"state_dict": source.state_dict(), "model": "unet"}, segmentation)
+    report = load_weights(build_model("unet", 1, 2), spec, pretext, part="all")
+    assert head and sorted(report.not_requested) == sorted(head) and not set(head) & set(report.loaded)
+    assert len(report.loaded) == len(source.state_dict()) - len(head)
+    assert set(head) <= set(load_weights(build_model("unet", 1, 2), spec, segmentation, part="all").loaded)
+
+
 def test_lightning_prefixed_checkpoint(tmp_path):
     source = build_model("unet", 1, 2)
     ckpt = tmp_path / "last.ckpt"

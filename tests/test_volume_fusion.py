@@ -293,7 +293,7 @@ def test_pretrain_then_finetune_loads_all_but_the_head(pool, tmp_path):
     assert data.num_classes == 2
     report = init_report_of_one_step_finetune(run / "model.pt", data.root, tmp_path / "ft")
     spec = get_spec("unet")
-    # Encoder and decoder load; only the 5-class output layer is replaced by the 2-class one.
-    assert {m[0] for m in report["shape_mismatch"]} == {"final_conv.weight", "final_conv.bias"}
+    # Encoder and decoder load; the 5-class fusion head is not (a pretext head never is), the 2-class one is new.
+    assert set(report["not_requested"]) == {"final_conv.weight", "final_conv.bias"} and not report["shape_mismatch"]
     assert not report["missing"] and not report["unexpected"]
     assert {spec.part_of(n) for n in report["loaded"]} == {"encoder", "decoder"}

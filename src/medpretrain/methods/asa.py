@@ -52,6 +52,10 @@ switch (``--preset authors`` sets all four):
 * ``optimizer: sgd`` with ``lr: 1e-3`` and ``sgd_momentum: 0.9`` instead of AdamW;
 * all loss weights 1 (the paper does not give its lambdas; 1 is our default too).
 
+Two further differences of that code, also set by ``--preset authors``: ``consistency_distance: mse``
+(``nn.MSELoss`` between the normalised embeddings, i.e. our squared L2 distance divided by the embedding width)
+and ``global_stage: tokens`` (the global embedding pools the sub-volume tokens, not the deepest stage).
+
 Phase alternation: ``phase_steps: [a, b]`` runs ``a`` optimiser steps of phase 1, then ``b`` of phase 2, and
 repeats; the phase is a function of the global step, so resume and DDP see the same schedule. The default
 (``null``) is one pass over the pool per phase: ``a = b = ceil(cases / (batch * processes))``.
@@ -116,7 +120,8 @@ class ASAConfig(TrainingConfig):
         sub_volume: side of the sub-volumes (a power of two, 2..32); the tokens are the encoder's hidden
             state of that stride (16: hidden state 3).
         upsampled: side of the up-sampled cube the phase-2 crops are taken from; at least
-            ``patch + sub_volume`` so that two different crop positions exist.
+            ``patch + sub_volume`` so that two different crop positions exist, below ``2 * patch`` so that
+            any two crops share sub-volumes.
         order_target: ``coords`` (3D grid coordinate per sub-volume, the paper) or ``index`` (1D index).
         global_stage: the global embedding pools the ``deepest`` hidden state or the sub-volume ``tokens``.
         lambda_vop, lambda_var, lambda_global, lambda_local: loss weights (order, appearance, global, local).
@@ -128,6 +133,10 @@ class ASAConfig(TrainingConfig):
             original (paper).
         normalize_local: L2-normalise local embeddings before comparing them (paper); False = plain MSE
             (authors' code).
+        consistency_distance: between L2-normalised embeddings, ``squared_l2`` = their squared L2 distance
+            (``2 - 2 cos``, the paper's "l2 distance between two normalized embeddings") or ``mse`` = the same
+            averaged over the embedding width (the authors' code, ``nn.MSELoss``: ``head_dim`` times smaller,
+            which with weights 1 leaves the global term of phase 1 almost without weight).
         optimizer: ``adamw`` (paper) or ``sgd`` with ``sgd_momentum`` (authors' code); ``weight_decay`` and the
             one-cycle schedule of ``TrainingConfig`` apply to both.
     """
@@ -154,14 +163,20 @@ class ASAConfig(TrainingConfig):
     phase_steps: tuple[int, int] | None = None
     teacher_sees_shuffled: bool = False
     normalize_local: bool = True
+    consistency_distance: Literal["squared_l2", "mse"] = "squared_l2"
     optimizer: Literal["adamw", "sgd"] = "adamw"
     sgd_momentum: float = 0.9
 
-    @field_validator("strategy")
-    @classmethod
-    def _ddp_with_unused(cls, v: str) -> str:
-        # Each phase leaves some parameters without gradient; plain DDP stops at the first such step.
-        return "ddp_find_unused_parameters_true" if v == "ddp" else v
+    @model_validator(mode="after")
+    def _ddp_with_unused(self):
+        # Each phase leaves some parameters without gradient; plain DDP stops at the first such step. "auto"
+        # on more than one device (or node) is DDP too.
+        several = self.devices not in (1, "1") or self.num_nodes > 1
+        if self.strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
+            self.strategy = f"{self.strategy}_find_unused_parameters_true"
+        elif self.strategy == "auto" and several:
+            self.strategy = "ddp_find_unused_parameters_true"
+        return self
 
     @field_validator("in_channels", "head_dim", "head_hidden")
     @classmethod
@@ -204,6 +219,9 @@ class ASAConfig(TrainingConfig):
         if self.upsampled < v + s:
             raise ValueError(f"upsampled {self.upsampled} leaves the phase-2 crops of {v} voxels fewer than two "
                              f"positions on the {s}-voxel grid; set upsampled >= {v + s} (paper: 160 for 128)")
+        if self.upsampled >= 2 * v:
+            raise ValueError(f"upsampled {self.upsampled} lets two phase-2 crops of {v} voxels miss each other "
+                             f"(no shared sub-volume for the local loss); set upsampled < {2 * v} (paper: 160 for 128)")
         if self.crop is not None and any(c < 1 for c in self.crop):
             raise ValueError(f"crop {tuple(self.crop)}: every side must be >= 1 (or crop: null for whole volumes)")
         base, final = self.ema_momentum
@@ -561,6 +579,14 @@ class ASAModule(pl.LightningModule):
         h = hidden[4] if self.cfg.global_stage == "deepest" else hidden[self.stage]
         return h.flatten(2).mean(-1)
 
+    def consistency_loss(self, student: torch.Tensor, teacher: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Distance of student to teacher embeddings ``(..., D)`` as ``consistency_distance`` says (plain MSE
+        when ``normalize`` is False)."""
+        loss = embedding_loss(student, teacher, normalize)
+        if normalize and self.cfg.consistency_distance == "mse":
+            loss = loss / student.shape[-1]
+        return loss
+
     def phase_loss_names(self, phase: int) -> list[str]:
         """The loss terms phase 1 or 2 computes (those with a non-zero weight)."""
         cfg = self.cfg
@@ -586,7 +612,7 @@ class ASAModule(pl.LightningModule):
             with torch.no_grad():
                 t_hidden = encode(self.model, shuffled if cfg.teacher_sees_shuffled else x)
                 teacher_g = self.teacher_proj["global"](self._global(t_hidden))
-            out["global"] = embedding_loss(student_g, teacher_g)
+            out["global"] = self.consistency_loss(student_g, teacher_g)
         out["loss"] = (cfg.lambda_vop * out.get("order", 0.0) + cfg.lambda_var * out.get("appearance", 0.0)
                        + cfg.lambda_global * out.get("global", 0.0))
         return out
@@ -607,7 +633,7 @@ class ASAModule(pl.LightningModule):
             with torch.no_grad():
                 tg = self.teacher_proj["global"](self._global(t_hidden))
             # Each crop's student embedding is pulled to the teacher's embedding of the other crop.
-            out["global"] = (embedding_loss(sg[:b], tg[b:]) + embedding_loss(sg[b:], tg[:b])) / 2
+            out["global"] = (self.consistency_loss(sg[:b], tg[b:]) + self.consistency_loss(sg[b:], tg[:b])) / 2
         if cfg.lambda_local:
             sl = self.student_proj["local"](tokens(hidden, self.stage))
             with torch.no_grad():
@@ -615,8 +641,8 @@ class ASAModule(pl.LightningModule):
             terms = []
             for i, (o1, o2) in enumerate(offsets.tolist()):
                 idx1, idx2 = (torch.from_numpy(a).to(x.device) for a in overlap_token_pairs(o1, o2, v, cfg.sub_volume))
-                terms.append(embedding_loss(sl[i, idx1], tl[b + i, idx2], cfg.normalize_local))
-                terms.append(embedding_loss(sl[b + i, idx2], tl[i, idx1], cfg.normalize_local))
+                terms.append(self.consistency_loss(sl[i, idx1], tl[b + i, idx2], cfg.normalize_local))
+                terms.append(self.consistency_loss(sl[b + i, idx2], tl[i, idx1], cfg.normalize_local))
             out["local"] = torch.stack(terms).mean()
         out["loss"] = cfg.lambda_global * out.get("global", 0.0) + cfg.lambda_local * out.get("local", 0.0)
         return out
@@ -706,12 +732,14 @@ register_method(PretrainMethod(
         "paper": {"model": "swinunetr", "patch": (128, 128, 128), "crop": None, "sub_volume": 16,
                   "upsampled": 160, "batch": 4, "lr": 1e-4, "weight_decay": 1e-5, "steps": 20000,
                   "checkpoint_every": 1000, "num_workers": 4},
-        # The paper's sizes with the four differences of the authors' public code.
+        # The paper's sizes with the four differences of the authors' public code the issue lists, and two more
+        # we found in it (jlianglab/ASA, ASA_MICCAI2024/asa.py): nn.MSELoss between the normalised embeddings
+        # (averaged over the width) and the global embedding pooled from the sub-volume tokens (stage 3).
         "authors": {"model": "swinunetr", "patch": (128, 128, 128), "crop": None, "sub_volume": 16,
                     "upsampled": 160, "batch": 4, "steps": 20000, "checkpoint_every": 1000, "num_workers": 4,
                     "teacher_sees_shuffled": True, "normalize_local": False, "optimizer": "sgd", "lr": 1e-3,
                     "sgd_momentum": 0.9, "lambda_vop": 1.0, "lambda_var": 1.0, "lambda_global": 1.0,
-                    "lambda_local": 1.0},
+                    "lambda_local": 1.0, "consistency_distance": "mse", "global_stage": "tokens"},
     },
     models=("swinunetr",),
 ))

@@ -38,7 +38,8 @@ class LoadReport:
         missing: model tensors (of the requested part) the checkpoint does not have.
         shape_mismatch: ``[name, checkpoint shape, model shape]`` for same-named tensors of other shape
             (typically the output head when the class count differs).
-        not_requested: model tensors outside the requested part (decoder/head for ``encoder``).
+        not_requested: model tensors outside the requested part (decoder/head for ``encoder``; the head of a
+            pretraining export).
         unexpected: checkpoint tensors with no counterpart in the model.
     """
 
@@ -69,6 +70,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises CheckpointError naming the file when it is missing, truncated or holds no tensors.
     """
+    return _read_checkpoint(path)[0]
+
+
+def _read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a checkpoint and its ``kind`` ("pretrain:METHOD" for our pretraining exports, else "")."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -89,7 +95,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"checkpoint {path} holds no tensors")
-    return tensors
+    kind = obj.get("kind", "") if isinstance(obj, dict) else ""
+    return tensors, kind if isinstance(kind, str) else ""
 
 
 def _key_mappings(model_keys: set[str]):
@@ -116,11 +123,15 @@ def load_weights(
         spec: its registry entry (tells which tensors are encoder, decoder, head).
         checkpoint: file in any layout ``read_state_dict`` understands.
         part: ``encoder`` loads only encoder tensors; ``all`` loads everything whose name and shape match
-            (the output head is skipped with a shape mismatch when the class count differs).
+            (the output head is skipped with a shape mismatch when the class count differs). The output head
+            of a pretraining export (``kind: pretrain:*``) is never loaded: it answers the pretext task
+            (intensities, fusion classes, synthetic shapes), not the downstream classes, even when its shape
+            happens to match.
 
     Raises CheckpointError when nothing of the requested part loads (wrong architecture).
     """
-    ckpt = read_state_dict(checkpoint)
+    ckpt, kind = _read_checkpoint(checkpoint)
+    pretext_head = kind.startswith("pretrain:")
     target = model.state_dict()
     # Pick the renaming that matches the most model tensors.
     best_name, best_map, best_hits = "as is", {}, -1
@@ -137,7 +148,7 @@ def load_weights(
     used_ckpt_keys = set()
     new_state = {}
     for name, tensor in target.items():
-        if part == "encoder" and spec.part_of(name) != "encoder":
+        if (part == "encoder" and spec.part_of(name) != "encoder") or (pretext_head and spec.part_of(name) == "head"):
             report.not_requested.append(name)
             if name in best_map:
                 used_ckpt_keys.add(best_map[name][0])
