@@ -63,17 +63,6 @@ def finetune_and_evaluate(exe, prepared: Path, run: Path, n: int, seed: int, ini
             "train_wall_s": info["training"]["wall_time_s"]}
 
 
-def case_gains(recs: list[dict], scratches: list[dict]) -> list[float]:
-    """Per test case, the Dice gain over scratch averaged over the paired seeds (the unit of a signed-rank test:
-    cases are independent, seeds of one case are not)."""
-    per_case: dict[str, list[float]] = {}
-    for rec, scratch in zip(recs, scratches):
-        for case, dice in scratch.get("per_case_dice", {}).items():
-            if case in rec.get("per_case_dice", {}):
-                per_case.setdefault(case, []).append(rec["per_case_dice"][case] - dice)
-    return [float(np.mean(v)) for v in per_case.values()]
-
-
 def paired(rec: dict, scratch: dict) -> tuple[float, str]:
     """Mean per-case Dice gain over scratch and the number of improved cases (same seed, same cases)."""
     if rec.get("per_case_dice") and scratch.get("per_case_dice"):

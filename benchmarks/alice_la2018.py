@@ -31,9 +31,9 @@ import json
 import sys
 from pathlib import Path
 
-from medpretrain.evaluation.benchmark_report import wilcoxon_p
+from medpretrain.evaluation.benchmark_report import per_case_gains, wilcoxon_p
 
-from _common import METRICS, case_gains, finetune_and_evaluate, load_records, mean_std, paired, sh
+from _common import METRICS, finetune_and_evaluate, load_records, mean_std, paired, sh
 
 ARMS = {"alice": {}, "no-dv": {"inter_volume": False}, "no-casa": {"casa": False}}
 
@@ -119,7 +119,8 @@ def main() -> None:
             gains = [paired(r, s) for r, s in pairs]
             gain = mean_std([g for g, _ in gains]) if gains else ""
             improved = ", ".join(i for _, i in gains)
-            p = wilcoxon_p(case_gains(*zip(*pairs))) if pairs else None
+            case_dice = [(r.get("per_case_dice", {}), s.get("per_case_dice", {})) for r, s in pairs]
+            p = wilcoxon_p(per_case_gains(case_dice)) if pairs else None
             lines.append(f"| {n} | {arm} | {len(sel)} | " + " | ".join(mean_std([r[m] for r in sel]) for m in METRICS)
                          + f" | {gain} | {improved} | {'' if p is None else f'{p:.2g}'} |")
     done = sum(job in records for job in jobs)

@@ -68,6 +68,21 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def per_case_gains(pairs: list[tuple[dict[str, float], dict[str, float]]]) -> list[float]:
+    """Per test case, the Dice gain over scratch averaged over the paired seeds (the unit of the signed-rank
+    test: cases are independent, seeds of one case are not).
+
+    Args:
+        pairs: one ``(method's per-case Dice, scratch's per-case Dice)`` per seed.
+    """
+    per_case: dict[str, list[float]] = {}
+    for method, scratch in pairs:
+        for case, dice in scratch.items():
+            if case in method:
+                per_case.setdefault(case, []).append(method[case] - dice)
+    return [float(np.mean(v)) for v in per_case.values()]
+
+
 def wilcoxon_p(diffs: list[float]) -> float | None:
     """Two-sided Wilcoxon signed-rank p-value of paired differences (zeros dropped); None below 6 pairs."""
     diffs = [d for d in diffs if d != 0.0]
@@ -104,12 +119,7 @@ def summarize_runs(rows: list[dict]) -> dict[str, Any]:
             paired = [(r, scratch[r["seed"]]) for r in sel if r["seed"] in scratch]
             if paired:
                 per_seed = [r["dice"] - s["dice"] for r, s in paired]
-                per_case: dict[str, list[float]] = {}
-                for r, s in paired:
-                    for c in s["case_dice"]:
-                        if c in r["case_dice"]:
-                            per_case.setdefault(c, []).append(r["case_dice"][c] - s["case_dice"][c])
-                case_gain = [float(np.mean(v)) for v in per_case.values()]
+                case_gain = per_case_gains([(r["case_dice"], s["case_dice"]) for r, s in paired])
                 mean, std = _mean_std(per_seed)
                 entry["gain_vs_scratch"] = {
                     "dice_mean": mean, "dice_std": std, "seeds_paired": len(paired),

@@ -601,13 +601,14 @@ class ASAModule(pl.LightningModule):
         shuffled = shuffle_subvolumes(x, perm, cfg.sub_volume)
         hidden = encode(self.student, shuffled)
         out: dict[str, torch.Tensor] = {}
-        if cfg.lambda_vop:
+        wanted = self.phase_loss_names(1)
+        if "order" in wanted:
             pred = self.order_head(tokens(hidden, self.stage))
             target = order_targets(perm, (cfg.grid,) * 3, cfg.order_target).to(pred)
             out["order"] = F.mse_loss(pred, target)
-        if cfg.lambda_var:
+        if "appearance" in wanted:
             out["appearance"] = F.mse_loss(decode(self.student, shuffled, hidden), x)
-        if cfg.lambda_global:
+        if "global" in wanted:
             student_g = self.student_proj["global"](self._global(hidden))
             with torch.no_grad():
                 t_hidden = encode(self.model, shuffled if cfg.teacher_sees_shuffled else x)
@@ -628,13 +629,14 @@ class ASAModule(pl.LightningModule):
         with torch.no_grad():
             t_hidden = encode(self.model, views)
         out: dict[str, torch.Tensor] = {}
-        if cfg.lambda_global:
+        wanted = self.phase_loss_names(2)
+        if "global" in wanted:
             sg = self.student_proj["global"](self._global(hidden))
             with torch.no_grad():
                 tg = self.teacher_proj["global"](self._global(t_hidden))
             # Each crop's student embedding is pulled to the teacher's embedding of the other crop.
             out["global"] = (self.consistency_loss(sg[:b], tg[b:]) + self.consistency_loss(sg[b:], tg[:b])) / 2
-        if cfg.lambda_local:
+        if "local" in wanted:
             sl = self.student_proj["local"](tokens(hidden, self.stage))
             with torch.no_grad():
                 tl = self.teacher_proj["local"](tokens(t_hidden, self.stage))
