@@ -308,7 +308,7 @@ class _CheckTarget(Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.logged.append(dict(trainer.logged_metrics))
-        m = cosine_momentum(self.step, module.cfg.steps, *module.cfg.ema_momentum)
+        m = cosine_momentum(self.step, module.cfg.steps, *module.cfg.ema_schedule())
         online = module.online.vit.patch_embedding.patch_embeddings.weight.detach()
         torch.testing.assert_close(module.target.vit.patch_embedding.patch_embeddings.weight,
                                    m * self.before + (1 - m) * online)

@@ -278,7 +278,7 @@ def test_teacher_update_moves_network_and_heads():
     t0 = {k: v.clone() for k, v in module.model.state_dict().items()}
     h0 = {k: v.clone() for k, v in module.teacher_proj.state_dict().items()}
     m = module.update_teacher(0)
-    assert m == 0.999
+    assert m == module.cfg.ema_schedule()[0] < 0.999  # auto: the base that suits a 600-step run
     for name, p in module.model.named_parameters():
         torch.testing.assert_close(p, m * t0[name] + (1 - m) * dict(module.student.named_parameters())[name])
     for name, p in module.teacher_proj.named_parameters():
@@ -302,7 +302,7 @@ class _Record(Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.logged.append(dict(trainer.logged_metrics))
-        m = cosine_momentum(self.step, module.cfg.steps, *module.cfg.ema_momentum)
+        m = cosine_momentum(self.step, module.cfg.steps, *module.cfg.ema_schedule())
         student = module.student.swinViT.patch_embed.proj.weight.detach()
         torch.testing.assert_close(module.model.swinViT.patch_embed.proj.weight,
                                    m * self.teacher_before + (1 - m) * student)

@@ -31,7 +31,7 @@ def _config(dataset: Path, **kw) -> BenchmarkConfig:
                                "finetune": {"num_workers": 0, "checkpoint_every": 1, "augment": {"enabled": False}}}},
         "methods": {"avsdb": {"preset": None, "steps": 2, "config": TINY_AVSDB}},
         "exclude": ["volume-fusion", "asa"],
-        "n_labeled": [2], "seeds": [0, 1], "parallel": 2, "overlays": 2, "workers": 1,
+        "n_labeled": [2], "seeds": [0, 1], "parallel": 2, "overlays": 2, "workers": 1, "curve_fractions": [],
     }
     values.update(kw)
     return BenchmarkConfig.model_validate(values)

@@ -10,15 +10,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
+from medpretrain.atomic import check_writable_folder
 from medpretrain.config import EvaluateConfig, FinetuneConfig, InferenceConfig
 from medpretrain.data.cache import PreparedData, prepare, prepare_dataset, prepare_pool
+from medpretrain.data.crops import background_fill
 from medpretrain.data.datasets import discover_pool
-from medpretrain.data.io import IMAGE_SUFFIXES, read_image, strip_image_suffix, write_nifti
-from medpretrain.data.preprocess import PreprocessConfig, preprocess_image, restore_to_original
+from medpretrain.data.io import IMAGE_SUFFIXES, image_suffix, read_image, strip_image_suffix, write_nifti
+from medpretrain.data.preprocess import (
+    PreprocessConfig, preprocess_image, restore_label_values, restore_to_original,
+)
 from medpretrain.engine.finetune import finetune
 from medpretrain.engine.job import read_run
-from medpretrain.errors import CacheError, DataError
+from medpretrain.errors import CacheError, ConfigError, DataError, short_path
 from medpretrain.evaluation.inference import load_trained_model, predict_probabilities
 from medpretrain.evaluation.metrics import case_metrics
 from medpretrain.evaluation.plots import save_overlay, save_training_curve
@@ -50,8 +55,8 @@ def _check_model_fits_data(meta: dict, data: PreparedData, run_dir: Path) -> Non
 
 
 def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = None,
-             out: str | Path | None = None) -> dict:
-    """Evaluate a finished run on a split of prepared data.
+             out: str | Path | None = None, model_file: str | Path | None = None) -> dict:
+    """Evaluate a finished run on a split of prepared data (``validation``: the training cases the run set aside).
 
     Writes ``RUN/eval/`` (or ``out``): metrics.json, per_case.csv, report.md, overlays/*.png.
     Metrics are computed on the prepared grid (the spacing of the prepared data), per case and class.
@@ -59,20 +64,36 @@ def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = Non
     cfg = cfg or EvaluateConfig()
     run_dir = Path(run)
     out_dir = Path(out) if out else run_dir / "eval"
+    check_writable_folder(out_dir, "--out")
     prepared = PreparedData(data)
-    model = load_trained_model(run_dir)
+    model = load_trained_model(run_dir, model_file=model_file)
     _check_model_fits_data(model.meta, prepared, run_dir)
-    inference = _inference_settings(model, cfg.inference)
+    inference = _inference_settings(model, cfg.inference, run_dir)
     labels = model.labels
     class_ids = [c for c in sorted(labels) if c != 0]
     spacing = tuple(prepared.spacing)
-    case_ids = prepared.split(cfg.split)
+    if cfg.split == "validation":
+        case_ids = read_run(run_dir).get("validation_cases") or []
+        if not case_ids:
+            raise ConfigError(f"run {run_dir} set no validation cases aside (validation_cases: 0); evaluate another "
+                              "split, or fine-tune with validation_cases > 0")
+    else:
+        case_ids = prepared.split(cfg.split)
+    if not case_ids:
+        # An empty evaluation is no result: never let it replace the previous one.
+        raise ConfigError(
+            f"split {cfg.split!r} of {prepared.root} holds no case, nothing to evaluate (the evaluation in {out_dir} "
+            f"is left as it was); evaluate another split (--split, here: "
+            f"{', '.join(k for k, v in prepared.manifest.get('split', {}).items() if v) or 'none'}) or prepare the "
+            "data with cases in that split"
+        )
     per_case, cache = {}, {}
     t0 = time.perf_counter()
     for i, cid in enumerate(case_ids):
         image = np.asarray(prepared.image(cid))
         label = np.asarray(prepared.label(cid))
-        pred = predict_probabilities(model, image, inference).argmax(0).astype(np.uint8)
+        fill = background_fill(prepared.case(cid), prepared.in_channels)
+        pred = predict_probabilities(model, image, inference, fill).argmax(0).astype(np.uint8)
         per_case[cid] = case_metrics(pred, label, class_ids, spacing, cfg.nsd_tolerance_mm)
         cache[cid] = pred
         log.info("evaluated %s (%d/%d): Dice %s", cid, i + 1, len(case_ids),
@@ -96,6 +117,7 @@ def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = Non
         "run": str(run_dir),
         "model": model.meta["model"],
         "steps": model.meta.get("global_step"),
+        "model_file": str(model_file) if model_file else None,
         "n_labeled": run_info.get("n_labeled"),
         "data": str(prepared.root),
         "split": cfg.split,
@@ -144,23 +166,67 @@ def _group_channels(sources, in_channels: int) -> dict[str, list[Path]]:
     return cases
 
 
-def _inference_settings(model, override: InferenceConfig | None) -> InferenceConfig:
-    """The run's stored sliding-window settings, with only the fields the user set replaced."""
+def _inference_settings(model, override: InferenceConfig | None, run: str | Path = "the run") -> InferenceConfig:
+    """The run's stored sliding-window settings, with only the fields the user set replaced. A bad value stored
+    with the run (from a run written before it was checked) is named with the option that overrides it, so that
+    it does not break every later evaluate/predict of that run."""
     stored = model.meta.get("inference", {})
     changed = override.model_dump(exclude_unset=True) if override is not None else {}
-    return InferenceConfig(**{**stored, **changed})
+    try:
+        return InferenceConfig(**{**stored, **changed})
+    except ValidationError as exc:
+        bad = "; ".join(f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg'].removeprefix('Value error, ')}"
+                        for e in exc.errors())
+        raise ConfigError(f"run {run} stores invalid sliding-window settings ({bad}); override them, e.g. "
+                          "--overlap 0.5") from None
+
+
+class Predictions(list):
+    """The label maps ``predict`` wrote (a list of paths), and ``skipped``: one ``{"file", "reason"}`` per input
+    that could not be segmented."""
+
+    def __init__(self, written=(), skipped=()):
+        super().__init__(written)
+        self.skipped: list[dict] = list(skipped)
+
+
+def _check_predict_out(input: Path, out: Path, targets: list[Path], inputs: list[Path]) -> None:
+    """Refuse an --out that would write over an input or be read as input later, before anything is written."""
+    if not out.is_dir() and image_suffix(out):
+        raise ConfigError(f"--out {out} looks like a file name; predict writes one CASE.nii.gz label map per input "
+                          "into the folder --out: pass a folder, e.g. predictions/")
+    check_writable_folder(out, "--out")
+    source, target_dir = input.resolve(), out.resolve()
+    if source.is_dir() and (target_dir == source or source in target_dir.parents):
+        raise ConfigError(
+            f"--out {out} is the input folder {input} or inside it: label maps written there would overwrite input "
+            f"scans or be read as scans by the next run; choose another --out, e.g. {short_path(input.parent / (input.name + '_pred'))}"
+        )
+    originals = {p.resolve() for p in inputs}
+    clash = [t for t in targets if t.resolve() in originals]
+    if clash:
+        raise ConfigError(f"--out {out}: the label map {clash[0]} would overwrite the input of the same name; "
+                          "choose another --out")
 
 
 def predict(run: str | Path, input: str | Path, out: str | Path,
-            inference: InferenceConfig | None = None) -> list[Path]:
+            inference: InferenceConfig | None = None, nan_policy: str | None = None) -> Predictions:
     """Segment image file(s) and write label maps in each input's ORIGINAL geometry (shape and affine).
+
+    An input that cannot be segmented (unreadable, NaN voxels, wrong channel count...) is skipped with a warning
+    and the others are segmented; only when none can be is it an error.
 
     Args:
         run: a finished fine-tuning run.
         input: an image file, a DICOM series folder, or a folder of images (nnU-Net channel files
             ``CASE_0000`` are grouped per case).
-        out: folder for ``CASE.nii.gz`` label maps.
+        out: folder for ``CASE.nii.gz`` label maps; never the input folder, never over an input file.
         inference: overrides of the run's sliding-window settings.
+        nan_policy: ``zero`` replaces NaN/Inf voxels with 0 (and says how many); None: the run's setting
+            (``error``: such an input is skipped).
+
+    Returns:
+        The label maps written, in input order (``.skipped``: the inputs that were not).
     """
     model = load_trained_model(run)
     if "preprocess" not in model.meta:
@@ -168,37 +234,65 @@ def predict(run: str | Path, input: str | Path, out: str | Path,
             f"{run} holds a pretrained network ({model.meta.get('kind', 'pretraining')}), not a segmentation model "
             "of real classes; fine-tune it first (`medpretrain finetune --init RUN/model.pt`) and predict with that run"
         )
-    inference = _inference_settings(model, inference)
+    inference = _inference_settings(model, inference, run)
     # The manifest's preprocess block holds the resolved spacing and modality the model was trained at.
     cfg = PreprocessConfig(**model.meta["preprocess"])
+    if nan_policy is not None:
+        if nan_policy not in ("error", "zero"):
+            raise ConfigError(f"--nan-policy {nan_policy!r} must be error (skip such an input) or zero (replace by 0)")
+        cfg = cfg.model_copy(update={"nan_policy": nan_policy})
     spacing, modality = tuple(cfg.spacing), cfg.modality
     sources = discover_pool(input)
     if not sources:
         raise DataError(f"no images found in {input} (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM folders)")
     groups = _group_channels(sources, model.meta["in_channels"])
     out_dir = Path(out)
+    targets = {case_id: out_dir / f"{case_id}.nii.gz" for case_id in groups}
+    _check_predict_out(Path(input), out_dir, list(targets.values()), [p for paths in groups.values() for p in paths])
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, skipped = [], []
     for case_id, paths in groups.items():
-        images = [read_image(p) for p in paths]
-        image = images[0]
-        if len(images) > 1:
-            for other, path in zip(images[1:], paths[1:]):
-                if other.array.shape[1:] != image.array.shape[1:] or not np.allclose(
-                        other.affine, image.affine, atol=1e-3):
-                    raise DataError(f"{path}: channel file does not lie on the grid of {paths[0]} "
-                                    f"(shape {other.array.shape[1:]} vs {image.array.shape[1:]}); resample it first")
-            image.array = np.concatenate([im.array for im in images], axis=0)
-        if image.array.shape[0] != model.meta["in_channels"]:
-            raise DataError(
-                f"{paths[0]}: {image.array.shape[0]} channel(s) but the model expects {model.meta['in_channels']}; "
-                "give one file per channel named CASE_0000, CASE_0001, ... or a 4D file"
-            )
-        prepared = preprocess_image(image, cfg, spacing, modality)
-        probs = predict_probabilities(model, prepared.image, inference)
-        label = restore_to_original(probs, prepared.geometry, is_probability=True)
-        target = out_dir / f"{case_id}.nii.gz"
-        write_nifti(label, np.asarray(prepared.geometry.original_affine), target)
+        try:
+            label, affine, stats = _segment_case(model, paths, cfg, spacing, modality, inference)
+        except DataError as exc:
+            log.warning("SKIP %s: %s", case_id, exc)
+            skipped.append({"case_id": case_id, "file": str(paths[0]), "reason": str(exc)})
+            continue
+        if stats.get("nan_replaced"):
+            log.warning("%s: %d NaN/Inf voxels were replaced by 0 (--nan-policy zero)", paths[0], stats["nan_replaced"])
+        target = targets[case_id]
+        write_nifti(label, affine, target)
         written.append(target)
         log.info("wrote %s", target)
-    return written
+    if skipped and not written:
+        raise DataError(f"none of the {len(skipped)} input(s) in {input} could be segmented (reasons above; the first, "
+                        f"{skipped[0]['file']}: {skipped[0]['reason']})")
+    if skipped:
+        log.warning("%d input(s) skipped: %s", len(skipped), ", ".join(s["case_id"] for s in skipped))
+    return Predictions(written, skipped)
+
+
+def _segment_case(model, paths: list[Path], cfg: PreprocessConfig, spacing, modality: str,
+                  inference: InferenceConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """One input case: its label map in the original geometry (the dataset's label ids), affine and stats."""
+    images = [read_image(p) for p in paths]
+    image = images[0]
+    if len(images) > 1:
+        for other, path in zip(images[1:], paths[1:]):
+            if other.array.shape[1:] != image.array.shape[1:] or not np.allclose(
+                    other.affine, image.affine, atol=1e-3):
+                raise DataError(f"{path}: channel file does not lie on the grid of {paths[0]} "
+                                f"(shape {other.array.shape[1:]} vs {image.array.shape[1:]}); resample it first")
+        image.array = np.concatenate([im.array for im in images], axis=0)
+    if image.array.shape[0] != model.meta["in_channels"]:
+        raise DataError(
+            f"{paths[0]}: {image.array.shape[0]} channel(s) but the model expects {model.meta['in_channels']}; "
+            "give one file per channel named CASE_0000, CASE_0001, ... or a 4D file"
+        )
+    prepared = preprocess_image(image, cfg, spacing, modality)
+    probs = predict_probabilities(model, prepared.image, inference,
+                                  background_fill({"stats": prepared.stats}, prepared.image.shape[0]))
+    label = restore_to_original(probs, prepared.geometry, is_probability=True)
+    # Classes 0..K-1 back to the dataset's label ids when they had gaps (0, 1, 5).
+    label = restore_label_values(label, model.meta.get("label_values"))
+    return label, np.asarray(prepared.geometry.original_affine), prepared.stats

@@ -40,7 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from medpretrain.atomic import atomic_write_json, atomic_write_text
-from medpretrain.config import make_config, read_yaml_mapping
+from medpretrain.config import curve_file_name, make_config, read_yaml_mapping
 from medpretrain.errors import ConfigError, MedpretrainError
 
 log = logging.getLogger("medpretrain")
@@ -96,6 +96,33 @@ class MethodSettings(_Strict):
     steps: int | None = None
     config: dict[str, Any] = {}
     backbones: list[str] | None = None
+    untrained: bool = False
+
+
+class ValidationSettings(_Strict):
+    """Fine-tuning hyper-parameters chosen on validation cases, never on test, with the same grid for every arm
+    (scratch included).
+
+    Args:
+        cases: training cases set aside as the validation set (never in a labelled subset, never test); the same
+            cases for every run of the benchmark (``FinetuneConfig.validation_cases``).
+        seed: seed of that draw.
+        n_labeled, run_seed: the labelled-set size and seed the grid runs at (one run per arm and grid point).
+        lr: the learning rates tried; each arm then runs with the one of best validation Dice.
+    """
+
+    cases: int = 8
+    seed: int = 0
+    n_labeled: int = 4
+    run_seed: int = 0
+    lr: list[float] = [3e-4, 1e-3, 3e-3]
+
+    @field_validator("lr")
+    @classmethod
+    def _grid(cls, v):
+        if not v or any(x <= 0 for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"lr must list distinct learning rates > 0, got {v}")
+        return v
 
 
 class BenchmarkConfig(_Strict):
@@ -122,6 +149,14 @@ class BenchmarkConfig(_Strict):
         parallel: jobs run side by side (each with ``cores / parallel`` threads).
         overlays: overlay PNGs per evaluated run (half best, half worst cases).
         workers: processes for data preparation.
+        pretrain_seed: the seed of every pretraining (initialisation and samples), distinct from every
+            fine-tuning seed: a pretraining started from the exact initial weights of a scratch run would equal
+            that run by construction where it learnt little. The ``null`` control (``untrained: true``) uses it
+            too, so it holds exactly the weights the pretrainings started from.
+        validation: choose each arm's fine-tuning learning rate on validation cases (see
+            ``ValidationSettings``); None = every arm uses the backbone's ``lr``.
+        curve_fractions: each fine-tuning run is also evaluated at these fractions of its steps (learning
+            curves, and the steps a pretrained arm needs to reach scratch's final Dice).
     """
 
     name: str
@@ -139,6 +174,9 @@ class BenchmarkConfig(_Strict):
     parallel: int = 1
     overlays: int = 2
     workers: int = 2
+    pretrain_seed: int = 1000
+    validation: ValidationSettings | None = None
+    curve_fractions: list[float] = [0.25, 0.5]
 
     @field_validator("n_labeled")
     @classmethod
@@ -167,6 +205,9 @@ class BenchmarkConfig(_Strict):
     def _backbones(self):
         if not self.backbones:
             raise ValueError("backbones must name at least one network and its fine-tuning budget")
+        if self.pretrain_seed in self.seeds or (self.validation and self.pretrain_seed == self.validation.run_seed):
+            raise ValueError(f"pretrain_seed {self.pretrain_seed} is also a fine-tuning seed; give the pretrainings "
+                             f"a seed of their own (e.g. 1000)")
         return self
 
 
@@ -299,9 +340,11 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
             base = get_method(_base(m_name, m))
             run = out / "pretrain" / f"{m_name}-{b_name}"
             cmd = ["pretrain", "--method", base.name, "--model", b.model, "--out", str(run),
-                   "--config", str(cfg_dir / f"pretrain-{m_name}-{b_name}.yaml")]
+                   "--config", str(cfg_dir / f"pretrain-{m_name}-{b_name}.yaml"), "--seed", str(cfg.pretrain_seed)]
             if m.preset:
                 cmd += ["--preset", m.preset]
+            if m.untrained:
+                cmd += ["--untrained"]
             if base.needs_data:
                 cmd += ["--data", str(pool)]
             job = Job(f"pretrain-{m_name}-{b_name}", "pretrain", [cmd], run / "model.pt",
@@ -309,29 +352,110 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                       info={"method": m_name, "backbone": b_name, "run": str(run)})
             jobs.append(job)
             pretrain_jobs[(m_name, b_name)] = shared[key] = job
+    def init_args(m_name: str, b_name: str) -> tuple[list[str], list[str]]:
+        if m_name == SCRATCH:
+            return [], []
+        pre = pretrain_jobs[(m_name, b_name)]
+        return ["--init", str(Path(pre.info["run"]) / "model.pt"), "--init-part", cfg.backbones[b_name].init_part], \
+            [pre.name]
+
+    arms = [(m_name, b_name) for b_name in cfg.backbones for m_name in [SCRATCH, *methods]
+            if m_name == SCRATCH or (m_name, b_name) in pretrain_jobs]
+    # Validation grid first: one run per arm and learning rate, scored on the validation cases; a selection job
+    # then writes the arm's fine-tuning config with the chosen value.
+    selected: dict[tuple[str, str], Job] = {}
+    if cfg.validation is not None:
+        v = cfg.validation
+        for m_name, b_name in arms:
+            grid_runs, grid_jobs = [], []
+            for lr in v.lr:
+                run = out / "validation" / f"{m_name}-{b_name}-lr{lr:g}"
+                init, init_needs = init_args(m_name, b_name)
+                ft = ["finetune", "--data", str(prepared), "--out", str(run), "--seed", str(v.run_seed),
+                      "--config", str(cfg_dir / f"finetune-{b_name}.yaml"), "--n-labeled", str(v.n_labeled),
+                      "--lr", f"{lr:g}", *init]
+                ev = ["evaluate", "--run", str(run), "--data", str(prepared), "--split", "validation",
+                      "--overlays", "0"]
+                job = Job(f"val-{m_name}-{b_name}-lr{lr:g}", "finetune", [ft, ev], run / "eval" / "metrics.json",
+                          needs=["prepare-downstream", *init_needs],
+                          info={"method": m_name, "backbone": b_name, "n_labeled": v.n_labeled, "seed": v.run_seed,
+                                "run": str(run), "validation": True, "lr": lr})
+                jobs.append(job)
+                grid_runs.append(str(run))
+                grid_jobs.append(job.name)
+            target = cfg_dir / f"finetune-{b_name}-{m_name}.yaml"
+            sel = Job(f"select-{m_name}-{b_name}", "select",
+                      [["select-hparams", "--base", str(cfg_dir / f"finetune-{b_name}.yaml"), "--out", str(target),
+                        *[a for r in grid_runs for a in ("--runs", r)]]],
+                      target, needs=grid_jobs, info={"method": m_name, "backbone": b_name})
+            jobs.append(sel)
+            selected[(m_name, b_name)] = sel
     # Seeds outermost: a partial benchmark has complete seeds rather than one method at every seed.
     for seed in cfg.seeds:
         for n in cfg.n_labeled:
-            for b_name, b in cfg.backbones.items():
-                for m_name in [SCRATCH, *methods]:
-                    if m_name != SCRATCH and (m_name, b_name) not in pretrain_jobs:
-                        continue
-                    run = out / "runs" / f"{m_name}-{b_name}-{_n_label(n)}-s{seed}"
-                    ft = ["finetune", "--data", str(prepared), "--out", str(run), "--seed", str(seed),
-                          "--config", str(cfg_dir / f"finetune-{b_name}.yaml")]
-                    ft += ["--fraction", "1.0"] if n == "all" else ["--n-labeled", str(n)]
-                    needs = ["prepare-downstream"]
-                    if m_name != SCRATCH:
-                        pre = pretrain_jobs[(m_name, b_name)]
-                        ft += ["--init", str(Path(pre.info["run"]) / "model.pt"), "--init-part", b.init_part]
-                        needs.append(pre.name)
-                    ev = ["evaluate", "--run", str(run), "--data", str(prepared), "--overlays", str(cfg.overlays)]
-                    jobs.append(Job(run.name, "finetune", [ft, ev], run / "eval" / "metrics.json", needs=needs,
-                                    info={"method": m_name, "backbone": b_name, "n_labeled": n, "seed": seed,
-                                          "run": str(run)}))
+            for m_name, b_name in sorted(arms, key=lambda a: list(cfg.backbones).index(a[1])):
+                b = cfg.backbones[b_name]
+                run = out / "runs" / f"{m_name}-{b_name}-{_n_label(n)}-s{seed}"
+                sel = selected.get((m_name, b_name))
+                config = Path(sel.done_marker) if sel else cfg_dir / f"finetune-{b_name}.yaml"
+                ft = ["finetune", "--data", str(prepared), "--out", str(run), "--seed", str(seed),
+                      "--config", str(config)]
+                ft += ["--fraction", "1.0"] if n == "all" else ["--n-labeled", str(n)]
+                init, init_needs = init_args(m_name, b_name)
+                ft += init
+                needs = ["prepare-downstream", *init_needs, *([sel.name] if sel else [])]
+                curve = [["evaluate", "--run", str(run), "--data", str(prepared), "--overlays", "0",
+                          "--model-file", str(run / "curve" / curve_file_name(step)),
+                          "--out", str(run / "curve" / f"eval-step{step:07d}")]
+                         for step in _curve_steps(cfg, b)]
+                ev = ["evaluate", "--run", str(run), "--data", str(prepared), "--overlays", str(cfg.overlays)]
+                jobs.append(Job(run.name, "finetune", [ft, *curve, ev], run / "eval" / "metrics.json", needs=needs,
+                                info={"method": m_name, "backbone": b_name, "n_labeled": n, "seed": seed,
+                                      "run": str(run)}))
     names = {j.name for j in jobs}
     assert all(n in names for j in jobs for n in j.needs), "a job needs a job that is not planned"
     return jobs
+
+
+def _curve_steps(cfg: BenchmarkConfig, b: BackboneBudget) -> list[int]:
+    from medpretrain.config import FinetuneConfig
+
+    return FinetuneConfig(steps=b.steps, curve_fractions=cfg.curve_fractions).curve_steps()
+
+
+def _finetune_keys(cfg: BenchmarkConfig, b: BackboneBudget) -> dict[str, Any]:
+    """Every fine-tuning run's config keys of backbone ``b`` (the validation arm's lr is set on top)."""
+    keys = {**b.finetune, "model": b.model, "steps": b.steps, "patch": list(b.patch), "batch": b.batch,
+            "lr": b.lr, "precision": b.precision}
+    if cfg.curve_fractions:
+        keys["curve_fractions"] = list(cfg.curve_fractions)
+    if cfg.validation is not None:
+        keys.update(validation_cases=cfg.validation.cases, validation_seed=cfg.validation.seed)
+    return keys
+
+
+def select_hyperparameters(base: Path, runs: list[Path], out: Path) -> dict[str, Any]:
+    """Choose among validation runs the one of best mean validation Dice (ties: the first listed) and write
+    ``out``: the ``base`` fine-tuning config with that run's learning rate; ``out`` with ``.json`` beside it
+    records every run's validation Dice, the validation cases and the choice."""
+    from medpretrain.engine.job import read_run
+
+    scores = []
+    for run in runs:
+        metrics_path = Path(run) / "eval" / "metrics.json"
+        if not metrics_path.is_file():
+            raise ConfigError(f"validation run {run} has no eval/metrics.json; finish it (evaluate --split validation)")
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        info = read_run(run)
+        scores.append({"run": str(run), "lr": info["config"]["lr"],
+                       "validation_dice": metrics["overall"]["dice"]["mean"],
+                       "validation_cases": info.get("validation_cases", [])})
+    best = max(scores, key=lambda s: (s["validation_dice"], -scores.index(s)))
+    values = read_yaml_mapping(base, "fine-tuning config")
+    values["lr"] = best["lr"]
+    atomic_write_json(Path(out).with_suffix(".json"), {"chosen": {"lr": best["lr"]}, "runs": scores})
+    atomic_write_text(Path(out), yaml.safe_dump(values, sort_keys=True))
+    return {"chosen": {"lr": best["lr"]}, "runs": scores}
 
 
 def job_files(cfg: BenchmarkConfig, out: Path, methods: dict[str, MethodSettings]) -> dict[Path, str]:
@@ -346,8 +470,7 @@ def job_files(cfg: BenchmarkConfig, out: Path, methods: dict[str, MethodSettings
 
     dump("preprocess-downstream.yaml", cfg.preprocess)
     for b_name, b in cfg.backbones.items():
-        dump(f"finetune-{b_name}.yaml", {**b.finetune, "model": b.model, "steps": b.steps, "patch": list(b.patch),
-                                         "batch": b.batch, "lr": b.lr, "precision": b.precision})
+        dump(f"finetune-{b_name}.yaml", _finetune_keys(cfg, b))
         for m_name, m in methods.items():
             if _method_runs_on(m_name, m, b_name, b.model):
                 dump(f"pretrain-{m_name}-{b_name}.yaml",
@@ -597,9 +720,7 @@ def _validate_job_settings(cfg: BenchmarkConfig, methods: dict[str, MethodSettin
         if {"n_labeled", "fraction", "seed", "init"} & set(b.finetune):
             raise ConfigError(f"backbone '{b_name}': finetune sets n_labeled/fraction/seed/init, which the benchmark "
                               "sets per run; remove them")
-        ft = make_config(FinetuneConfig, {**b.finetune, "model": b.model, "steps": b.steps, "patch": b.patch,
-                                          "batch": b.batch, "lr": b.lr, "precision": b.precision},
-                         f"backbone '{b_name}'")
+        ft = make_config(FinetuneConfig, _finetune_keys(cfg, b), f"backbone '{b_name}'")
         get_spec(ft.model).check_patch(ft.patch)
         for m_name, m in methods.items():
             if _method_runs_on(m_name, m, b_name, b.model):
@@ -677,8 +798,13 @@ def _write_report(cfg: BenchmarkConfig, out: Path, jobs: list[Job], methods: dic
         f"the profile gives it {', '.join(methods[m].backbones)}" if methods[m].backbones is not None else
         f"it pretrains {', '.join(get_method(_base(m, methods[m])).models) or 'any network'}") + ")"
              for m, bs in not_run.items() if bs]
-    notes += [f"{m}: variant of {s.method} with {json.dumps(s.config, sort_keys=True)}"
+    notes += [f"{m}: " + (f"the null control: {s.method}'s network as its pretraining starts it, exported untrained "
+                          f"(seed {cfg.pretrain_seed})" if s.untrained
+                          else f"variant of {s.method} with {json.dumps(s.config, sort_keys=True)}")
               for m, s in methods.items() if s.method is not None]
+    if cfg.validation is not None:
+        notes.append(f"learning rate: chosen per arm on {cfg.validation.cases} validation cases (grid "
+                     f"{', '.join(f'{x:g}' for x in cfg.validation.lr)}; see below), not the budget table's lr")
     notes += [f"excluded by the profile: {', '.join(cfg.exclude)}"] if cfg.exclude else []
-    return write_benchmark_report(cfg, out, [j for j in jobs if j.kind == "finetune"],
+    return write_benchmark_report(cfg, out, [j for j in jobs if j.kind == "finetune" and not j.info.get("validation")],
                                   [j for j in jobs if j.kind == "pretrain"], failed, notes)

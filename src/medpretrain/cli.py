@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from medpretrain.errors import MedpretrainError
+from medpretrain.errors import MedpretrainError, describe_os_error
 
 app = typer.Typer(
     add_completion=False,
@@ -94,7 +94,7 @@ def prepare(
     label_interpolation: Optional[str] = typer.Option(None, help="Label resampling: linear (one-hot, then argmax) or nearest. (default: linear)"),
     no_crop: bool = typer.Option(False, "--no-crop", help="Do not crop to the body box."),
     nan_policy: Optional[str] = typer.Option(None, help="NaN/Inf voxels: error (skip the case) or zero (replace, recorded). (default: error)"),
-    max_voxels: Optional[int] = typer.Option(None, help="Refuse images with more voxels than this after resampling."),
+    max_voxels: Optional[int] = typer.Option(None, help="Refuse images with more voxels than this after resampling. (default: what fits in memory)"),
     workers: int = typer.Option(1, help="Parallel processes."),
     strict: bool = typer.Option(False, help="Stop with an error at the first bad case instead of skipping it."),
     seed: int = typer.Option(0, help="Seed of the 80/20 split when the dataset has no splits.json."),
@@ -142,14 +142,18 @@ def finetune(
 ) -> None:
     """Fine-tune (or train from scratch) a segmentation network on prepared labelled data."""
     from medpretrain.config import FinetuneConfig, load_config
+    from medpretrain.planning import plan_overrides
 
-    cfg = load_config(FinetuneConfig, config, {
+    options = {
         "model": model, "init": init, "init_part": init_part, "n_labeled": n_labeled, "fraction": fraction,
         "freeze_encoder": freeze_encoder, "steps": steps, "patch": patch, "batch": batch, "lr": lr, "seed": seed,
         "checkpoint_every": checkpoint_every, "precision": precision, "accelerator": accelerator,
         "devices": int(devices) if devices and devices.isdigit() else devices, "num_nodes": num_nodes,
         "strategy": strategy, "num_workers": num_workers, "deterministic": deterministic,
-    })
+    }
+    # Patch and batch not given: the data's plan (`medpretrain plan`) decides, when it is for this network.
+    options.update(plan_overrides(data, config, options, FinetuneConfig.model_fields["model"].default))
+    cfg = load_config(FinetuneConfig, config, options)
     # Bad settings fail before the seconds-long Lightning import.
     from medpretrain.models import get_spec
 
@@ -183,12 +187,27 @@ def pretrain(
     deterministic: Optional[bool] = typer.Option(None, "--deterministic", help="Bitwise-reproducible mode."),
     matcher: Optional[str] = typer.Option(None, help="alice: anatomical matcher, sam or registration. (default: registration)"),
     matcher_run: Optional[Path] = typer.Option(None, help="alice with --matcher sam: the `train-matcher` run folder."),
+    untrained: bool = typer.Option(False, "--untrained", help="Write the network's initial weights without training "
+                                   "(the null control: same network, seed and --init path, nothing learnt)."),
+    plan: Optional[Path] = typer.Option(None, help="plan.json of the downstream data (`medpretrain plan`): its network "
+                                        "and patch, unless --model / --patch are given, so the pretrained network "
+                                        "fits the fine-tuning one."),
     resume: bool = typer.Option(False, help="Continue from the newest readable checkpoint in --out."),
 ) -> None:
     """Pretrain a network with a registered method (self-supervised or formula-driven)."""
     from medpretrain.engine.pretrain import pretrain as run_pretrain
     from medpretrain.engine.pretrain import pretrain_config
 
+    if plan is not None:
+        from medpretrain.planning import read_plan
+
+        planned = read_plan(plan.parent) if plan.name == "plan.json" else None
+        if planned is None:
+            from medpretrain.errors import ConfigError
+
+            raise ConfigError(f"--plan {plan}: no such plan.json; write it with `medpretrain plan --data DIR`")
+        model = model or planned["model"]
+        patch = patch or tuple(planned["patch"])
     cfg = pretrain_config(method, config, preset, {
         "model": model, "steps": steps, "patch": patch, "batch": batch, "lr": lr, "seed": seed,
         "checkpoint_every": checkpoint_every, "precision": precision, "accelerator": accelerator,
@@ -196,7 +215,7 @@ def pretrain(
         "strategy": strategy, "num_workers": num_workers, "deterministic": deterministic,
         "matcher": matcher, "matcher_run": matcher_run,
     })
-    run = run_pretrain(method, data, out, cfg, resume=resume)
+    run = run_pretrain(method, data, out, cfg, resume=resume, untrained=untrained)
     typer.echo(f"pretrained model: {run / 'model.pt'}")
 
 
@@ -243,9 +262,11 @@ def generate_avsdb(
     preview: int = typer.Option(0, help="Write PNG sheets of the first N volumes to OUT/preview/."),
 ) -> None:
     """Write an AVS-DB dataset of formula-driven labelled volumes (usable by prepare and finetune)."""
+    from medpretrain.atomic import check_writable_folder
     from medpretrain.config import make_config
     from medpretrain.synthetic.avsdb import AVSDBConfig, write_avsdb_dataset
 
+    check_writable_folder(out, "--out")
     cfg = make_config(AVSDBConfig, {"size": (size, size, size), "classes": classes, "n_shapes": shapes,
                                     "overlap": not no_overlap, "render": render})
     root = write_avsdb_dataset(out, n, cfg, seed=seed, workers=workers, preview=preview)
@@ -261,15 +282,19 @@ def evaluate(
     overlays: int = typer.Option(4, help="Overlay PNGs (half best, half worst cases); -1 for all."),
     overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap. (default: the run's, 0.5)"),
     out: Optional[Path] = typer.Option(None, help="Output folder. (default: RUN/eval)"),
+    model_file: Optional[Path] = typer.Option(None, help="Evaluate this export of the run instead of RUN/model.pt "
+                                              "(a learning-curve point, RUN/curve/model_stepN.pt)."),
 ) -> None:
     """Evaluate a run: metrics.json, per_case.csv, report.md and overlays/ in RUN/eval."""
-    from medpretrain.api import evaluate as run_evaluate
     from medpretrain.config import EvaluateConfig, InferenceConfig, make_config
 
+    # Bad settings fail before the seconds-long torch import.
     inference = make_config(InferenceConfig, {"overlap": overlap}) if overlap is not None else None
     cfg = make_config(EvaluateConfig, {"split": split, "nsd_tolerance_mm": nsd_tolerance, "overlays": overlays,
                                        "inference": inference})
-    metrics = run_evaluate(run, data, cfg, out)
+    from medpretrain.api import evaluate as run_evaluate
+
+    metrics = run_evaluate(run, data, cfg, out, model_file=model_file)
     overall = metrics["overall"]
     typer.echo("  ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in overall.items()))
 
@@ -280,14 +305,19 @@ def predict(
     input: Path = typer.Option(..., help="An image file, a DICOM series folder, or a folder of images."),
     out: Path = typer.Option(..., help="Folder for the label maps (original geometry of each input)."),
     overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap. (default: the run's, 0.5)"),
+    nan_policy: Optional[str] = typer.Option(None, help="NaN/Inf voxels: error (skip that input) or zero (replace, "
+                                             "with a warning). (default: the run's, error)"),
 ) -> None:
-    """Segment images; label maps are written in each input's original geometry."""
-    from medpretrain.api import predict as run_predict
+    """Segment images; label maps are written in each input's original geometry. An input that cannot be
+    segmented is skipped with a warning; the others are segmented."""
     from medpretrain.config import InferenceConfig, make_config
 
     inference = make_config(InferenceConfig, {"overlap": overlap}) if overlap is not None else None
-    written = run_predict(run, input, out, inference)
-    typer.echo(f"wrote {len(written)} label map(s) to {out}")
+    from medpretrain.api import predict as run_predict
+
+    written = run_predict(run, input, out, inference, nan_policy=nan_policy)
+    skipped = getattr(written, "skipped", [])
+    typer.echo(f"wrote {len(written)} label map(s) to {out}" + (f", skipped {len(skipped)}" if skipped else ""))
 
 
 @app.command()
@@ -324,6 +354,43 @@ def benchmark(
         typer.echo(f"report: {report}")
 
 
+@app.command("plan")
+def plan_cmd(
+    data: Path = typer.Option(..., help="Prepared data (output of `prepare`)."),
+    model: str = typer.Option("unet", help="Registered network to plan for."),
+    device: str = typer.Option("cpu", help="cpu or gpu: what the plan is sized for."),
+    threads: int = typer.Option(2, help="cpu: threads per training process."),
+    step_seconds: float = typer.Option(2.0, help="cpu: longest acceptable estimated step, in seconds."),
+    gpu: str = typer.Option("h200", help="gpu: h200, h100 or a100 (FLOP rate)."),
+    gpu_memory_gb: float = typer.Option(140.0, help="gpu: memory available to training, in GB."),
+) -> None:
+    """Plan patch and batch from the data (fingerprint.json) for a network and a budget; writes plan.json."""
+    from medpretrain.data.cache import PreparedData
+    from medpretrain.planning import Budget, write_plan
+
+    if device not in ("cpu", "gpu"):
+        from medpretrain.errors import ConfigError
+
+        raise ConfigError(f"--device {device!r}: choose cpu or gpu")
+    budget = Budget(device=device, threads=threads, step_seconds=step_seconds, gpu=gpu, gpu_memory_gb=gpu_memory_gb)
+    plan = write_plan(PreparedData(data), model, budget)
+    typer.echo(plan.table())
+    typer.echo(f"plan written to {Path(data) / 'plan.json'}")
+
+
+@app.command("select-hparams")
+def select_hparams(
+    base: Path = typer.Option(..., help="The fine-tuning config (YAML) the validation runs started from."),
+    runs: list[Path] = typer.Option(..., help="Validation runs, each evaluated with `evaluate --split validation`."),
+    out: Path = typer.Option(..., help="Config to write: BASE with the learning rate of the best run (OUT.json: every score)."),
+) -> None:
+    """Choose the learning rate of best validation Dice among runs (the benchmark's validation grid)."""
+    from medpretrain.benchmark import select_hyperparameters
+
+    chosen = select_hyperparameters(base, runs, out)
+    typer.echo(f"chosen lr {chosen['chosen']['lr']:g}: {out}")
+
+
 @app.command()
 def models() -> None:
     """List the registered networks and their presets."""
@@ -356,4 +423,12 @@ def main() -> None:
         app(prog_name="medpretrain")  # typer handles usage errors and --help itself (exit code 2)
     except MedpretrainError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        # Read-only folder, full disk, name too long, a file where a folder is needed: one line, path and fix.
+        typer.echo(f"error: {describe_os_error(exc)}", err=True)
+        raise SystemExit(1) from None
+    except MemoryError:
+        typer.echo(f"error: {command or 'medpretrain'} ran out of memory; choose a coarser --spacing, a smaller "
+                   "--patch or --batch, or fewer --workers", err=True)
         raise SystemExit(1) from None

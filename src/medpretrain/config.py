@@ -6,6 +6,9 @@ Unknown keys are refused with the list of valid ones.
 
 from __future__ import annotations
 
+import math
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from medpretrain.errors import ConfigError
+
+
+MAX_SEED = 2**32 - 1
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16", "bf16-true", "16-true", "64-true", "64")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
 
 class _Strict(BaseModel):
@@ -42,6 +50,13 @@ class AugmentConfig(_Strict):
     intensity_prob: float = 0.0
     noise_prob: float = 0.0
 
+    @field_validator("flip_prob", "rotate90_prob", "affine_prob", "intensity_prob", "noise_prob")
+    @classmethod
+    def _probability(cls, v: float) -> float:
+        if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+            raise ValueError("must be a probability within [0, 1]")
+        return v
+
 
 class InferenceConfig(_Strict):
     """Sliding-window inference (MONAI ``sliding_window_inference``).
@@ -57,6 +72,28 @@ class InferenceConfig(_Strict):
     mode: Literal["gaussian", "constant"] = "gaussian"
     sw_batch_size: int = 2
     roi: tuple[int, int, int] | None = None
+
+    @field_validator("overlap")
+    @classmethod
+    def _overlap(cls, v: float) -> float:
+        # 1 would never advance the window; MONAI refuses it deep inside inference.
+        if not (math.isfinite(v) and 0.0 <= v < 1.0):
+            raise ValueError("must be within [0, 1), e.g. 0.5")
+        return v
+
+    @field_validator("sw_batch_size")
+    @classmethod
+    def _sw_batch(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("roi")
+    @classmethod
+    def _roi(cls, v):
+        if v is not None and any(s < 1 for s in v):
+            raise ValueError("every side must be >= 1 voxel")
+        return v
 
 
 class TrainingConfig(_Strict):
@@ -114,6 +151,77 @@ class TrainingConfig(_Strict):
             raise ValueError("must be within [0, 1]")
         return v
 
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, v: float) -> float:
+        # lr 0 would train "successfully" without learning anything.
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError("must be a positive number, e.g. 1e-3")
+        return v
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _non_negative_decay(cls, v: float) -> float:
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError("must be a number >= 0, e.g. 1e-5")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, v: int) -> int:
+        # Lightning's seed_everything replaces a seed outside this range with a random one, silently.
+        if not 0 <= v <= MAX_SEED:
+            raise ValueError(f"must be within 0..{MAX_SEED}")
+        return v
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0 (0 = read samples in the training process)")
+        return v
+
+    @field_validator("num_nodes")
+    @classmethod
+    def _nodes(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str) -> str:
+        if str(v) not in PRECISIONS:
+            raise ValueError(f"must be one of {', '.join(PRECISIONS)}")
+        return str(v)
+
+    @field_validator("accelerator")
+    @classmethod
+    def _accelerator(cls, v: str) -> str:
+        if v not in ACCELERATORS:
+            raise ValueError(f"must be one of {', '.join(ACCELERATORS)}")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: int | str) -> int | str:
+        if isinstance(v, int):
+            ok = v >= 1 or v == -1
+        else:
+            ok = v == "auto" or bool(re.fullmatch(r"-1|\d+|\d+(,\d+)+,?", v.replace(" ", "")))
+            if ok and v.strip().isdigit():
+                ok = int(v) >= 1
+        if not ok:
+            raise ValueError("must be a count >= 1, -1 (all), 'auto' or a list of device ids like '0,1'")
+        return v
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a Lightning strategy name, e.g. auto or ddp")
+        return v
+
 
 class FinetuneConfig(TrainingConfig):
     """Supervised fine-tuning (or from-scratch training) of a segmentation network; the shared training
@@ -129,6 +237,14 @@ class FinetuneConfig(TrainingConfig):
         loss_lambda_dice, loss_lambda_ce: weights of MONAI DiceCELoss terms.
         augment: patch augmentation.
         inference: sliding-window settings stored with the model for evaluate/predict.
+        validation_cases: set aside this many training cases as a validation set (the first of a permutation
+            drawn from ``validation_seed``): never labelled, never test; ``evaluate --split validation`` scores
+            them, so hyper-parameters are chosen without touching the test split. Labelled subsets are drawn
+            from the remaining training cases.
+        validation_seed: seed of the validation draw (independent of ``seed``, so every run of a benchmark
+            sets aside the same cases).
+        curve_fractions: also export the model at these fractions of ``steps`` (``RUN/curve/model_stepN.pt``)
+            for learning curves (``evaluate --model-file``); the final model is ``RUN/model.pt``.
     """
 
     foreground_fraction: float = 1.0 / 3.0
@@ -141,6 +257,9 @@ class FinetuneConfig(TrainingConfig):
     loss_lambda_ce: float = 1.0
     augment: AugmentConfig = AugmentConfig()
     inference: InferenceConfig = InferenceConfig()
+    validation_cases: int = 0
+    validation_seed: int = 0
+    curve_fractions: list[float] = []
 
     @field_validator("foreground_fraction")
     @classmethod
@@ -148,6 +267,32 @@ class FinetuneConfig(TrainingConfig):
         if not 0.0 <= v <= 1.0:
             raise ValueError("must be within [0, 1]")
         return v
+
+    @field_validator("validation_cases", "validation_seed")
+    @classmethod
+    def _non_negative_val(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("loss_lambda_dice", "loss_lambda_ce")
+    @classmethod
+    def _loss_weight(cls, v: float) -> float:
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError("must be a number >= 0")
+        return v
+
+    @field_validator("curve_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < f < 1.0 for f in v):
+            raise ValueError("every fraction must lie within (0, 1) (the final model is RUN/model.pt), e.g. [0.25, 0.5]")
+        return sorted(set(v))
+
+    def curve_steps(self) -> list[int]:
+        """The steps at which the learning-curve exports are written (distinct, within 1..steps-1)."""
+        return sorted({min(max(1, int(round(f * self.steps))), self.steps - 1) for f in self.curve_fractions}
+                      - {0}) if self.steps > 1 else []
 
     @model_validator(mode="after")
     def _subset(self):
@@ -160,11 +305,17 @@ class FinetuneConfig(TrainingConfig):
         return self
 
 
+def curve_file_name(step: int) -> str:
+    """File name of a fine-tuning run's learning-curve export at ``step`` (in ``RUN/curve/``)."""
+    return f"model_step{step:07d}.pt"
+
+
 class EvaluateConfig(_Strict):
     """Evaluation of a run on a split of prepared data.
 
     Args:
-        split: split name in the prepared manifest.
+        split: split name in the prepared manifest, or ``validation``: the training cases the run set aside
+            (``FinetuneConfig.validation_cases``).
         nsd_tolerance_mm: tolerance of the normalised surface Dice.
         overlays: number of overlay PNGs (half best, half worst cases by Dice); 0 = none, -1 = all.
         inference: overrides of the run's inference settings.
@@ -175,6 +326,20 @@ class EvaluateConfig(_Strict):
     overlays: int = 4
     inference: InferenceConfig | None = None
 
+    @field_validator("nsd_tolerance_mm")
+    @classmethod
+    def _tolerance(cls, v: float) -> float:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError("must be a positive distance in mm, e.g. 2")
+        return v
+
+    @field_validator("overlays")
+    @classmethod
+    def _overlays(cls, v: int) -> int:
+        if v < -1:
+            raise ValueError("must be >= 0, or -1 for all cases")
+        return v
+
 
 def _format_validation_error(exc: ValidationError, model: type[BaseModel], source: str) -> str:
     lines = []
@@ -183,10 +348,28 @@ def _format_validation_error(exc: ValidationError, model: type[BaseModel], sourc
         if not loc:  # a check across fields
             lines.append(err["msg"].removeprefix("Value error, "))
         elif err["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{loc}'; valid keys: {', '.join(model.model_fields)}")
+            # A typo in a nested section lists that section's keys, not the top level's.
+            section = [str(p) for p in err["loc"][:-1] if not isinstance(p, int)]
+            owner = _section_model(model, section) or model
+            where = f" of '{'.'.join(section)}'" if section and owner is not model else ""
+            lines.append(f"unknown key '{loc}'; valid keys{where}: {', '.join(owner.model_fields)}")
         else:
-            lines.append(f"'{loc}' = {err.get('input')!r}: {err['msg']}")
+            lines.append(f"'{loc}' = {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}")
     return f"invalid configuration in {source}: " + "; ".join(lines)
+
+
+def _section_model(model: type[BaseModel], section: list[str]) -> type[BaseModel] | None:
+    """The settings class of a nested section (``augment`` -> AugmentConfig), or None when not one."""
+    for name in section:
+        field = model.model_fields.get(name)
+        if field is None:
+            return None
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            return None
+        model = nested
+    return model
 
 
 def make_config(model: type[_Strict], values: dict[str, Any], source: str = "options"):

@@ -8,12 +8,12 @@ import shutil
 import time
 from pathlib import Path
 
-from medpretrain.atomic import atomic_write_json, atomic_write_text
+from medpretrain.atomic import atomic_write_json, atomic_write_text, check_writable_folder
 from medpretrain.config import AugmentConfig, EvaluateConfig, FinetuneConfig
 from medpretrain.data.cache import prepare_dataset
 from medpretrain.data.preprocess import PreprocessConfig
-from medpretrain.engine.checkpointing import find_resume_checkpoint
-from medpretrain.synthetic.demo_data import make_demo_dataset
+from medpretrain.errors import ConfigError
+from medpretrain.synthetic.demo_data import TEST_FRACTION, make_demo_dataset
 
 log = logging.getLogger("medpretrain")
 
@@ -25,7 +25,25 @@ DEMO_LABELED = 3
 METRICS = ("dice", "nsd", "assd", "hd95")
 
 
+def _check_demo_options(steps: int, pretrain_steps: int, n_cases: int, n_labeled: int) -> None:
+    """Refuse demo settings that cannot run, before anything is generated or trained."""
+    n_train = n_cases - max(1, int(round(TEST_FRACTION * n_cases)))  # the synthetic set's test cases are held out
+    problems = []
+    if steps < 1:
+        problems.append(f"--steps {steps} must be >= 1 (fine-tuning steps of each run)")
+    if pretrain_steps < 0:
+        problems.append(f"--pretrain-steps {pretrain_steps} must be >= 0 (0 skips pretraining)")
+    if n_cases < 2:
+        problems.append(f"n_cases {n_cases} must be >= 2 (training and test cases)")
+    elif not 1 <= n_labeled <= n_train:
+        problems.append(f"--n-labeled {n_labeled} must be within 1..{n_train} (the demo's training cases)")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def _resume_flag(run: Path) -> bool:
+    from medpretrain.engine.checkpointing import find_resume_checkpoint  # imports Lightning: only when training
+
     return find_resume_checkpoint(run / "checkpoints") is not None
 
 
@@ -47,11 +65,12 @@ def demo(out: str | Path = "runs/demo", seed: int = 0, steps: int = DEMO_STEPS,
         n_labeled: labelled training cases each fine-tuning run sees.
         fresh: delete ``out`` first.
     """
+    _check_demo_options(steps, pretrain_steps, n_cases, n_labeled)  # before the seconds-long Lightning import
+    out = check_writable_folder(out, "--out")
     from medpretrain.api import evaluate
     from medpretrain.engine.finetune import finetune
     from medpretrain.engine.pretrain import pretrain, pretrain_config
 
-    out = Path(out)
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

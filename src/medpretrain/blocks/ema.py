@@ -12,6 +12,7 @@ import copy
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -34,6 +35,60 @@ def cosine_momentum(step: int, total: int, base: float = 0.999, final: float = 1
         raise ValueError(f"momenta must lie within [0, 1], got base {base} and final {final}")
     t = min(max(step, 0), total) / total
     return final - (final - base) * (1.0 + math.cos(math.pi * t)) / 2.0
+
+
+def teacher_init_share(total: int, base: float, final: float = 1.0) -> float:
+    """The share of its initial weights a teacher still holds after ``total`` EMA updates on the cosine schedule
+    (``prod_s m(s)``, see :func:`cosine_momentum`): a teacher started as a copy of a randomly initialised student
+    is ``share * init + (1 - share) * (weighted average of the student's past weights)``.
+
+    Args:
+        total: number of updates (the run's training steps).
+        base, final: the schedule's momenta at the first and the last update.
+    """
+    if total < 1:
+        raise ValueError(f"total must be >= 1 (the number of training steps), got {total}")
+    t = np.arange(total, dtype=np.float64) / total
+    m = final - (final - base) * (1.0 + np.cos(np.pi * t)) / 2.0  # cosine_momentum at every update, at once
+    if np.any(m <= 0.0):
+        return 0.0
+    return float(np.exp(np.sum(np.log(m))))
+
+
+def auto_base_momentum(total: int, max_init_share: float = 0.01, cap: float | None = None) -> float:
+    """The largest base momentum whose cosine schedule to 1 over ``total`` updates leaves the teacher at most
+    ``max_init_share`` of its initial weights at the end, optionally capped at ``cap`` (a paper's value).
+
+    Why: a paper's base momentum (0.996-0.999) is meant for 10^4-10^5 steps; over a few hundred steps it leaves
+    a teacher that is mostly its random initialisation (0.999 over 600 steps: 74%), so what goes downstream
+    carries little of what the student learnt. Roughly ``1 - base = 2 ln(1 / max_init_share) / total``.
+
+    Args:
+        total: number of updates (training steps).
+        max_init_share: the share of the initial weights allowed at the end, within (0, 1).
+        cap: the base momentum is never above this (the paper's value, when the run is long enough for it).
+    """
+    if not 0.0 < max_init_share < 1.0:
+        raise ValueError(f"max_init_share must lie within (0, 1), got {max_init_share}")
+    lo, hi = 0.0, 1.0  # share(lo) = 0 <= target < share(hi) = 1; the share grows with the base
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if teacher_init_share(total, mid) <= max_init_share:
+            lo = mid
+        else:
+            hi = mid
+    return min(lo, cap) if cap is not None else lo
+
+
+def resolve_ema_momentum(setting, total: int, paper_base: float, max_init_share: float = 0.01
+                         ) -> tuple[float, float]:
+    """``(base, final)`` of an ``ema_momentum`` setting: a pair as given, or ``"auto"``: the paper's base
+    momentum when the run is long enough for it, else the base derived from the run length that leaves at most
+    ``max_init_share`` of the initial weights in the teacher (:func:`auto_base_momentum`); final 1."""
+    if setting == "auto":
+        return auto_base_momentum(total, max_init_share, cap=paper_base), 1.0
+    base, final = setting
+    return float(base), float(final)
 
 
 def make_teacher(student: nn.Module) -> nn.Module:

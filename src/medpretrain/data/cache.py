@@ -14,8 +14,11 @@ re-run redoes exactly the cases whose ``CASE.json`` is missing.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
 import sys
 import zlib
 from collections import Counter
@@ -25,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from medpretrain.data.datasets import CaseSource, check_split, discover_dataset, discover_pool, make_split
-from medpretrain.atomic import atomic_save_npy, atomic_write_json
+from medpretrain.atomic import atomic_save_npy, atomic_write_json, check_writable_folder
 from medpretrain.data.io import Image3D, read_header, read_image
-from medpretrain.data.preprocess import Geometry, PreprocessConfig, preprocess_case
-from medpretrain.errors import CacheError, DataError
+from medpretrain.data.preprocess import Geometry, PreprocessConfig, default_max_voxels, memory_bytes, preprocess_case
+from medpretrain.errors import CacheError, ConfigError, DataError, describe_os_error
 
 FORMAT = "medpretrain-cache"
 FORMAT_VERSION = 1
@@ -46,8 +49,9 @@ def _jsonable(obj):
 
 
 def _case_seed(seed: int, case_id: str) -> int:
-    # Stable across processes and Python runs (unlike hash()).
-    return (zlib.crc32(case_id.encode("utf-8")) ^ (seed * 2654435761)) & 0xFFFFFFFF
+    # Stable across processes and Python runs (unlike hash()). surrogateescape: a file name that is not valid
+    # UTF-8 (its bytes held as surrogates) hashes as its bytes instead of failing.
+    return (zlib.crc32(case_id.encode("utf-8", "surrogateescape")) ^ (seed * 2654435761)) & 0xFFFFFFFF
 
 
 def _foreground_coords(label: np.ndarray, seed: int) -> dict[str, list[list[int]]]:
@@ -69,11 +73,58 @@ def _foreground_coords(label: np.ndarray, seed: int) -> dict[str, list[list[int]
     return out
 
 
+def _case_files(case_id: str, out_dir: Path) -> list[Path]:
+    """The files a case owns in the cache, the completion marker ``CASE.json`` first."""
+    return [out_dir / f"{case_id}.json", out_dir / f"{case_id}.npy", out_dir / f"{case_id}_seg.npy"]
+
+
+def _stops_every_case(exc: OSError, out_dir: Path) -> bool:
+    """True for an OS error that would fail every other case too (a full disk, a read-only cache folder):
+    skipping case after case with the same error would hide it."""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EROFS):
+        return True
+    return exc.errno in (errno.EACCES, errno.EPERM) and str(exc.filename or "").startswith(str(out_dir))
+
+
 def _process_case(task: dict) -> dict:
     """Prepare and write one case. Runs in worker processes: takes and returns plain data.
 
-    Returns ``{"case_id", "entry"}`` on success or ``{"case_id", "skip": {...}}`` for a bad case.
+    Returns ``{"case_id", "entry"}`` on success or ``{"case_id", "skip": {...}}`` for a bad case. Whatever goes
+    wrong with one case (not only a ``DataError``) makes it a skip and removes its files, so one bad case never
+    stops the others nor leaves ``CASE.npy`` without ``CASE.json``; only an error that every case would meet
+    (no space left, a read-only cache) stops the run, as a CacheError.
     """
+    out_dir = Path(task["out_dir"])
+    try:
+        result = _process_case_unguarded(task)
+    except Exception as exc:
+        _remove_case_files(task["case_id"], out_dir)
+        if isinstance(exc, OSError) and _stops_every_case(exc, out_dir):
+            raise CacheError(describe_os_error(exc)) from None
+        if isinstance(exc, OSError):
+            reason = describe_os_error(exc)
+        else:
+            reason = (f"{task['images'][0]}: unexpected {type(exc).__name__} while preparing case "
+                      f"{task['case_id']!r}: {_one_line(exc)}; the other cases are prepared (check this case's "
+                      "files, and report it if they look right)")
+        return {"case_id": task["case_id"],
+                "skip": {"case_id": task["case_id"], "file": str(task["images"][0]), "reason": reason}}
+    if "skip" in result:
+        _remove_case_files(task["case_id"], out_dir)  # stale files of an earlier version of the case
+    return result
+
+
+def _remove_case_files(case_id: str, out_dir: Path) -> None:
+    for path in _case_files(case_id, out_dir):
+        with contextlib.suppress(OSError):  # e.g. a name too long to exist at all
+            path.unlink(missing_ok=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _process_case_unguarded(task: dict) -> dict:
     case_id = task["case_id"]
     images = [Path(p) for p in task["images"]]
     label_path = Path(task["label"]) if task["label"] else None
@@ -109,7 +160,8 @@ def _process_case(task: dict) -> dict:
         current_file = str(images[0])
         declared = set(task["declared_labels"]) if task["declared_labels"] is not None else None
         prepared = preprocess_case(image, label, cfg, tuple(task["spacing"]), task["modality"],
-                                   declared_labels=declared, source=str(images[0]))
+                                   declared_labels=declared, source=str(images[0]),
+                                   label_values=task.get("label_values"))
     except DataError as exc:
         msg = str(exc)
         # Name the file the problem is in: the label when the message is about it.
@@ -135,6 +187,8 @@ def _process_case(task: dict) -> dict:
         entry["classes_present"] = sorted(int(c) for c in fg)
     record = {"case_id": case_id, "preprocess": task["preprocess"], "sources": _fingerprint(task),
               "seed": task["seed"], **entry}
+    if task.get("label_values") is not None:  # only then: caches of consecutive ids stay as they were
+        record["label_values"] = task["label_values"]
     atomic_write_json(out_dir / f"{case_id}.json", _jsonable(record))  # last: marks the case complete
     return {"case_id": case_id, "entry": _jsonable(entry)}
 
@@ -171,7 +225,9 @@ def _existing_entry(out_dir: Path, task: dict) -> dict | None:
         return None
     if record.get("seed") != task["seed"] or record.get("sources") != _fingerprint(task):
         return None
-    for key in ("case_id", "preprocess", "sources", "seed"):
+    if record.get("label_values") != task.get("label_values"):  # the label ids were renumbered otherwise
+        return None
+    for key in ("case_id", "preprocess", "sources", "seed", "label_values"):
         record.pop(key, None)
     return record
 
@@ -192,23 +248,53 @@ def _ras_spacing(affine: np.ndarray) -> np.ndarray:
     return out
 
 
-def _scan_headers(cases: list[CaseSource]) -> tuple[dict[str, tuple[np.ndarray, int]], list[dict]]:
-    """Read every case's geometry cheaply; unreadable headers become skips."""
+def _scan_headers(cases: list[CaseSource]) -> tuple[dict[str, tuple[np.ndarray, int]], list[dict], dict[str, float]]:
+    """Read every case's geometry cheaply; unreadable headers become skips. Also returns each case's field of
+    view in mm^3 (what its voxel count at a target spacing follows from)."""
     info: dict[str, tuple[np.ndarray, int]] = {}
+    volumes: dict[str, float] = {}
     skipped: list[dict] = []
     for case in cases:
         try:
             channels = 0
             spacing = None
             for p in case.images:
-                _, nch, affine = read_header(p)
+                shape, nch, affine = read_header(p)
                 channels += nch
                 if spacing is None:
                     spacing = _ras_spacing(affine)
+                    volumes[case.case_id] = float(np.prod(shape, dtype=np.float64) * np.prod(spacing))
             info[case.case_id] = (spacing, channels)
         except DataError as exc:
             skipped.append({"case_id": case.case_id, "file": str(case.images[0]), "reason": str(exc)})
-    return info, skipped
+        except Exception as exc:  # one odd file must not stop the others
+            skipped.append({"case_id": case.case_id, "file": str(case.images[0]),
+                            "reason": f"cannot read {case.images[0]}: {_one_line(exc)}; is it a complete image file? "
+                                      "(re-export or re-download it)"})
+        if case.case_id not in info:
+            volumes.pop(case.case_id, None)
+    return info, skipped, volumes
+
+
+def _check_voxel_budget(volumes: dict[str, float], cfg: PreprocessConfig, spacing, info, where) -> None:
+    """Stop, before anything is written, when every case would be resampled to more voxels than fit in
+    memory (a tiny --spacing would allocate hundreds of GB). With some cases over the budget those are skipped
+    one by one (``preprocess_case``); with an explicit ``max_voxels`` every case is checked that way too."""
+    if cfg.max_voxels is not None or not volumes:
+        return
+    budget = default_max_voxels()
+    per_voxel = float(np.prod(spacing))
+    counts = {cid: vol / per_voxel for cid, vol in volumes.items()}
+    smallest = min(counts, key=counts.get)
+    if counts[smallest] <= budget:
+        return
+    median = _median_spacing(info, where)
+    raise DataError(
+        f"{where}: at spacing {tuple(float(s) for s in spacing)} mm every case would have more voxels than fit in "
+        f"memory (the smallest, {smallest}, about {counts[smallest]:.3g} voxels, {counts[smallest] * 4 / 1e9:.3g} GB "
+        f"as float32; the limit is {budget:.3g} voxels for {memory_bytes() / 2**30:.0f} GiB of memory); choose a "
+        f"coarser --spacing (the dataset's median is {median}) or pass --max-voxels"
+    )
 
 
 def _median_spacing(info: dict[str, tuple[np.ndarray, int]], where) -> tuple[float, float, float]:
@@ -319,6 +405,55 @@ def _write_manifest(out_dir: Path, manifest: dict) -> None:
     atomic_write_json(out_dir / "manifest.json", _jsonable(manifest))
 
 
+@contextlib.contextmanager
+def cache_folder_lock(out_dir: Path):
+    """Hold an exclusive lock on a cache folder while preparing into it, as ``run_folder_lock`` does for a run
+    folder: two ``prepare`` runs into one folder would each write arrays and then a manifest of their own, and
+    leave a cache whose arrays disagree with its manifest. The lock is taken on the folder itself (no lock file
+    in the cache) and the OS releases it when the process dies, however it dies. Where ``fcntl`` is missing
+    (Windows) the folder is not locked.
+
+    Raises:
+        CacheError: another process holds the folder.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(
+                f"{out_dir} is in use by another prepare process; wait for it to finish or stop it, then re-run "
+                "(two processes preparing one folder would leave a cache whose arrays disagree with its manifest)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_workers(workers: int) -> None:
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--workers {workers!r} must be a whole number >= 1 (1 = prepare in this process)")
+
+
+def _refuse_if_nothing_prepared(entries: dict, skipped: list[dict], where) -> None:
+    """A cache without a single case is no result: stop (no manifest, so nothing downstream mistakes the
+    folder for prepared data) instead of reporting success."""
+    if entries:
+        return
+    if not skipped:
+        raise DataError(f"{where}: no case to prepare; check the dataset")
+    first = skipped[0]
+    raise DataError(
+        f"{where}: none of the {len(skipped)} case(s) could be prepared, all were skipped (reasons above; the first, "
+        f"{first['case_id']}: {first['reason']}); fix them and re-run"
+    )
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -353,8 +488,9 @@ def prepare_dataset(
         DataError: the dataset cannot be read, names unknown cases, or (strict) a case is bad.
         CacheError: ``out_dir`` holds a cache with other settings or of another format.
     """
+    out_dir = check_writable_folder(out_dir)
+    _check_workers(workers)
     ds = discover_dataset(dataset_dir)
-    out_dir = Path(out_dir)
     cases = ds.cases
     if case_ids is not None:
         known = {c.case_id for c in cases}
@@ -366,56 +502,65 @@ def prepare_dataset(
     modality = cfg.modality or ds.modality or "MR"
     # Headers of all cases, even with a subset selected, so that the median spacing (and with
     # it the cache's settings) does not depend on which cases were picked.
-    info, header_skips = _scan_headers(ds.cases)
+    info, header_skips, volumes = _scan_headers(ds.cases)
     spacing = tuple(cfg.spacing) if cfg.spacing is not None else _median_spacing(info, dataset_dir)
     preprocess = _resolved_preprocess(cfg, spacing, modality)
+    _check_voxel_budget({c.case_id: volumes[c.case_id] for c in cases if c.case_id in volumes}, cfg, spacing, info,
+                        dataset_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_existing_manifest(out_dir, preprocess, "labelled")
+    with cache_folder_lock(out_dir):
+        _check_existing_manifest(out_dir, preprocess, "labelled")
 
-    selected = {c.case_id for c in cases}
-    skipped = [s for s in header_skips if s["case_id"] in selected]
-    if strict and skipped:
-        raise DataError(skipped[0]["reason"])
-    for s in skipped:
-        log.warning("SKIP %s: %s", s["case_id"], s["reason"])
-    bad = {s["case_id"] for s in skipped}
-    declared_labels = sorted(ds.labels)
-    tasks = [
-        {
-            "case_id": c.case_id, "images": [str(Path(p).resolve()) for p in c.images],
-            "label": str(Path(c.label).resolve()) if c.label else None,
-            "out_dir": str(out_dir), "cfg": cfg.model_dump(), "spacing": list(spacing), "modality": modality,
-            "declared_labels": declared_labels, "channels": len(ds.channel_names),
-            "channel_source": f"channel_names in {Path(dataset_dir) / 'dataset.json'}" if ds.layout != "folders" else "the other cases",
-            "preprocess": preprocess, "seed": seed,
+        selected = {c.case_id for c in cases}
+        skipped = [s for s in header_skips if s["case_id"] in selected]
+        if strict and skipped:
+            raise DataError(skipped[0]["reason"])
+        for s in skipped:
+            log.warning("SKIP %s: %s", s["case_id"], s["reason"])
+        bad = {s["case_id"] for s in skipped}
+        declared_labels = sorted(ds.labels)
+        # Label ids with gaps (0, 1, 5) are renumbered 0..K-1 for training (a network has K outputs) and mapped
+        # back by predict; consecutive ids are left as they are.
+        label_values = declared_labels if declared_labels != list(range(len(declared_labels))) else None
+        tasks = [
+            {
+                "case_id": c.case_id, "images": [str(Path(p).resolve()) for p in c.images],
+                "label": str(Path(c.label).resolve()) if c.label else None,
+                "out_dir": str(out_dir), "cfg": cfg.model_dump(), "spacing": list(spacing), "modality": modality,
+                "declared_labels": declared_labels, "channels": len(ds.channel_names),
+                "channel_source": f"channel_names in {Path(dataset_dir) / 'dataset.json'}" if ds.layout != "folders" else "the other cases",
+                "preprocess": preprocess, "seed": seed, "label_values": label_values,
+            }
+            for c in cases if c.case_id not in bad
+        ]
+        entries, run_skips = _run_tasks(tasks, out_dir, workers, strict, progress, f"prepare {Path(dataset_dir).name}")
+        skipped += run_skips
+        _refuse_if_nothing_prepared(entries, skipped, dataset_dir)
+
+        if ds.split is not None:
+            check_split(ds.split, ds.case_ids, Path(dataset_dir) / "splits.json")
+            split = {k: [c for c in v if c in selected] for k, v in ds.split.items()}
+        else:
+            split = make_split(sorted(selected), seed)
+        split = {k: [c for c in v if c in entries] for k, v in split.items()}
+
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": "labelled",
+            "source": str(Path(dataset_dir).resolve()),
+            "layout": ds.layout,
+            "preprocess": preprocess,
+            "labels": {str(i): ds.labels[v] for i, v in enumerate(declared_labels)},
+            "channels": list(ds.channel_names),
+            "split": split,
+            "cases": {cid: entries[cid] for cid in sorted(entries)},
+            "skipped": sorted(skipped, key=lambda s: s["case_id"]),
         }
-        for c in cases if c.case_id not in bad
-    ]
-    entries, run_skips = _run_tasks(tasks, out_dir, workers, strict, progress, f"prepare {Path(dataset_dir).name}")
-    skipped += run_skips
-
-    if ds.split is not None:
-        check_split(ds.split, ds.case_ids, Path(dataset_dir) / "splits.json")
-        split = {k: [c for c in v if c in selected] for k, v in ds.split.items()}
-    else:
-        split = make_split(sorted(selected), seed)
-    split = {k: [c for c in v if c in entries] for k, v in split.items()}
-
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": "labelled",
-        "source": str(Path(dataset_dir).resolve()),
-        "layout": ds.layout,
-        "preprocess": preprocess,
-        "labels": {str(k): v for k, v in ds.labels.items()},
-        "channels": list(ds.channel_names),
-        "split": split,
-        "cases": {cid: entries[cid] for cid in sorted(entries)},
-        "skipped": sorted(skipped, key=lambda s: s["case_id"]),
-    }
-    _write_manifest(out_dir, manifest)
-    _log_skipped(skipped, out_dir)
+        if label_values is not None:
+            manifest["label_values"] = label_values  # training class i is label id label_values[i] on disk
+        _write_manifest(out_dir, manifest)
+        _log_skipped(skipped, out_dir)
     return PreparedData(out_dir)
 
 
@@ -447,9 +592,10 @@ def prepare_pool(
         DataError: nothing found, or (strict) an image is bad.
         CacheError: ``out_dir`` holds a cache with other settings or of another format.
     """
+    out_dir = check_writable_folder(out_dir)
+    _check_workers(workers)
     cases = discover_pool(source)
-    out_dir = Path(out_dir)
-    info, skipped = _scan_headers(cases)
+    info, skipped, volumes = _scan_headers(cases)
     if strict and skipped:
         raise DataError(skipped[0]["reason"])
     for s in skipped:
@@ -457,39 +603,42 @@ def prepare_pool(
     spacing = tuple(cfg.spacing) if cfg.spacing is not None else _median_spacing(info, source)
     modality = cfg.modality or "MR"
     preprocess = _resolved_preprocess(cfg, spacing, modality)
+    _check_voxel_budget(volumes, cfg, spacing, info, source)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_existing_manifest(out_dir, preprocess, "pool")
+    with cache_folder_lock(out_dir):
+        _check_existing_manifest(out_dir, preprocess, "pool")
 
-    # A pretraining network has one input width: images with another channel count than the
-    # most common one are skipped rather than silently reduced.
-    counts = Counter(ch for _, ch in info.values())
-    channels = min(counts, key=lambda c: (-counts[c], c)) if counts else 1
-    tasks = [
-        {
-            "case_id": c.case_id, "images": [str(Path(p).resolve()) for p in c.images], "label": None,
-            "out_dir": str(out_dir), "cfg": cfg.model_dump(), "spacing": list(spacing),
-            "modality": cfg.modality or c.modality or modality,
-            "declared_labels": None, "channels": channels, "channel_source": "the pool's most common channel count",
-            "preprocess": preprocess, "seed": 0,
+        # A pretraining network has one input width: images with another channel count than the
+        # most common one are skipped rather than silently reduced.
+        counts = Counter(ch for _, ch in info.values())
+        channels = min(counts, key=lambda c: (-counts[c], c)) if counts else 1
+        tasks = [
+            {
+                "case_id": c.case_id, "images": [str(Path(p).resolve()) for p in c.images], "label": None,
+                "out_dir": str(out_dir), "cfg": cfg.model_dump(), "spacing": list(spacing),
+                "modality": cfg.modality or c.modality or modality,
+                "declared_labels": None, "channels": channels, "channel_source": "the pool's most common channel count",
+                "preprocess": preprocess, "seed": 0,
+            }
+            for c in cases if c.case_id in info
+        ]
+        entries, run_skips = _run_tasks(tasks, out_dir, workers, strict, progress, "prepare pool")
+        skipped += run_skips
+        _refuse_if_nothing_prepared(entries, skipped, source)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": "pool",
+            "source": str(source if isinstance(source, (list, tuple)) else Path(str(source)).resolve()),
+            "preprocess": preprocess,
+            "labels": {},
+            "channels": [f"channel_{i}" for i in range(channels)],
+            "split": {"train": sorted(entries), "test": []},
+            "cases": {cid: entries[cid] for cid in sorted(entries)},
+            "skipped": sorted(skipped, key=lambda s: s["case_id"]),
         }
-        for c in cases if c.case_id in info
-    ]
-    entries, run_skips = _run_tasks(tasks, out_dir, workers, strict, progress, "prepare pool")
-    skipped += run_skips
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": "pool",
-        "source": str(source if isinstance(source, (list, tuple)) else Path(str(source)).resolve()),
-        "preprocess": preprocess,
-        "labels": {},
-        "channels": [f"channel_{i}" for i in range(channels)],
-        "split": {"train": sorted(entries), "test": []},
-        "cases": {cid: entries[cid] for cid in sorted(entries)},
-        "skipped": sorted(skipped, key=lambda s: s["case_id"]),
-    }
-    _write_manifest(out_dir, manifest)
-    _log_skipped(skipped, out_dir)
+        _write_manifest(out_dir, manifest)
+        _log_skipped(skipped, out_dir)
     return PreparedData(out_dir)
 
 
@@ -562,6 +711,13 @@ class PreparedData:
     def num_classes(self) -> int:
         """Number of classes including background (0 for a pool)."""
         return len(self.labels)
+
+    @property
+    def label_values(self) -> list[int] | None:
+        """The label id on disk of each training class ``0..K-1`` when the dataset's ids have gaps (``[0, 1, 5]``:
+        class 2 is label 5), else None (class i is label i)."""
+        values = self.manifest.get("label_values")
+        return [int(v) for v in values] if values is not None else None
 
     @property
     def in_channels(self) -> int:

@@ -317,15 +317,25 @@ def _discover_folders(root: Path) -> tuple[list[CaseSource], list[str], dict[int
     if len(n_channels) > 1:
         raise DataError(f"{images_dir}: cases have different numbers of channel files ({sorted(n_channels)}); "
                         "every case needs the same channels")
-    # Without dataset.json the classes are read from one label file (cheap, and usually all present).
-    first = read_image(cases[0].label).array
-    values = np.unique(first)
-    if not np.all(np.equal(np.mod(values, 1), 0)):
-        raise DataError(f"{cases[0].label}: label map has non-integer values; labels must be integer class ids")
-    label_names = {int(v): ("background" if int(v) == 0 else f"class_{int(v)}") for v in values}
+    label_names = {int(v): ("background" if int(v) == 0 else f"class_{int(v)}") for v in _label_values_of(cases)}
     label_names.setdefault(0, "background")
     nch = n_channels.pop()
     return cases, [f"channel_{i}" for i in range(nch)], dict(sorted(label_names.items()))
+
+
+def _label_values_of(cases: list[CaseSource]) -> set[int]:
+    """The label ids found in all label files: without dataset.json nothing declares the classes, and one file
+    need not hold them all (a case with a class the first file lacks would be refused as undeclared). A file
+    that cannot be read, or holds non-integer values, adds nothing here: its case is reported when prepared."""
+    values: set[int] = set()
+    for case in cases:
+        try:
+            found = np.unique(read_image(case.label).array)
+        except DataError:
+            continue
+        if found.size and np.all(np.isfinite(found)) and np.all(np.equal(np.mod(found, 1), 0)) and found.min() >= 0:
+            values.update(int(v) for v in found)
+    return values
 
 
 def _read_split(root: Path) -> dict[str, list[str]] | None:

@@ -10,6 +10,7 @@ whichever format the scan came in.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +163,23 @@ def _format_name(path: Path) -> str:
     }.get(suffix, "image")
 
 
+def _check_scaling_overflow(data: np.ndarray, proxy, slope, inter, path: Path) -> None:
+    """Refuse a header whose intensity scaling (``scl_slope``/``scl_inter``) turns finite stored values into
+    Inf/NaN: the voxels are fine, the header is wrong, and treating them as NaN voxels (``--nan-policy zero``)
+    would empty the image."""
+    bad = ~np.isfinite(data)
+    if not bad.any():
+        return
+    stored = np.asarray(proxy.get_unscaled())
+    overflowed = int((bad & np.isfinite(stored)).sum()) if np.issubdtype(stored.dtype, np.floating) else int(bad.sum())
+    if overflowed:
+        raise DataError(
+            f"{path}: the header's intensity scaling (scl_slope={float(slope):g}, scl_inter={float(inter):g}) turns "
+            f"{overflowed} finite stored voxels into Inf/NaN (beyond float32); the header is wrong, not the voxels: "
+            "fix scl_slope/scl_inter (e.g. 1 and 0) and re-run"
+        )
+
+
 def _read_nibabel(path: Path) -> Image3D:
     import nibabel as nib
 
@@ -179,7 +197,11 @@ def _read_nibabel(path: Path) -> Image3D:
             # Labels must stay exact integers: no float round trip when no scaling is stored.
             data = np.asarray(proxy)
         else:
-            data = img.get_fdata(dtype=np.float32)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # overflow in the cast: reported below, in words
+                data = img.get_fdata(dtype=np.float32)
+            if not identity_scaling:
+                _check_scaling_overflow(data, proxy, slope, inter, path)
         affine = np.asarray(img.affine, dtype=np.float64)
     except DataError:
         raise

@@ -17,6 +17,7 @@ grid of the original file through world coordinates.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -45,7 +46,8 @@ class PreprocessConfig(pydantic.BaseModel, extra="forbid"):
         crop_foreground: crop to the body box (plus the label box) with ``crop_margin`` voxels.
         crop_margin: margin around the box, in voxels of the prepared grid.
         nan_policy: "error" refuses images with NaN/Inf voxels, "zero" replaces them with 0.
-        max_voxels: refuse images with more voxels than this after resampling (memory budget).
+        max_voxels: refuse images with more voxels than this after resampling (memory budget); None = what
+            fits in this machine's memory (``default_max_voxels``).
     """
 
     spacing: tuple[float, float, float] | None = None
@@ -343,6 +345,46 @@ def _check_label(image: Image3D, label: Image3D, declared_labels, src: str, lab_
     return arr.astype(_label_dtype(int(values.max())), copy=False)
 
 
+BYTES_PER_VOXEL = 48  # peak memory of preparing one voxel: resampled, cropped and normalised copies, label work
+
+
+def memory_bytes() -> int:
+    """Memory this process may use: the machine's physical memory, or a smaller cgroup (container) limit."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        total = 16 * 2**30
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(limit_file, encoding="ascii").read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return int(total)
+
+
+def default_max_voxels() -> int:
+    """The voxel budget of one prepared image when ``max_voxels`` is not set: what fits in memory while it is
+    prepared (``BYTES_PER_VOXEL`` each), so that a tiny spacing is refused instead of allocating hundreds of GB."""
+    return max(memory_bytes() // BYTES_PER_VOXEL, 128**3)
+
+
+def renumber_labels(label: np.ndarray, label_values: list[int]) -> np.ndarray:
+    """Label ids ``label_values[i]`` -> class ``i`` (ids with gaps to consecutive classes; ids not listed -> 0)."""
+    lut = np.zeros(max(int(label.max(initial=0)), max(label_values)) + 1, dtype=_label_dtype(len(label_values) - 1))
+    lut[np.asarray(label_values, dtype=np.int64)] = np.arange(len(label_values))
+    return lut[label]
+
+
+def restore_label_values(label: np.ndarray, label_values: list[int] | None) -> np.ndarray:
+    """Classes ``0..K-1`` -> the dataset's label ids (inverse of ``renumber_labels``); None: unchanged."""
+    if label_values is None:
+        return label
+    values = np.asarray(label_values, dtype=np.int64)
+    return values[label].astype(_label_dtype(int(values.max())), copy=False)
+
+
 # --------------------------------------------------------------------------- main entry points
 
 
@@ -354,6 +396,7 @@ def preprocess_case(
     modality: str,
     declared_labels: set[int] | None = None,
     source: str = "",
+    label_values: list[int] | None = None,
 ) -> PreparedCase:
     """Validate, reorient, resample, crop and normalise one case.
 
@@ -366,6 +409,8 @@ def preprocess_case(
         modality: "CT" or "MR".
         declared_labels: allowed label values (dataset.json), or None to accept any.
         source: name used in error messages (default: the image path).
+        label_values: the dataset's label ids in order when they have gaps (``[0, 1, 5]``): label id
+            ``label_values[i]`` becomes class ``i``; None keeps the ids.
 
     Returns:
         The prepared case.
@@ -386,6 +431,8 @@ def preprocess_case(
         raise DataError(f"{src}: expected a (C, X, Y, Z) image array, got shape {image.array.shape}")
 
     lab = _check_label(image, label, declared_labels, src, lab_src) if label is not None else None
+    if lab is not None and label_values is not None:
+        lab = renumber_labels(lab, label_values)
 
     img = image.array
     stats: dict = {"nan_replaced": 0}
@@ -418,6 +465,12 @@ def preprocess_case(
         raise DataError(
             f"{src}: would have {n_vox} voxels ({'x'.join(map(str, res_shape))}) at spacing {spacing} mm, more than "
             f"max_voxels={cfg.max_voxels}; raise max_voxels or choose a coarser spacing"
+        )
+    if cfg.max_voxels is None and n_vox > default_max_voxels():
+        raise DataError(
+            f"{src}: would have {n_vox} voxels ({'x'.join(map(str, res_shape))}) at spacing {spacing} mm, more than "
+            f"fit in this machine's memory ({memory_bytes() / 2**30:.0f} GiB: at most {default_max_voxels()} voxels); "
+            "choose a coarser spacing or pass --max-voxels"
         )
 
     res = np.empty((img.shape[0], *res_shape), dtype=np.float32)

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Sampler
 
 from medpretrain.config import AugmentConfig
 from medpretrain.data.cache import PreparedData
+from medpretrain.data.crops import background_fill, read_crop
 
 
 def crop_with_padding(array: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float = 0) -> np.ndarray:
@@ -89,6 +90,11 @@ class PatchDataset(Dataset):
         seed: base seed; sample ``i`` uses the generator seeded with ``(seed, i)``.
         augment: augmentation settings.
         length: nominal length (the sampler decides which indices are read).
+
+    Padding: where a patch reaches past the volume (la2018 has 44 slices, fewer than many patches), the image
+    is filled with the case's "nothing" intensity (``data.crops.background_fill``: 0 for CT, the lower clip
+    value after z-scoring for MR), the value every self-supervised pretraining crop and sliding-window
+    inference pad with too, so that a pretrained network meets the same "outside" in all three.
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class PatchDataset(Dataset):
             self._foreground[cid] = {
                 int(k): np.asarray(v, dtype=np.int64).reshape(-1, 3) for k, v in fg.items() if len(v)
             }
+        self.fill = {cid: background_fill(self.data.case(cid), self.data.in_channels) for cid in self.case_ids}
 
     def __len__(self) -> int:
         return self.length
@@ -140,10 +147,11 @@ class PatchDataset(Dataset):
         cid, start, _, rng = self.locate(index)
         image = self.data.image(cid)
         label = self.data.label(cid)
-        img = crop_with_padding(image, start, self.patch, fill=0)
+        fill = np.asarray(self.fill[cid], np.float32).reshape(-1, 1, 1, 1)
+        img = read_crop(image, start, self.patch, self.fill[cid])
         lab = crop_with_padding(label, start, self.patch, fill=0)
         item = {
-            "image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
+            "image": torch.from_numpy(img),
             "label": torch.from_numpy(lab.astype(np.int64))[None],
         }
         if self.augment_cfg.enabled:
@@ -151,9 +159,12 @@ class PatchDataset(Dataset):
                 self._augment = build_augmentation(self.augment_cfg, self.patch)
             if self._augment is not None:
                 self._augment.set_random_state(seed=int(rng.integers(2**31)))
+                # Augmented around the background: MONAI's spatial transforms pad with 0, which is then the
+                # case's fill again, and intensity scaling leaves "nothing" unchanged.
+                item["image"] -= torch.from_numpy(fill)
                 out = self._augment(item)
                 item = {
-                    "image": torch.as_tensor(out["image"]).float().contiguous(),
+                    "image": (torch.as_tensor(out["image"]).float() + torch.from_numpy(fill)).contiguous(),
                     "label": torch.as_tensor(out["label"]).round().long().contiguous(),
                 }
         return item

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 from monai.losses import DiceCELoss
 
-from medpretrain.config import FinetuneConfig
+from medpretrain.atomic import check_writable_folder
+from medpretrain.config import FinetuneConfig, curve_file_name
 from medpretrain.data.cache import PreparedData
 from medpretrain.data.sampling import PatchDataset
-from medpretrain.engine.job import run_training
+from medpretrain.engine.job import export_model, run_training
 from medpretrain.engine.module import SegmentationModule
-from medpretrain.engine.trainer import is_launcher_child, resolve_precision
+from medpretrain.engine.trainer import check_trainer_settings, is_launcher_child, resolve_precision
 from medpretrain.errors import CacheError, ConfigError
 from medpretrain.models import get_spec, load_weights
+from medpretrain.models.registry import check_model_options
+from medpretrain.planning import padding_fraction
 
 log = logging.getLogger("medpretrain")
 
@@ -39,13 +42,74 @@ def labeled_subset(train_ids: Sequence[str], seed: int, n_labeled: int | None = 
     return sorted(ids[i] for i in order[:n])
 
 
+def validation_split(train_ids: Sequence[str], count: int, seed: int) -> tuple[list[str], list[str]]:
+    """``(validation, rest)``: ``count`` training cases set aside for choosing hyper-parameters (the first of a
+    permutation of the sorted ids drawn from ``seed``) and the cases labelled subsets are drawn from."""
+    ids = sorted(train_ids)
+    if count == 0:
+        return [], ids
+    if count >= len(ids):
+        raise ConfigError(f"validation_cases {count} leaves none of the {len(ids)} training cases to train on; "
+                          f"set it below {len(ids)}")
+    order = np.random.default_rng([0x5641, seed]).permutation(len(ids))  # "VA": independent of subset draws
+    val = sorted(ids[i] for i in order[:count])
+    return val, [c for c in ids if c not in set(val)]
+
+
+class CurveExport(Callback):
+    """Writes the model, as ``model.pt`` would hold it, at given steps (``RUN/curve/model_stepNNNNNNN.pt``) for
+    learning curves: ``evaluate --model-file`` scores each."""
+
+    def __init__(self, steps: Sequence[int], export: Callable[[Path, int, object], None], folder: Path):
+        self.steps = set(steps)
+        self.export = export
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step in self.steps and trainer.is_global_zero:
+            self.export(self.folder / curve_file_name(step), step, pl_module)
+
+
 def check_data_fits(data: PreparedData, cfg: FinetuneConfig) -> None:
     if data.kind != "labelled":
         raise CacheError(
             f"{data.root} is a prepared unlabelled pool; fine-tuning needs labelled data "
             "(run `medpretrain prepare --dataset DIR --out DIR`)"
         )
+    if not data.split("train"):
+        raise CacheError(f"{data.root}: the train split holds no prepared case (see manifest.json 'skipped' and "
+                         "'split'); fix the skipped cases or the split and re-run `medpretrain prepare`")
     get_spec(cfg.model).check_patch(cfg.patch)
+    check_model_options(cfg.model, data.in_channels, data.num_classes, cfg.patch, cfg.model_options)
+
+
+def padding_warning(data: PreparedData, case_ids: Sequence[str], patch: Sequence[int], model: str) -> str | None:
+    """A warning when the training patches would be mostly padding (volumes thinner than the patch: 8-slice
+    volumes under a 48-slice patch are 83% padding), naming the fraction and a patch that fits; else None."""
+    shapes = np.asarray([data.case(c)["shape"][1:] for c in case_ids], dtype=np.int64)
+    if shapes.size == 0:
+        return None
+    padding = padding_fraction(shapes.tolist(), patch)
+    if padding <= 0.5:
+        return None
+    spec = get_spec(model)
+    median = np.median(shapes, axis=0)
+    # The smallest valid side at least the median volume side, never larger than the patch asked for.
+    fitted = [int(min(p, max(spec.min_size, -(-int(m) // d) * d))) for p, m, d in zip(patch, median, spec.divisors())]
+    suggestion = "a patch closer to the volume size"
+    for _ in range(4):  # a network may need more voxels than the volume has (a bottleneck of 2): grow one side
+        try:
+            spec.check_patch(fitted)
+        except ConfigError:
+            fitted[0] *= 2
+            continue
+        if fitted != [int(p) for p in patch]:
+            suggestion = f"--patch {' '.join(map(str, fitted))}"
+        break
+    return (f"training patches {tuple(patch)} are on average {padding:.0%} padding: the labelled volumes (median "
+            f"shape {'x'.join(str(int(v)) for v in median)}) are smaller than the patch; consider {suggestion}, or a "
+            "finer --spacing when preparing")
 
 
 def finetune(
@@ -64,10 +128,15 @@ def finetune(
         resume: continue from the newest readable checkpoint in ``out_dir``.
         callbacks: extra Lightning callbacks.
     """
+    run_dir = check_writable_folder(out_dir, "--out")
     data = PreparedData(data_dir)
     check_data_fits(data, cfg)
-    run_dir = Path(out_dir)
-    subset = labeled_subset(data.split("train"), cfg.seed, cfg.n_labeled, cfg.fraction)
+    check_trainer_settings(cfg)
+    validation, trainable = validation_split(data.split("train"), cfg.validation_cases, cfg.validation_seed)
+    subset = labeled_subset(trainable, cfg.seed, cfg.n_labeled, cfg.fraction)
+    warning = padding_warning(data, subset, cfg.patch, cfg.model)
+    if warning and not is_launcher_child():
+        log.warning(warning)
     log.info("fine-tuning %s on %d labelled cases for %d steps (patch %s, batch %d, %s)", cfg.model, len(subset),
              cfg.steps, cfg.patch, cfg.batch, resolve_precision(cfg.precision, cfg.accelerator))
 
@@ -82,22 +151,33 @@ def finetune(
         return module
 
     dataset = PatchDataset(data, subset, cfg.patch, cfg.foreground_fraction, seed=cfg.seed, augment=cfg.augment)
+
+    def model_meta(module):
+        return {
+            "in_channels": data.in_channels,
+            "out_channels": data.num_classes,
+            "labels": {int(k): v for k, v in data.labels.items()},
+            **({"label_values": data.label_values} if data.label_values is not None else {}),
+            "preprocess": data.manifest["preprocess"],
+            "inference": cfg.inference.model_dump(),
+        }
+
+    extra = list(callbacks)
+    if cfg.curve_steps():
+        precision = resolve_precision(cfg.precision, cfg.accelerator)
+        extra.append(CurveExport(cfg.curve_steps(), lambda path, step, module: export_model(
+            path, cfg, "finetune", precision, step, module, model_meta(module)), run_dir / "curve"))
     return run_training(
         run_dir, cfg, kind="finetune", build_module=build_module, dataset=dataset, resume=resume,
-        callbacks=callbacks,
+        callbacks=extra,
         run_info={
             "data": str(Path(data_dir).resolve()),
+            "validation_cases": validation,
             "labeled_cases": subset,
             "n_labeled": len(subset),
             "in_channels": data.in_channels,
             "out_channels": data.num_classes,
             "labels": data.labels,
         },
-        model_meta=lambda module: {
-            "in_channels": data.in_channels,
-            "out_channels": data.num_classes,
-            "labels": {int(k): v for k, v in data.labels.items()},
-            "preprocess": data.manifest["preprocess"],
-            "inference": cfg.inference.model_dump(),
-        },
+        model_meta=model_meta,
     )

@@ -17,11 +17,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from medpretrain.atomic import atomic_torch_save
+from medpretrain.atomic import atomic_torch_save, check_writable_folder
 from medpretrain.config import TrainingConfig
 from medpretrain.data.sampling import StepSampler
 from medpretrain.engine.trainer import (
-    build_trainer, check_same_config, is_launcher_child, resolve_precision, resume_or_refuse, update_run_file,
+    build_trainer, check_same_config, check_same_data, check_trainer_settings, is_launcher_child, resolve_precision,
+    resume_or_refuse, update_run_file,
 )
 from medpretrain.errors import ConfigError, TrainingError
 
@@ -120,7 +121,8 @@ def run_training(
         resume: continue from the newest readable checkpoint in ``run_dir``.
         callbacks: extra Lightning callbacks.
     """
-    run_dir = Path(run_dir)
+    run_dir = check_writable_folder(run_dir, "--out")
+    check_trainer_settings(cfg)  # before the run folder exists: a run that cannot start leaves nothing behind
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_folder_lock(run_dir):
         return _run_training_locked(run_dir, cfg, kind=kind, build_module=build_module, dataset=dataset,
@@ -134,6 +136,7 @@ def _run_training_locked(run_dir: Path, cfg: TrainingConfig, *, kind, build_modu
     ckpt = resume_or_refuse(run_dir, resume)
     if ckpt is not None:
         check_same_config(run_file, config_dump, ignore=RESUME_MAY_CHANGE)
+        check_same_data(run_file, {"kind": kind, **run_info})
     precision = resolve_precision(cfg.precision, cfg.accelerator)
     if not is_launcher_child():
         update_run_file(run_file, {"kind": kind, "config": config_dump, "precision": precision, **run_info})
@@ -162,19 +165,49 @@ def _run_training_locked(run_dir: Path, cfg: TrainingConfig, *, kind, build_modu
         # The run ended between two checkpoint steps: keep its final state resumable too.
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
-        atomic_torch_save({
-            "format": "medpretrain-model",
-            "format_version": MODEL_FORMAT_VERSION,
-            "kind": kind,
-            "model": cfg.model,
-            "model_options": cfg.model_options,
-            "patch": list(cfg.patch),
-            "precision": precision,
-            "global_step": trainer.global_step,
-            **model_meta(module),
-            "state_dict": module.model.state_dict(),
-        }, run_dir / MODEL_FILE)
+        export_model(run_dir / MODEL_FILE, cfg, kind, precision, trainer.global_step, module, model_meta(module))
         log.info("run finished at step %d: %s", trainer.global_step, run_dir / MODEL_FILE)
+    return run_dir
+
+
+def export_model(path: Path, cfg: TrainingConfig, kind: str, precision: str, global_step: int,
+                 module: pl.LightningModule, meta: dict[str, Any]) -> None:
+    """Write ``model.pt``: the network that goes downstream, with what loading it needs (atomically)."""
+    atomic_torch_save({
+        "format": "medpretrain-model",
+        "format_version": MODEL_FORMAT_VERSION,
+        "kind": kind,
+        "model": cfg.model,
+        "model_options": cfg.model_options,
+        "patch": list(cfg.patch),
+        "precision": precision,
+        "global_step": global_step,
+        **meta,
+        # A method whose module holds several networks (student and EMA teacher) says which one goes out.
+        "state_dict": (module.exported_state_dict() if hasattr(module, "exported_state_dict")
+                       else module.model.state_dict()),
+    }, path)
+
+
+def export_untrained(run_dir: str | Path, cfg: TrainingConfig, *, kind: str,
+                     build_module: Callable[[bool], pl.LightningModule], run_info: dict[str, Any],
+                     model_meta: Callable[[pl.LightningModule], dict[str, Any]]) -> Path:
+    """The ``null`` control: export the network exactly as a training job with ``cfg`` would start it (same
+    seeding, same construction), without a single step, so that it travels the same ``--init`` path as a
+    pretrained one. Fine-tuning from it must match training from scratch within seed noise; if it does not,
+    the difference comes from the transfer path, not from what a pretraining learnt."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(run_dir):
+        if (run_dir / MODEL_FILE).exists():
+            raise TrainingError(f"{run_dir} already holds {MODEL_FILE}; choose a new --out")
+        precision = resolve_precision(cfg.precision, cfg.accelerator)
+        update_run_file(run_dir / RUN_FILE, {"kind": kind, "config": cfg.model_dump(mode="json"),
+                                             "precision": precision, "untrained": True, **run_info})
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = build_module(True)
+        export_model(run_dir / MODEL_FILE, cfg, kind, precision, 0, module, {**model_meta(module), "untrained": True})
+        log.info("untrained (null control) network written: %s", run_dir / MODEL_FILE)
     return run_dir
 
 

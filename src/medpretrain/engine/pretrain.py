@@ -10,10 +10,13 @@ from lightning.pytorch.callbacks import Callback
 
 from medpretrain.config import TrainingConfig, load_config
 from medpretrain.data.cache import PreparedData
-from medpretrain.engine.job import run_training
+from medpretrain.engine.job import export_untrained, run_training
+from medpretrain.atomic import check_writable_folder
+from medpretrain.engine.trainer import check_trainer_settings, is_launcher_child
 from medpretrain.errors import CacheError, ConfigError
 from medpretrain.methods import get_method
 from medpretrain.models import get_spec
+from medpretrain.models.registry import check_model_options
 
 log = logging.getLogger("medpretrain")
 
@@ -28,7 +31,7 @@ def pretrain_config(method: str, config_file: str | Path | None = None, preset: 
 
 
 def pretrain(method: str, data_dir: str | Path | None, out_dir: str | Path, cfg: TrainingConfig,
-             resume: bool = False, callbacks: Sequence[Callback] = ()) -> Path:
+             resume: bool = False, callbacks: Sequence[Callback] = (), untrained: bool = False) -> Path:
     """Pretrain ``cfg.model`` with ``method``; ``RUN/model.pt`` then feeds ``finetune --init``.
 
     Args:
@@ -38,11 +41,16 @@ def pretrain(method: str, data_dir: str | Path | None, out_dir: str | Path, cfg:
         cfg: an instance of the method's configuration class.
         resume: continue from the newest readable checkpoint in ``out_dir``.
         callbacks: extra Lightning callbacks.
+        untrained: write the network's initial weights without training (the ``null`` control, see
+            ``engine.job.export_untrained``).
     """
     m = get_method(method)
     if not isinstance(cfg, m.config_cls):
         raise ConfigError(f"method '{method}' takes a {m.config_cls.__name__}, got {type(cfg).__name__}")
     get_spec(cfg.model).check_patch(cfg.patch)
+    check_model_options(cfg.model, 1, 2, cfg.patch, cfg.model_options)  # option values, whatever the head
+    check_writable_folder(out_dir, "--out")
+    check_trainer_settings(cfg)  # before anything is written: a run that cannot start leaves no folder
     data = None
     if m.needs_data:
         if data_dir is None:
@@ -52,13 +60,43 @@ def pretrain(method: str, data_dir: str | Path | None, out_dir: str | Path, cfg:
             raise CacheError(f"{data.root} holds no prepared cases")
     elif data_dir is not None:
         log.warning("method '%s' generates its own data; --data %s is ignored", method, data_dir)
+    run_info = {"method": method, "data": str(Path(data_dir).resolve()) if data else None, **m.model_meta(cfg)}
+    if untrained:
+        return export_untrained(out_dir, cfg, kind=f"pretrain:{method}:null",
+                                build_module=lambda fresh: m.build_module(cfg), run_info=run_info,
+                                model_meta=lambda module: {"method": method, **m.model_meta(cfg)})
     log.info("pretraining %s with %s for %d steps (patch %s, batch %d)", cfg.model, method, cfg.steps,
              cfg.patch, cfg.batch)
-    return run_training(
+    dataset = m.build_dataset(cfg, data)
+    run = run_training(
         out_dir, cfg, kind=f"pretrain:{method}",
         build_module=lambda fresh: m.build_module(cfg),
-        dataset=m.build_dataset(cfg, data),
-        run_info={"method": method, "data": str(Path(data_dir).resolve()) if data else None, **m.model_meta(cfg)},
+        dataset=dataset,
+        run_info=run_info,
         model_meta=lambda module: {"method": method, **m.model_meta(cfg)},
         resume=resume, callbacks=callbacks,
     )
+    if not is_launcher_child():
+        write_pretext_report(run, m, cfg, dataset)
+    return run
+
+
+def write_pretext_report(run_dir: Path, method, cfg: TrainingConfig, dataset, samples: int = 16) -> dict:
+    """Measure the method's trivial and perfect pretext losses on its own data and write them, with the final
+    logged losses and the fraction learnt, into ``run.json`` (``pretext``) and ``pretext.json``."""
+    from medpretrain.atomic import atomic_write_json
+    from medpretrain.blocks.pretext import pretext_report
+    from medpretrain.engine.trainer import update_run_file
+
+    if method.pretext_baselines is None:
+        return {}
+    baselines = method.pretext_baselines(cfg, dataset, samples)
+    report = pretext_report(baselines, Path(run_dir) / "logs" / "csv" / "metrics.csv")
+    atomic_write_json(Path(run_dir) / "pretext.json", report)
+    update_run_file(Path(run_dir) / "run.json", {"pretext": report})
+    for term, r in report.items():
+        frac = r["fraction_learnt"]
+        log.info("pretext %s: trivial %.4f, perfect %.4f, final %s -> fraction learnt %s", term, r["trivial"],
+                 r["perfect"], "?" if r["final"] is None else f"{r['final']:.4f}",
+                 "?" if frac is None else f"{frac:.1%}")
+    return report

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -120,6 +121,71 @@ def update_run_file(path: Path, values: dict[str, Any]) -> None:
     atomic_write_json(path, data)
 
 
+def quiet_library_chatter() -> None:
+    """Keep the console to our own progress lines: Lightning's start-up notes ("GPU available: False", "TPU
+    available", the litlogger "Tip", "`Trainer.fit` stopped") and torch pytree deprecation warnings that
+    Lightning triggers say nothing a user of this toolkit can act on. Lightning resets its loggers to INFO when
+    it is imported, after the CLI set up logging, so this runs where trainers are built. Lightning's warnings
+    and errors still show."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|_pytree|pytree).*is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|_pytree|pytree).*is deprecated", category=UserWarning)
+
+
+def check_trainer_settings(cfg) -> None:
+    """Refuse hardware settings Lightning cannot use before anything is written (a run folder left behind by a
+    run that never started): an accelerator without its device (``--accelerator gpu`` without a GPU), an
+    unknown strategy, or devices/precision the accelerator cannot take. Lightning's own refusal is turned into
+    one line naming the option and the fix.
+
+    Args:
+        cfg: a ``TrainingConfig`` (``accelerator``, ``devices``, ``num_nodes``, ``strategy``, ``precision``).
+
+    Raises:
+        ConfigError: the settings cannot run here.
+    """
+    quiet_library_chatter()
+    accelerator = resolve_accelerator(cfg.accelerator)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--accelerator {cfg.accelerator}: no CUDA GPU is visible to torch "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --accelerator "
+                          "cpu (or auto), or install a CUDA build of torch on a machine with a GPU")
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = {"auto", *StrategyRegistry.available_strategies()}
+    if cfg.strategy not in known:
+        close = sorted(s for s in known if s.startswith(cfg.strategy[:3]))[:6] or ["auto", "ddp"]
+        raise ConfigError(f"--strategy {cfg.strategy!r} is not a Lightning strategy; use e.g. {', '.join(close)}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl.Trainer(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+                       precision=resolve_precision(cfg.precision, cfg.accelerator), logger=False,
+                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except Exception as exc:  # Lightning's MisconfigurationException, ValueError, RuntimeError...
+        reason = (" ".join(str(exc).split()) or type(exc).__name__).rstrip(".")
+        raise ConfigError(
+            f"Lightning cannot run with --accelerator {cfg.accelerator} --devices {cfg.devices} --strategy "
+            f"{cfg.strategy} --precision {cfg.precision} --num-nodes {cfg.num_nodes}: {reason}; change these options "
+            "(the defaults --accelerator auto --devices 1 --strategy auto --precision auto run on any machine)"
+        ) from None
+
+
+def check_same_data(run_file: Path, run_info: dict[str, Any], keys: Sequence[str] = ("kind", "data")) -> None:
+    """On resume, the data (and kind of job) must be those of the interrupted run: a resumed run trained on
+    other data would mix two datasets in one model, and ``run.json`` would then record only the second."""
+    if not run_file.exists():
+        return
+    old = json.loads(run_file.read_text(encoding="utf-8"))
+    diff = {k: (old.get(k), run_info.get(k)) for k in keys
+            if k in old and k in run_info and old.get(k) != run_info.get(k)}
+    if diff:
+        described = "; ".join(f"{'--data' if k == 'data' else k}: was {a}, now {b}" for k, (a, b) in diff.items())
+        raise ConfigError(f"--resume of the run in {run_file.parent} with other data than it was trained on "
+                          f"({described}); resume with the original --data or start a new --out")
+
+
 def build_trainer(
     run_dir: Path,
     *,
@@ -135,6 +201,7 @@ def build_trainer(
 ) -> pl.Trainer:
     """A Lightning Trainer writing checkpoints to ``run_dir/checkpoints`` every ``epoch_steps`` steps
     (atomically; the two newest plus ``last.ckpt``) and logs to ``run_dir/logs`` (CSV and TensorBoard)."""
+    quiet_library_chatter()
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="step{step:07d}",

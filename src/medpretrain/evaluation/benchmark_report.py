@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medpretrain.atomic import atomic_write_text
-from medpretrain.evaluation.plots import save_label_efficiency_plot
+from medpretrain.evaluation.plots import save_label_efficiency_plot, save_learning_curves
 from medpretrain.evaluation.report import _json_safe
 
 if TYPE_CHECKING:
@@ -45,6 +45,13 @@ def _read_run(job: "Job") -> dict[str, Any] | None:
             per_case.setdefault(row["case_id"], {}).setdefault("_rows", []).append(float(row["dice"]))
     case_dice = {cid: float(np.mean(v["_rows"])) for cid, v in per_case.items()}
     training = info.get("training", {})
+    # Learning curve: the test Dice of every intermediate export, and of the final model at its step.
+    curve = {}
+    for path in sorted((run / "curve").glob("eval-step*/metrics.json")):
+        step = int(path.parent.name.removeprefix("eval-step"))
+        curve[step] = _num(json.loads(path.read_text(encoding="utf-8")).get("overall", {}).get("dice", {}).get("mean"))
+    if training.get("steps_done"):
+        curve[int(training["steps_done"])] = _num(metrics.get("overall", {}).get("dice", {}).get("mean"))
     return {
         "method": job.info["method"], "backbone": job.info["backbone"], "model": info.get("config", {}).get("model"),
         "n_labeled": job.info["n_labeled"], "n_cases": len(info.get("labeled_cases", [])), "seed": job.info["seed"],
@@ -53,7 +60,8 @@ def _read_run(job: "Job") -> dict[str, Any] | None:
                     for c, v in metrics.get("classes", {}).items()},
         "wall_s": training.get("wall_time_s"), "steps": training.get("steps_done"),
         "precision": training.get("precision", info.get("config", {}).get("precision")),
-        "case_dice": case_dice, "run": str(run),
+        "case_dice": case_dice, "run": str(run), "curve": curve,
+        "lr": info.get("config", {}).get("lr"),
     }
 
 
@@ -131,6 +139,47 @@ def summarize_runs(rows: list[dict]) -> dict[str, Any]:
     return {"groups": table}
 
 
+def steps_to_reach(curve: dict[int, float], target: float) -> float | None:
+    """The first fine-tuning step at which a learning curve reaches ``target`` (linear between its points,
+    from the first point on), or None if it never does."""
+    points = sorted((s, d) for s, d in curve.items() if math.isfinite(d))
+    for i, (step, dice) in enumerate(points):
+        if dice >= target:
+            if i == 0:
+                return float(step)
+            s0, d0 = points[i - 1]
+            return float(s0 + (step - s0) * (target - d0) / (dice - d0))
+    return None
+
+
+def summarize_curves(rows: list[dict]) -> dict[str, Any]:
+    """Per (backbone, n, method): mean ± std test Dice over seeds at every curve step, and for pretrained arms
+    the steps needed to reach scratch's final Dice of the same seed (compute saved when below scratch's steps)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["backbone"], r["n_labeled"], r["method"]), []).append(r)
+    out = []
+    for (backbone, n, method), sel in sorted(groups.items(), key=lambda kv: (kv[0][0], _size_key(kv[0][1]),
+                                                                            kv[0][2] != SCRATCH, kv[0][2])):
+        steps = sorted({s for r in sel for s in r["curve"]})
+        points = [(s, *_mean_std([r["curve"][s] for r in sel if s in r["curve"]])) for s in steps]
+        entry = {"backbone": backbone, "n_labeled": n, "method": method, "points": points}
+        if method != SCRATCH:
+            scratch = {r["seed"]: r for r in groups.get((backbone, n, SCRATCH), [])}
+            reach = []
+            for r in sel:
+                s = scratch.get(r["seed"])
+                if s and s["curve"]:
+                    target = s["curve"][max(s["curve"])]
+                    reach.append(steps_to_reach(r["curve"], target))
+            reached = [x for x in reach if x is not None]
+            entry["reach_scratch_final"] = {"seeds": len(reach), "reached": len(reached),
+                                            "mean_steps": float(np.mean(reached)) if reached else None,
+                                            "scratch_steps": max(steps) if steps else None}
+        out.append(entry)
+    return {"curves": out}
+
+
 def _fmt(stat: dict, metric: str) -> str:
     mean, std = stat["mean"], stat["std"]
     if mean is None or not math.isfinite(mean):
@@ -176,17 +225,25 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
     out = Path(out)
     rows = [r for r in (_read_run(j) for j in finetune_jobs) if r is not None]
     summary = summarize_runs(rows)
+    summary.update(summarize_curves(rows))
     pretraining = {}
     for j in pretrain_jobs:
         run_file = Path(j.info["run"]) / "run.json"
-        if run_file.exists():
+        if run_file.exists() and (Path(j.info["run"]) / "model.pt").exists():
             info = json.loads(run_file.read_text(encoding="utf-8"))
             t = info.get("training", {})
             cfg_used = info.get("config", {})
             pretraining[j.name] = {"method": j.info["method"], "backbone": j.info["backbone"],
-                                   "steps": t.get("steps_done"), "wall_s": t.get("wall_time_s"),
-                                   "patch": cfg_used.get("patch"), "batch": cfg_used.get("batch")}
-    summary.update({"name": cfg.name, "budgets": {k: json.loads(v.model_dump_json()) for k, v in cfg.backbones.items()},
+                                   "steps": 0 if info.get("untrained") else t.get("steps_done"),
+                                   "wall_s": t.get("wall_time_s"), "seed": cfg_used.get("seed"),
+                                   "patch": cfg_used.get("patch"), "batch": cfg_used.get("batch"),
+                                   "untrained": bool(info.get("untrained")), "pretext": info.get("pretext", {}),
+                                   "teacher_init_share": info.get("teacher_init_share")}
+    selection = {}
+    for path in sorted((out / "configs").glob("finetune-*.json")):
+        selection[path.stem.removeprefix("finetune-")] = json.loads(path.read_text(encoding="utf-8"))
+    summary["validation_selection"] = selection
+    summary.update({"name": cfg.name, "pretrain_seed": getattr(cfg, "pretrain_seed", None), "budgets": {k: json.loads(v.model_dump_json()) for k, v in cfg.backbones.items()},
                     "seeds": cfg.seeds, "n_labeled": cfg.n_labeled, "pretraining": pretraining,
                     "runs_finished": len(rows), "runs_planned": len(finetune_jobs), "failed": failed})
     summary["notes"] = list(notes)
@@ -217,11 +274,29 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
         md.append(f"| {name} | {b.model} | {b.steps} | {'x'.join(map(str, b.patch))} | {b.batch} | {b.lr:g} | "
                   f"{b.precision} |")
     if pretraining:
-        md += ["", "| pretraining | backbone | steps | patch | batch | wall time (s) |", "|---|---|---|---|---|---|"]
+        md += ["", "Pretext fraction learnt = (trivial - final) / (trivial - perfect) of each logged pretext loss, "
+               "the final loss the mean of its last 10% of logged steps (`blocks/pretext.py`); 0 = no better than "
+               "the trivial prediction. Teacher init share: the share of its random initialisation an exported EMA "
+               "teacher still holds.", "",
+               "| pretraining | backbone | seed | steps | patch | batch | wall time (s) | pretext: trivial -> final "
+               "(perfect), fraction learnt | teacher init share |", "|---|---|---|---|---|---|---|---|---|"]
         for p in pretraining.values():
             patch = "x".join(map(str, p["patch"])) if p["patch"] else "?"
-            md.append(f"| {p['method']} | {p['backbone']} | {p['steps']} | {patch} | {p['batch']} | "
-                      f"{p['wall_s'] if p['wall_s'] is not None else '?'} |")
+            pretext = "untrained (null control)" if p["untrained"] else "; ".join(
+                f"{term}: {r['trivial']:.4f} -> " + ("?" if r.get("final") is None else f"{r['final']:.4f}")
+                + f" ({r['perfect']:.4f}), " + ("?" if r.get("fraction_learnt") is None
+                                                else f"{100 * r['fraction_learnt']:.1f}%")
+                for term, r in p["pretext"].items()) or "–"
+            share = "–" if p["teacher_init_share"] is None else f"{p['teacher_init_share']:.3g}"
+            md.append(f"| {p['method']} | {p['backbone']} | {p['seed']} | {p['steps']} | {patch} | {p['batch']} | "
+                      f"{p['wall_s'] if p['wall_s'] is not None else '?'} | {pretext} | {share} |")
+    if selection:
+        md += ["", "## Learning rate chosen on validation cases (never test)", "",
+               "| arm | chosen lr | validation Dice per lr | validation cases |", "|---|---|---|---|"]
+        for arm, sel in selection.items():
+            scores = ", ".join(f"{r['lr']:g}: {r['validation_dice']:.3f}" for r in sel["runs"])
+            cases = sel["runs"][0].get("validation_cases", []) if sel["runs"] else []
+            md.append(f"| {arm} | {sel['chosen']['lr']:g} | {scores} | {', '.join(cases)} |")
     md += ["", f"Seeds: {', '.join(map(str, cfg.seeds))}. Each cell: mean ± sample std over seeds of the mean over "
            "the test cases.", "", "## Results", "",
            "| backbone | n labelled | method | seeds | Dice | NSD | ASSD (mm) | HD95 (mm) | fine-tune wall (s) |",
@@ -247,6 +322,24 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
         for g in summary["groups"]:
             md.append(f"| {g['backbone']} | {g['n_labeled']} | {g['method']} | " + " | ".join(
                 _fmt(g["classes"][c]["dice"], "dice") if c in g["classes"] else "–" for c in classes) + " |")
+    curve_groups = [c for c in summary["curves"] if len(c["points"]) > 1]
+    if curve_groups:
+        panels: dict[str, dict[str, list]] = {}
+        for c in curve_groups:
+            title = f"{c['backbone']}, n = {c['n_labeled']}" if len(cfg.backbones) > 1 else f"n = {c['n_labeled']}"
+            panels.setdefault(title, {})[c["method"]] = c["points"]
+        save_learning_curves(panels, out / "learning_curves.png")
+        md += ["", "## Learning curves (test Dice at fractions of the fine-tuning steps, mean ± std over seeds)", "",
+               "| backbone | n labelled | method | Dice by step | steps to reach scratch's final Dice (seeds "
+               "reached) |", "|---|---|---|---|---|"]
+        for c in curve_groups:
+            by_step = ", ".join(f"{s}: {m:.3f} ± {sd:.3f}" for s, m, sd in c["points"])
+            r = c.get("reach_scratch_final")
+            reach = "–" if r is None else (f"{r['mean_steps']:.0f} of {r['scratch_steps']} ({r['reached']}/"
+                                           f"{r['seeds']})" if r["mean_steps"] is not None
+                                           else f"not reached (0/{r['seeds']})")
+            md.append(f"| {c['backbone']} | {c['n_labeled']} | {c['method']} | {by_step} | {reach} |")
+        md += ["", "![Learning curves](learning_curves.png)"]
     md += ["", "## Label efficiency", "", "![Dice vs labelled cases](label_efficiency.png)", ""]
     overlays = _best_worst_overlays(rows, out)
     if overlays:

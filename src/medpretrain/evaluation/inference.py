@@ -45,9 +45,18 @@ def default_device() -> torch.device:
 
 
 def load_trained_model(run_dir: str | Path, device: torch.device | None = None,
-                       precision: str | None = None) -> TrainedModel:
-    """Load ``RUN/model.pt`` written at the end of a fine-tuning run."""
-    path = Path(run_dir) / "model.pt"
+                       precision: str | None = None, model_file: str | Path | None = None) -> TrainedModel:
+    """Load ``RUN/model.pt`` written at the end of a fine-tuning run (or ``model_file``, another export of it)."""
+    path = Path(model_file) if model_file else Path(run_dir) / "model.pt"
+    # "Not finished, use --resume" is only the answer for a run folder: a typo or another folder needs another fix.
+    if model_file and not path.is_file():
+        raise CheckpointError(f"--model-file {path} does not exist; pass a model export of the run "
+                              f"(RUN/model.pt or RUN/curve/model_stepNNNNNNN.pt)")
+    if not model_file and not Path(run_dir).is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist; pass the --out of a finished finetune run")
+    if not model_file and not path.is_file() and not (Path(run_dir) / "run.json").is_file():
+        raise CheckpointError(f"{run_dir} is not a medpretrain run (no run.json, no model.pt); pass the --out of a "
+                              "finished finetune run")
     if not path.is_file():
         raise CheckpointError(
             f"{path} does not exist: the run in {run_dir} has not finished; "
@@ -72,15 +81,33 @@ def load_trained_model(run_dir: str | Path, device: torch.device | None = None,
     return TrainedModel(network, meta, device, precision)
 
 
+def pad_to_window(image: np.ndarray, roi, fill) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """``image`` (C, X, Y, Z) padded, centred, to at least ``roi`` along each axis with ``fill`` (one value per
+    channel), and the slices that cut the original back out of the padded array."""
+    shape = image.shape[1:]
+    size = [max(s, r) for s, r in zip(shape, roi)]
+    before = [(n - s) // 2 for n, s in zip(size, shape)]
+    out = np.empty((image.shape[0], *size), np.float32)
+    out[...] = np.asarray(fill, np.float32).reshape(-1, 1, 1, 1)
+    inside = tuple(slice(b, b + s) for b, s in zip(before, shape))
+    out[(slice(None), *inside)] = image
+    return out, inside
+
+
 @torch.no_grad()
-def predict_probabilities(model: TrainedModel, image: np.ndarray, cfg: InferenceConfig) -> np.ndarray:
+def predict_probabilities(model: TrainedModel, image: np.ndarray, cfg: InferenceConfig,
+                          fill=None) -> np.ndarray:
     """Class probabilities (C, X, Y, Z) float32 for a prepared image (channels, X, Y, Z).
 
     MONAI sliding-window inference over windows of the training patch (or ``cfg.roi``), blended with
-    Gaussian weights; volumes smaller than a window are padded by MONAI and cropped back.
+    Gaussian weights. A volume smaller than a window is padded with ``fill`` (one value per channel: the case's
+    "nothing" intensity, ``data.crops.background_fill``, the value training patches are padded with; None = 0)
+    and cropped back.
     """
     roi = tuple(cfg.roi) if cfg.roi else model.patch
-    x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(model.device)  # copy: mmap is read-only
+    fill = [0.0] * image.shape[0] if fill is None else list(fill)
+    padded, inside = pad_to_window(np.asarray(image, dtype=np.float32), roi, fill)  # a copy: mmap is read-only
+    x = torch.from_numpy(padded)[None].to(model.device)
 
     def forward(batch):
         out = model.network(batch)
@@ -93,4 +120,4 @@ def predict_probabilities(model: TrainedModel, image: np.ndarray, cfg: Inference
             x, roi_size=roi, sw_batch_size=cfg.sw_batch_size, predictor=forward,
             overlap=cfg.overlap, mode=cfg.mode,
         )
-    return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+    return torch.softmax(logits.float(), dim=1)[0][(slice(None), *inside)].cpu().numpy()

@@ -86,6 +86,8 @@ def save_overlay(
         ``path`` as a Path.
     """
     path = Path(path)
+    # A case id from a file name that is not valid UTF-8 holds surrogates, which the font renderer refuses.
+    title = title.encode("utf-8", "backslashreplace").decode("utf-8")
     image = np.asarray(image, dtype=np.float32)
     prediction = np.asarray(prediction)
     label_arr = None if label is None else np.asarray(label)
@@ -314,5 +316,39 @@ def save_label_efficiency_plot(rows: list[dict], path, metric: str = "dice") -> 
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     path = Path(path)
+    atomic_write_bytes(path, _png_bytes(fig))
+    return path
+
+
+def save_learning_curves(curves: dict[str, dict[str, list[tuple[int, float, float]]]], path,
+                         metric: str = "Dice") -> Path:
+    """Test metric against fine-tuning step, one panel per labelled-set size, one line per method.
+
+    Args:
+        curves: panel title -> method -> ``[(step, mean over seeds, std over seeds), ...]``.
+        path: where to write the PNG.
+        metric: the y-axis label.
+    """
+    panels = list(curves) or ["no finished run"]
+    fig = Figure(figsize=(4.5 * len(panels), 4))
+    FigureCanvasAgg(fig)
+    for i, title in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for method, points in sorted(curves.get(title, {}).items()):
+            points = sorted(points)
+            x = [p[0] for p in points]
+            y = np.array([p[1] for p in points])
+            e = np.array([p[2] for p in points])
+            ax.plot(x, y, marker="o", label=method)
+            ax.fill_between(x, y - e, y + e, alpha=0.15)
+        ax.set_title(title)
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel(f"test {metric}")
+        ax.grid(alpha=0.3)
+        if curves.get(title):
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, _png_bytes(fig))
     return path

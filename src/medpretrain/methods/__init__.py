@@ -35,6 +35,8 @@ class PretrainMethod:
         presets: named settings (e.g. ``cpu``, ``paper``) selectable with ``--preset``.
         models: name prefixes of the registered networks the method can pretrain (e.g. ``("swinunetr",)``
             for a method built on the Swin encoder); empty = any network.
+        pretext_baselines: ``(cfg, dataset) -> [PretextBaseline]``: the trivial and perfect losses of the terms
+            the method logs (``blocks.pretext``), measured on the run's own data; None = not stated.
     """
 
     name: str
@@ -46,6 +48,7 @@ class PretrainMethod:
     model_meta: Callable[["TrainingConfig"], dict[str, Any]]
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     models: tuple[str, ...] = ()
+    pretext_baselines: Callable[["TrainingConfig", "Dataset"], list] | None = None
 
     def supports(self, model: str) -> bool:
         """Whether the method can pretrain the registered network ``model``."""

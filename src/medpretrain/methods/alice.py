@@ -69,7 +69,7 @@ from pydantic import field_validator, model_validator
 from torch.utils.data import Dataset
 
 from medpretrain.blocks.contrastive import DINOLoss, embedding_loss
-from medpretrain.blocks.ema import cosine_momentum, ema_update, make_teacher
+from medpretrain.blocks.ema import cosine_momentum, ema_update, make_teacher, resolve_ema_momentum, teacher_init_share
 from medpretrain.blocks.heads import ProjectionHead
 from medpretrain.blocks.masking import (gather_tokens, masked_mse, normalized_pixels, patchify, random_token_mask,
                                         scatter_tokens, visible_indices)
@@ -111,7 +111,12 @@ class AliceConfig(TrainingConfig):
         inter_volume: K from another volume via the matcher (paper); False: from the query volume, no l_dv.
         rotation_deg, intensity: strong augmentation of the target views (max rotation about z;
             (scale, shift) half-ranges).
-        ema_momentum: (base, final) of the target encoder's cosine momentum schedule.
+        ema_momentum: (base, final) of the target encoder's cosine momentum schedule, or ``auto`` (default):
+            the paper's base 0.996 when the run is long enough, else the base that leaves at most 1% of the
+            target's random initialisation at the end of ``steps`` (``blocks.ema.auto_base_momentum``). The
+            ``paper`` and ``authors`` presets set (0.996, 1).
+        export: the encoder written to ``model.pt``: the ``student`` (online encoder, the paper's choice) or the
+            EMA ``teacher`` (target encoder).
         matcher: ``sam`` or ``registration``; matcher_run: ``train-matcher`` run folder (``sam``).
         match_threshold: acceptance score (None: the matcher's default); match_points, match_partners: body
             points per case and partner cases tried per point when the match table is built.
@@ -145,7 +150,8 @@ class AliceConfig(TrainingConfig):
     inter_volume: bool = True
     rotation_deg: float = 15.0
     intensity: tuple[float, float] = (0.1, 0.1)
-    ema_momentum: tuple[float, float] = (0.996, 1.0)
+    ema_momentum: tuple[float, float] | Literal["auto"] = "auto"
+    export: Literal["student", "teacher"] = "student"
     matcher: Literal["sam", "registration"] = "registration"
     matcher_run: Path | None = None
     match_threshold: float | None = None
@@ -172,10 +178,16 @@ class AliceConfig(TrainingConfig):
                              "--out RUN` (or set matcher: registration)")
         if min(self.match_points, self.match_partners, self.decoder_depth, self.decoder_heads) < 1:
             raise ValueError("match_points, match_partners, decoder_depth and decoder_heads must be >= 1")
-        base, final = self.ema_momentum
-        if not 0.0 <= base <= final <= 1.0:
-            raise ValueError(f"ema_momentum {tuple(self.ema_momentum)} must be (base, final), 0 <= base <= final <= 1")
+        if self.ema_momentum != "auto":
+            base, final = self.ema_momentum
+            if not 0.0 <= base <= final <= 1.0:
+                raise ValueError(f"ema_momentum {tuple(self.ema_momentum)} must be (base, final), "
+                                 "0 <= base <= final <= 1, or auto")
         return self
+
+    def ema_schedule(self) -> tuple[float, float]:
+        """``(base, final)`` of the target's momentum schedule, ``auto`` resolved for ``steps``."""
+        return resolve_ema_momentum(self.ema_momentum, self.steps, paper_base=0.996)
 
     @property
     def grid(self) -> Int3:
@@ -477,6 +489,17 @@ class AliceModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def exported_state_dict(self) -> dict[str, torch.Tensor]:
+        """What ``model.pt`` holds: the registered network with the online encoder (``export: student``) or with
+        the target encoder's weights in its place (``export: teacher``)."""
+        state = self.model.state_dict()
+        if self.cfg.export == "teacher":
+            prefix = "vit." if isinstance(self.target, ViTEncoder) else "swinViT."
+            inner = self.target.vit if isinstance(self.target, ViTEncoder) else self.target.swin
+            for name, value in inner.state_dict().items():
+                state[prefix + name] = value
+        return state
+
     def _contrast(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return self.dino(student, teacher) if self.dino is not None else embedding_loss(student, teacher)
 
@@ -538,7 +561,7 @@ class AliceModule(pl.LightningModule):
         self.update_target(self._updates_done)  # before checkpoint hooks: see ASAModule.optimizer_step
 
     def update_target(self, updates_done: int) -> float:
-        base, final = self.cfg.ema_momentum
+        base, final = self.cfg.ema_schedule()
         m = cosine_momentum(updates_done, self.cfg.steps, base, final)
         ema_update(self.target, self.online, m)
         ema_update(self.psi, self.phi, m)
@@ -559,8 +582,28 @@ class AliceModule(pl.LightningModule):
 
 
 def _model_meta(cfg: AliceConfig) -> dict:
-    return {"in_channels": cfg.in_channels, "out_channels": cfg.in_channels, "network": "online encoder",
+    base, final = cfg.ema_schedule()
+    return {"in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+            "network": "target encoder" if cfg.export == "teacher" else "online encoder",
+            "ema_momentum": [base, final], "teacher_init_share": teacher_init_share(cfg.steps, base, final),
             "output": "only the encoder is pretrained; fine-tune with --init-part encoder"}
+
+
+@torch.no_grad()
+def _pretext_baselines(cfg: AliceConfig, dataset, samples: int):
+    """Reconstruction of per-patch normalised pixels: the trivial prediction is 0 (every patch's mean), perfect is
+    0 loss. The contrastive terms have no such scale (a collapsed embedding scores 0) and are not stated."""
+    from medpretrain.blocks.pretext import PretextBaseline, baseline_samples
+
+    items = baseline_samples(dataset, samples)
+    total = 0.0
+    for s in items:
+        x = torch.stack([s["q"], s["k"]]).float()
+        mask = torch.stack([s["mask_q"], s["mask_k"]]).bool()
+        target = normalized_pixels(patchify(x, cfg.mask_patch))
+        total += float(masked_mse(torch.zeros_like(target), target, mask if cfg.recon_region == "masked" else None))
+    return [PretextBaseline("recon", total / len(items), 0.0, "each patch's mean (0 after per-patch normalisation)",
+                            len(items))]
 
 
 register_method(PretrainMethod(
@@ -572,16 +615,17 @@ register_method(PretrainMethod(
     build_dataset=lambda cfg, data: AliceDataset(data, cfg),
     build_module=lambda cfg: AliceModule(cfg),
     model_meta=_model_meta,
+    pretext_baselines=_pretext_baselines,
     presets={
         "cpu": {},
         # Sec. 4: 192x192x64 crops, AdamW (0.9, 0.95), lr 5e-5, batch 8 per GPU, 100k iterations, SAM matcher.
-        "paper": {"model": "unetr", "patch": (192, 192, 64), "batch": 8, "lr": 5e-5, "steps": 100000,
+        "paper": {"model": "unetr", "patch": (192, 192, 64), "batch": 8, "ema_momentum": (0.996, 1.0), "lr": 5e-5, "steps": 100000,
                   "warmup_fraction": 0.05, "matcher": "sam", "checkpoint_every": 1000, "num_workers": 4,
                   "head_hidden": 2048, "head_bottleneck": 256, "head_dim": 4096, "decoder_depth": 4,
                   "decoder_heads": 8, "casa_dim": 256},
         # The authors' public code: DINO loss, CASA keys from the target decoder, tube masking, reconstruction
         # over the whole volume, 64^3 crops.
-        "authors": {"model": "unetr", "patch": (64, 64, 64), "batch": 8, "lr": 5e-5, "steps": 100000,
+        "authors": {"model": "unetr", "patch": (64, 64, 64), "batch": 8, "ema_momentum": (0.996, 1.0), "lr": 5e-5, "steps": 100000,
                     "warmup_fraction": 0.05, "matcher": "sam", "contrast_loss": "dino",
                     "casa_keys": "target_decoder", "mask_kind": "tube", "recon_region": "all",
                     "checkpoint_every": 1000, "num_workers": 4, "head_hidden": 2048, "head_bottleneck": 256,

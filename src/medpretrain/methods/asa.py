@@ -87,7 +87,7 @@ from pydantic import field_validator, model_validator
 from torch.utils.data import Dataset
 
 from medpretrain.blocks.contrastive import embedding_loss
-from medpretrain.blocks.ema import cosine_momentum, ema_update, make_teacher
+from medpretrain.blocks.ema import cosine_momentum, ema_update, make_teacher, resolve_ema_momentum, teacher_init_share
 from medpretrain.blocks.heads import ProjectionHead
 from medpretrain.config import TrainingConfig
 from medpretrain.data.sampling import choose_patch_start
@@ -126,7 +126,12 @@ class ASAConfig(TrainingConfig):
         global_stage: the global embedding pools the ``deepest`` hidden state or the sub-volume ``tokens``.
         lambda_vop, lambda_var, lambda_global, lambda_local: loss weights (order, appearance, global, local).
         head_dim, head_hidden: output and hidden width of the global and local projection heads.
-        ema_momentum: ``(base, final)`` of the teacher's cosine momentum schedule.
+        ema_momentum: ``(base, final)`` of the teacher's cosine momentum schedule, or ``auto`` (default): the
+            paper's base 0.999 when the run is long enough, else the base that leaves at most 1% of the teacher's
+            random initialisation at the end of ``steps`` (``blocks.ema.auto_base_momentum``; 0.999 over 600
+            steps would leave 74%). The ``paper`` and ``authors`` presets set (0.999, 1).
+        export: the network written to ``model.pt`` for fine-tuning: the EMA ``teacher`` (the paper) or the
+            ``student``.
         phase_steps: ``(a, b)``: ``a`` steps of phase 1 then ``b`` of phase 2, repeated; None = one pass over
             the pool each.
         teacher_sees_shuffled: the teacher embeds the shuffled cube in phase 1 (authors' code) instead of the
@@ -159,7 +164,8 @@ class ASAConfig(TrainingConfig):
     lambda_local: float = 1.0
     head_dim: int = 256
     head_hidden: int = 512
-    ema_momentum: tuple[float, float] = (0.999, 1.0)
+    ema_momentum: tuple[float, float] | Literal["auto"] = "auto"
+    export: Literal["teacher", "student"] = "teacher"
     phase_steps: tuple[int, int] | None = None
     teacher_sees_shuffled: bool = False
     normalize_local: bool = True
@@ -206,6 +212,10 @@ class ASAConfig(TrainingConfig):
             raise ValueError("must be within [0, 1)")
         return v
 
+    def ema_schedule(self) -> tuple[float, float]:
+        """``(base, final)`` of the teacher's momentum schedule, ``auto`` resolved for ``steps``."""
+        return resolve_ema_momentum(self.ema_momentum, self.steps, paper_base=0.999)
+
     @model_validator(mode="after")
     def _sizes(self):
         v, s = self.patch[0], self.sub_volume
@@ -224,10 +234,11 @@ class ASAConfig(TrainingConfig):
                              f"(no shared sub-volume for the local loss); set upsampled < {2 * v} (paper: 160 for 128)")
         if self.crop is not None and any(c < 1 for c in self.crop):
             raise ValueError(f"crop {tuple(self.crop)}: every side must be >= 1 (or crop: null for whole volumes)")
-        base, final = self.ema_momentum
-        if not 0.0 <= base <= final <= 1.0:
-            raise ValueError(f"ema_momentum {tuple(self.ema_momentum)} must be (base, final) with "
-                             "0 <= base <= final <= 1, e.g. (0.999, 1.0)")
+        if self.ema_momentum != "auto":
+            base, final = self.ema_momentum
+            if not 0.0 <= base <= final <= 1.0:
+                raise ValueError(f"ema_momentum {tuple(self.ema_momentum)} must be (base, final) with "
+                                 "0 <= base <= final <= 1, e.g. (0.999, 1.0), or auto")
         a, b = self.phase_steps if self.phase_steps is not None else (1, 1)
         if a < 0 or b < 0 or a + b < 1:
             raise ValueError(f"phase_steps {tuple(self.phase_steps)} must be two step counts >= 0, not both 0, "
@@ -564,8 +575,12 @@ class ASAModule(pl.LightningModule):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The teacher's output (what goes downstream)."""
+        """The teacher's output."""
         return self.model(x)
+
+    def exported_state_dict(self) -> dict[str, torch.Tensor]:
+        """What ``model.pt`` holds: the teacher network (default, the paper) or the student (``export``)."""
+        return (self.student if self.cfg.export == "student" else self.model).state_dict()
 
     def phase(self, step: int) -> int:
         """The phase of optimiser step ``step``."""
@@ -667,7 +682,7 @@ class ASAModule(pl.LightningModule):
         for name in self.phase_loss_names(3 - phase):
             self.log(f"train/p{3 - phase}_{name}", float("nan"), on_step=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
-        base, final = self.cfg.ema_momentum
+        base, final = self.cfg.ema_schedule()
         self.log("train/ema_momentum", cosine_momentum(self.global_step, self.cfg.steps, base, final), on_step=True)
         self._updates_done = self.global_step
         return loss
@@ -681,7 +696,7 @@ class ASAModule(pl.LightningModule):
 
     def update_teacher(self, updates_done: int) -> float:
         """EMA step of the teacher (network and projection heads) towards the student; returns the momentum."""
-        base, final = self.cfg.ema_momentum
+        base, final = self.cfg.ema_schedule()
         m = cosine_momentum(updates_done, self.cfg.steps, base, final)
         ema_update(self.model, self.student, m)
         ema_update(self.teacher_proj, self.student_proj, m)
@@ -712,9 +727,27 @@ def _build_dataset(cfg: ASAConfig, data):
 
 
 def _model_meta(cfg: ASAConfig) -> dict:
-    return {"in_channels": cfg.in_channels, "out_channels": cfg.in_channels, "network": "teacher",
+    base, final = cfg.ema_schedule()
+    return {"in_channels": cfg.in_channels, "out_channels": cfg.in_channels, "network": cfg.export,
+            "ema_momentum": [base, final], "teacher_init_share": teacher_init_share(cfg.steps, base, final),
             "output": "image intensities (appearance recovery); replace the head for segmentation",
             "sub_volume": cfg.sub_volume}
+
+
+@torch.no_grad()
+def _pretext_baselines(cfg: ASAConfig, dataset, samples: int):
+    """Order prediction: the constant guess (the mean target, the grid's centre) for every sub-volume; appearance
+    recovery: the samples' mean intensity everywhere. Perfect is 0 for both (MSE)."""
+    from medpretrain.blocks.pretext import PretextBaseline, baseline_samples
+
+    items = baseline_samples(dataset, samples)
+    perms = torch.stack([s["perm"] for s in items])
+    target = order_targets(perms, (cfg.grid,) * 3, cfg.order_target).float()
+    order = float(F.mse_loss(target, target.mean(dim=(0, 1), keepdim=True).expand_as(target)))
+    images = torch.stack([s["image"] for s in items]).float()
+    appearance = float(F.mse_loss(images, images.mean().expand_as(images)))
+    return [PretextBaseline("p1_order", order, 0.0, "the mean position (grid centre) for every sub-volume", len(items)),
+            PretextBaseline("p1_appearance", appearance, 0.0, "the mean intensity at every voxel", len(items))]
 
 
 register_method(PretrainMethod(
@@ -726,19 +759,20 @@ register_method(PretrainMethod(
     build_dataset=_build_dataset,
     build_module=_build_module,
     model_meta=_model_meta,
+    pretext_baselines=_pretext_baselines,
     presets={
         "cpu": {},
         # Sec. 3: whole volumes resized to 128^3, 16^3 sub-volumes (512), phase 2 up-sampled to 160^3 with two
         # 128^3 crops; Swin UNETR. Batch, learning rate and length are in the paper's appendix, which our copy
         # lacks: AdamW 1e-4 (Swin UNETR's usual rate), batch 4, 20k steps are our choices.
         "paper": {"model": "swinunetr", "patch": (128, 128, 128), "crop": None, "sub_volume": 16,
-                  "upsampled": 160, "batch": 4, "lr": 1e-4, "weight_decay": 1e-5, "steps": 20000,
+                  "upsampled": 160, "ema_momentum": (0.999, 1.0), "batch": 4, "lr": 1e-4, "weight_decay": 1e-5, "steps": 20000,
                   "checkpoint_every": 1000, "num_workers": 4},
         # The paper's sizes with the four differences of the authors' public code the issue lists, and two more
         # we found in it (jlianglab/ASA, ASA_MICCAI2024/asa.py): nn.MSELoss between the normalised embeddings
         # (averaged over the width) and the global embedding pooled from the sub-volume tokens (stage 3).
         "authors": {"model": "swinunetr", "patch": (128, 128, 128), "crop": None, "sub_volume": 16,
-                    "upsampled": 160, "batch": 4, "steps": 20000, "checkpoint_every": 1000, "num_workers": 4,
+                    "upsampled": 160, "ema_momentum": (0.999, 1.0), "batch": 4, "steps": 20000, "checkpoint_every": 1000, "num_workers": 4,
                     "teacher_sees_shuffled": True, "normalize_local": False, "optimizer": "sgd", "lr": 1e-3,
                     "sgd_momentum": 0.9, "lambda_vop": 1.0, "lambda_var": 1.0, "lambda_global": 1.0,
                     "lambda_local": 1.0, "consistency_distance": "mse", "global_stage": "tokens"},

@@ -68,6 +68,13 @@ def _model_meta(cfg: AVSDBPretrainConfig) -> dict:
             "labels": {int(k): v for k, v in class_names(cfg.generator).items()}}
 
 
+def _pretext_baselines(cfg: AVSDBPretrainConfig, dataset, samples: int):
+    from medpretrain.blocks.pretext import baseline_samples, segmentation_baseline
+
+    return [segmentation_baseline(baseline_samples(dataset, samples), _loss(cfg), cfg.generator.num_classes,
+                                  batch=cfg.batch)]
+
+
 register_method(PretrainMethod(
     name="avsdb",
     description="AVS-DB: supervised segmentation of formula-driven volumetric shapes (no real data)",
@@ -76,6 +83,7 @@ register_method(PretrainMethod(
     build_dataset=_build_dataset,
     build_module=_build_module,
     model_meta=_model_meta,
+    pretext_baselines=_pretext_baselines,
     presets={
         "cpu": {},
         # The paper gives no step count: 30,000 steps are 48 passes over its 5,000 volumes at batch 8.

@@ -80,6 +80,10 @@ class VolumeFusionConfig(TrainingConfig):
         schedule: ``one-cycle`` (warm-up then cosine decay, see ``TrainingConfig``) or ``step`` (the paper's:
             the learning rate is multiplied by ``lr_step_factor`` every ``lr_step_every`` steps).
         lr_step_every, lr_step_factor: the step schedule.
+        target: ``real`` (the task) or ``shuffled``, a control: the network is trained to output the fusion
+            map of another, independent draw, so the target carries no information about the image. If
+            fine-tuning from shuffled VF hurts as much as from real VF, the harm comes from any short
+            uninformative pretraining, not from what VF teaches.
     """
 
     model: str = "unet"
@@ -103,6 +107,7 @@ class VolumeFusionConfig(TrainingConfig):
     schedule: Literal["one-cycle", "step"] = "one-cycle"
     lr_step_every: int = 20000
     lr_step_factor: float = 0.5
+    target: Literal["real", "shuffled"] = "real"
 
     @field_validator("k")
     @classmethod
@@ -416,6 +421,15 @@ class VolumeFusionDataset(Dataset):
             boxes = []
         alpha = fusion_alpha(label, self.k)
         image = fuse(background, foreground, alpha)
+        if self.cfg.target == "shuffled":
+            # The image keeps its own fusion map; the target is the map of an independent draw (its own stream,
+            # so the image's draws are exactly those of the real task).
+            other = np.random.default_rng([_TAG, int(self.cfg.seed), int(index), 1])
+            if self.cfg.variant == "paper":
+                label, _ = box_fusion_map(self.patch, other, self.k, tuple(self.cfg.boxes), self.box_min, self.box_max)
+            else:
+                label, _ = grid_fusion_map(self.patch, other, self.k, self.block_min, self.block_max,
+                                           self.cfg.grid_foreground)
         return FusionSample(image=image, label=label, alpha=alpha, background=background, foreground=foreground,
                             background_case=bg_case, foreground_case=fg_case, crops=crops, boxes=boxes, grid=grid)
 
@@ -513,7 +527,14 @@ def class_names(k: int) -> dict[int, str]:
 
 def _model_meta(cfg: VolumeFusionConfig) -> dict:
     return {"in_channels": cfg.in_channels, "out_channels": cfg.k + 1, "labels": class_names(cfg.k),
-            "variant": cfg.variant}
+            "variant": cfg.variant, "target": cfg.target}
+
+
+def _pretext_baselines(cfg: VolumeFusionConfig, dataset, samples: int):
+    from medpretrain.blocks.pretext import baseline_samples, segmentation_baseline
+
+    # Deep supervision (the paper preset) logs a scale-weighted loss; the full-resolution baseline still bounds it.
+    return [segmentation_baseline(baseline_samples(dataset, samples), _loss(cfg), cfg.k + 1, batch=cfg.batch)]
 
 
 register_method(PretrainMethod(
@@ -524,6 +545,7 @@ register_method(PretrainMethod(
     build_dataset=_build_dataset,
     build_module=_build_module,
     model_meta=_model_meta,
+    pretext_baselines=_pretext_baselines,
     presets={
         "cpu": {},
         # Sec. 4.2 for PData-1k: D x H x W 64 x 128 x 128 sub-volumes, K = 4, M ~ U(10, 40), batch 4, Adam 1e-3,

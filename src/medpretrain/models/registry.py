@@ -130,6 +130,38 @@ def build_model(
     return spec.factory(in_channels, out_channels, tuple(patch), **merged)
 
 
+def check_model_options(name: str, in_channels: int, out_channels: int, patch: Sequence[int],
+                        options: dict[str, Any]) -> None:
+    """Build the network once without memory (on torch's ``meta`` device) so that an option value it cannot
+    take (``features: [8]``, ``dropout: "x"``) is refused in one line before a run starts, not as a traceback
+    from inside MONAI after the run folder was written.
+
+    Raises:
+        ConfigError: naming the model, the options given and the network's complaint.
+    """
+    import torch
+
+    if not options:
+        return  # every preset builds with its own defaults
+    try:
+        try:
+            with torch.device("meta"):
+                build_model(name, in_channels, out_channels, patch, **options)
+        except RuntimeError as exc:
+            if "meta" not in str(exc):
+                raise
+            build_model(name, in_channels, out_channels, patch, **options)  # a network that reads its own tensors
+    except ConfigError:
+        raise
+    except Exception as exc:  # the network's own ValueError, TypeError, AssertionError, IndexError...
+        reason = (" ".join(str(exc).split()) or type(exc).__name__).rstrip(".")
+        spec = get_spec(name)
+        raise ConfigError(
+            f"model_options {options} do not build model '{name}': {type(exc).__name__}: {reason}; fix the values "
+            f"(its options and defaults: {', '.join(f'{k}={v}' for k, v in spec.defaults.items())})"
+        ) from None
+
+
 # --- MONAI networks ---------------------------------------------------------------------------------
 
 

@@ -139,8 +139,9 @@ class AVSDBConfig(BaseModel):
     @field_validator("n_shapes")
     @classmethod
     def _check_n_shapes(cls, v: int) -> int:
-        if not 0 <= v <= 10_000:
-            raise ValueError(f"n_shapes must be 0..10000, got {v}")
+        # 0 would write volumes with empty label maps, which prepare then skips one by one.
+        if not 1 <= v <= 10_000:
+            raise ValueError(f"n_shapes (--shapes) must be 1..10000, got {v}: a volume needs a shape to label")
         return v
 
     @field_validator("max_overlap_ratio")
