@@ -38,7 +38,7 @@ def test_prepare_end_to_end(prepared, dataset):
     ids = ["case_000", "case_001", "case_002", "case_003"]
     assert prepared.case_ids == ids
     assert sorted(p.name for p in root.iterdir()) == sorted(
-        ["manifest.json"] + [f"{c}{s}" for c in ids for s in (".npy", "_seg.npy", ".json")]
+        ["fingerprint.json", "manifest.json"] + [f"{c}{s}" for c in ids for s in (".npy", "_seg.npy", ".json")]
     )
     m = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
     assert m["format"] == "medpretrain-cache" and m["format_version"] == 1 and m["kind"] == "labelled"

@@ -519,6 +519,24 @@ def test_mostly_padded_patches_are_warned_about(gap):
     show("patch mostly padding (warning)", msg)
 
 
+def test_mostly_padded_patches_are_refused_unless_allowed(gap, tmp_path):
+    from medpretrain.config import FinetuneConfig
+    from medpretrain.engine.finetune import finetune
+    from medpretrain.errors import ConfigError
+
+    cfg = dict(model="unet", steps=1, patch=(64, 64, 48), batch=1, num_workers=0, precision="32-true", n_labeled=1)
+    # 16x16x12 volumes: (64, 64, 48) is 98% padding while (32, 16, 16), the network's smallest, is 62%
+    with pytest.raises(ConfigError, match=r"% padding.*medpretrain plan.*--allow-padding") as err:
+        finetune(gap["data"], tmp_path / "refused", FinetuneConfig(**cfg))
+    assert not (tmp_path / "refused" / "run.json").exists()
+    show("patch mostly padding (refused)", str(err.value))
+    run = finetune(gap["data"], tmp_path / "allowed", FinetuneConfig(**cfg, allow_padding=True))
+    assert (run / "model.pt").is_file()
+    # the network's smallest patch is still 62% padding here, but nothing smaller exists: trained, with a warning
+    smallest = finetune(gap["data"], tmp_path / "smallest", FinetuneConfig(**{**cfg, "patch": (32, 16, 16)}))
+    assert (smallest / "model.pt").is_file()
+
+
 # --------------------------------------------------------------------------- a quiet first run
 
 

@@ -125,6 +125,7 @@ def finetune(
     n_labeled: Optional[int] = typer.Option(None, help="Number of labelled training cases (seeded draw)."),
     fraction: Optional[float] = typer.Option(None, help="Or a fraction of the labelled training cases."),
     freeze_encoder: Optional[bool] = typer.Option(None, "--freeze-encoder", help="Train decoder and head only."),
+    allow_padding: Optional[bool] = typer.Option(None, "--allow-padding", help="Train even if patches are mostly padding."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps. (default: 600)"),
     patch: Optional[tuple[int, int, int]] = typer.Option(None, help="Patch X Y Z. (default: 64 64 48)"),
     batch: Optional[int] = typer.Option(None, help="Patches per step and process. (default: 2)"),
@@ -150,6 +151,7 @@ def finetune(
         "checkpoint_every": checkpoint_every, "precision": precision, "accelerator": accelerator,
         "devices": int(devices) if devices and devices.isdigit() else devices, "num_nodes": num_nodes,
         "strategy": strategy, "num_workers": num_workers, "deterministic": deterministic,
+        "allow_padding": allow_padding,
     }
     # Patch and batch not given: the data's plan (`medpretrain plan`) decides, when it is for this network.
     options.update(plan_overrides(data, config, options, FinetuneConfig.model_fields["model"].default))
@@ -324,8 +326,8 @@ def predict(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
     seed: int = typer.Option(0, help="Seed of the synthetic data and training."),
-    steps: int = typer.Option(300, help="Fine-tuning steps of each run."),
-    pretrain_steps: int = typer.Option(300, help="AVS-DB pretraining steps (0 skips pretraining)."),
+    steps: int = typer.Option(240, help="Fine-tuning steps of each run."),
+    pretrain_steps: int = typer.Option(240, help="AVS-DB pretraining steps (0 skips pretraining)."),
     n_labeled: int = typer.Option(3, help="Labelled training cases of each fine-tuning run."),
     fresh: bool = typer.Option(False, help="Delete --out first."),
 ) -> None:

@@ -243,6 +243,9 @@ class FinetuneConfig(TrainingConfig):
             from the remaining training cases.
         validation_seed: seed of the validation draw (independent of ``seed``, so every run of a benchmark
             sets aside the same cases).
+        allow_padding: train even when the patches are on average more than three quarters padding and the
+            network takes a smaller patch (refused otherwise, with the numbers and a patch that fits;
+            ``medpretrain plan`` chooses one from the data).
         curve_fractions: also export the model at these fractions of ``steps`` (``RUN/curve/model_stepN.pt``)
             for learning curves (``evaluate --model-file``); the final model is ``RUN/model.pt``.
     """
@@ -260,6 +263,7 @@ class FinetuneConfig(TrainingConfig):
     validation_cases: int = 0
     validation_seed: int = 0
     curve_fractions: list[float] = []
+    allow_padding: bool = False
 
     @field_validator("foreground_fraction")
     @classmethod

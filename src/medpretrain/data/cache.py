@@ -561,7 +561,12 @@ def prepare_dataset(
             manifest["label_values"] = label_values  # training class i is label id label_values[i] on disk
         _write_manifest(out_dir, manifest)
         _log_skipped(skipped, out_dir)
-    return PreparedData(out_dir)
+    data = PreparedData(out_dir)
+    # nnU-Net's dataset fingerprint, for `medpretrain plan` (spacings, shapes, intensities, classes, objects).
+    from medpretrain.planning import write_fingerprint
+
+    write_fingerprint(data)
+    return data
 
 
 def prepare_pool(
@@ -639,7 +644,12 @@ def prepare_pool(
         }
         _write_manifest(out_dir, manifest)
         _log_skipped(skipped, out_dir)
-    return PreparedData(out_dir)
+    data = PreparedData(out_dir)
+    # nnU-Net's dataset fingerprint, for `medpretrain plan` (spacings, shapes, intensities, classes, objects).
+    from medpretrain.planning import write_fingerprint
+
+    write_fingerprint(data)
+    return data
 
 
 def prepare(dataset=None, pool=None, out="prepared", cfg: PreprocessConfig | None = None, workers: int = 1,

@@ -84,6 +84,39 @@ def check_data_fits(data: PreparedData, cfg: FinetuneConfig) -> None:
     check_model_options(cfg.model, data.in_channels, data.num_classes, cfg.patch, cfg.model_options)
 
 
+REFUSED_PADDING = 0.75  # above this share of padding, a patch that wastes less is required (or --allow-padding)
+
+
+def padding_check(data: PreparedData, case_ids: Sequence[str], patch: Sequence[int], model: str
+                  ) -> tuple[str | None, bool]:
+    """``(warning, refuse)``: a warning when the training patches would be mostly (> 50%) padding, naming the
+    fraction and a patch that fits; ``refuse`` when more than ``REFUSED_PADDING`` is padding and the network takes
+    a patch that wastes less (8-slice volumes under a 48-slice patch: 83%). Where the network's smallest input
+    is itself larger than the data, there is nothing better to ask for: a warning only."""
+    warning = padding_warning(data, case_ids, patch, model)
+    if warning is None:
+        return None, False
+    shapes = [data.case(c)["shape"][1:] for c in case_ids]
+    better = _fitted_patch(get_spec(model), np.median(np.asarray(shapes), axis=0), patch)
+    refuse = padding_fraction(shapes, patch) > REFUSED_PADDING and better is not None and \
+        padding_fraction(shapes, better) < padding_fraction(shapes, patch) - 0.1
+    return warning, refuse
+
+
+def _fitted_patch(spec, median, patch: Sequence[int]) -> list[int] | None:
+    """The smallest valid patch at least the median volume along each side, never larger than ``patch``; None
+    when it is ``patch`` itself (nothing smaller fits the network)."""
+    fitted = [int(min(p, max(spec.min_size, -(-int(m) // d) * d))) for p, m, d in zip(patch, median, spec.divisors())]
+    for _ in range(4):  # a network may need more voxels than the volume has (a bottleneck of 2): grow one side
+        try:
+            spec.check_patch(fitted)
+        except ConfigError:
+            fitted[0] *= 2
+            continue
+        return fitted if fitted != [int(p) for p in patch] else None
+    return None
+
+
 def padding_warning(data: PreparedData, case_ids: Sequence[str], patch: Sequence[int], model: str) -> str | None:
     """A warning when the training patches would be mostly padding (volumes thinner than the patch: 8-slice
     volumes under a 48-slice patch are 83% padding), naming the fraction and a patch that fits; else None."""
@@ -93,20 +126,9 @@ def padding_warning(data: PreparedData, case_ids: Sequence[str], patch: Sequence
     padding = padding_fraction(shapes.tolist(), patch)
     if padding <= 0.5:
         return None
-    spec = get_spec(model)
     median = np.median(shapes, axis=0)
-    # The smallest valid side at least the median volume side, never larger than the patch asked for.
-    fitted = [int(min(p, max(spec.min_size, -(-int(m) // d) * d))) for p, m, d in zip(patch, median, spec.divisors())]
-    suggestion = "a patch closer to the volume size"
-    for _ in range(4):  # a network may need more voxels than the volume has (a bottleneck of 2): grow one side
-        try:
-            spec.check_patch(fitted)
-        except ConfigError:
-            fitted[0] *= 2
-            continue
-        if fitted != [int(p) for p in patch]:
-            suggestion = f"--patch {' '.join(map(str, fitted))}"
-        break
+    fitted = _fitted_patch(get_spec(model), median, patch)
+    suggestion = f"--patch {' '.join(map(str, fitted))}" if fitted else "a patch closer to the volume size"
     return (f"training patches {tuple(patch)} are on average {padding:.0%} padding: the labelled volumes (median "
             f"shape {'x'.join(str(int(v)) for v in median)}) are smaller than the patch; consider {suggestion}, or a "
             "finer --spacing when preparing")
@@ -134,7 +156,11 @@ def finetune(
     check_trainer_settings(cfg)
     validation, trainable = validation_split(data.split("train"), cfg.validation_cases, cfg.validation_seed)
     subset = labeled_subset(trainable, cfg.seed, cfg.n_labeled, cfg.fraction)
-    warning = padding_warning(data, subset, cfg.patch, cfg.model)
+    warning, refuse = padding_check(data, subset, cfg.patch, cfg.model)
+    if refuse and not cfg.allow_padding:
+        # Mostly padding is mostly wasted compute (and a network that learns "outside" more than anatomy).
+        raise ConfigError(f"{warning}; `medpretrain plan --data {data_dir}` chooses a patch from the data, or pass "
+                          "--allow-padding to train with this one anyway")
     if warning and not is_launcher_child():
         log.warning(warning)
     log.info("fine-tuning %s on %d labelled cases for %d steps (patch %s, batch %d, %s)", cfg.model, len(subset),
