@@ -38,6 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # benchmarks/_common.py: the machine block shared by every benchmark script
+from _common import cpu_model  # noqa: E402
 
 import stages as S  # noqa: E402
 
@@ -134,7 +136,7 @@ def host_environment() -> dict:
         ours = f"import failed: {type(exc).__name__}: {exc}"
     return {
         "python": platform.python_version(), "executable": sys.executable, "platform": platform.platform(),
-        "machine": platform.machine(), "cpus": os.cpu_count(), "cpu_model": _cpu_model(),
+        "machine": platform.machine(), "cpus": os.cpu_count(), "cpu_model": cpu_model(),
         "memory_gib": round(mem_kb / 2**20, 1) if mem_kb else None,
         "nvidia_smi": smi.splitlines() if smi else None,
         "versions": versions, "module_origins": origins, "medpretrain": ours,
@@ -157,16 +159,6 @@ def source_digest() -> str:
         digest.update(str(path.relative_to(REPO)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def preload() -> str | None:
