@@ -137,7 +137,7 @@ class TrainingConfig(_Strict):
     num_workers: int = 2
     deterministic: bool = False
 
-    @field_validator("steps", "batch", "checkpoint_every")
+    @field_validator("steps", "batch", "checkpoint_every", "num_nodes")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
@@ -179,13 +179,6 @@ class TrainingConfig(_Strict):
     def _workers(cls, v: int) -> int:
         if v < 0:
             raise ValueError("must be >= 0 (0 = read samples in the training process)")
-        return v
-
-    @field_validator("num_nodes")
-    @classmethod
-    def _nodes(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
         return v
 
     @field_validator("precision")

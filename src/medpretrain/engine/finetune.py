@@ -93,14 +93,25 @@ def padding_check(data: PreparedData, case_ids: Sequence[str], patch: Sequence[i
     fraction and a patch that fits; ``refuse`` when more than ``REFUSED_PADDING`` is padding and the network takes
     a patch that wastes less (8-slice volumes under a 48-slice patch: 83%). Where the network's smallest input
     is itself larger than the data, there is nothing better to ask for: a warning only."""
-    warning = padding_warning(data, case_ids, patch, model)
-    if warning is None:
+    shapes = [list(data.case(c)["shape"][1:]) for c in case_ids]
+    if not shapes:
         return None, False
-    shapes = [data.case(c)["shape"][1:] for c in case_ids]
-    better = _fitted_patch(get_spec(model), np.median(np.asarray(shapes), axis=0), patch)
-    refuse = padding_fraction(shapes, patch) > REFUSED_PADDING and better is not None and \
-        padding_fraction(shapes, better) < padding_fraction(shapes, patch) - 0.1
+    padding = padding_fraction(shapes, patch)
+    if padding <= 0.5:
+        return None, False
+    median = np.median(np.asarray(shapes), axis=0)
+    fitted = _fitted_patch(get_spec(model), median, patch)
+    suggestion = f"--patch {' '.join(map(str, fitted))}" if fitted else "a patch closer to the volume size"
+    warning = (f"training patches {tuple(patch)} are on average {padding:.0%} padding: the labelled volumes (median "
+               f"shape {'x'.join(str(int(v)) for v in median)}) are smaller than the patch; consider {suggestion}, "
+               "or a finer --spacing when preparing")
+    refuse = padding > REFUSED_PADDING and fitted is not None and padding_fraction(shapes, fitted) < padding - 0.1
     return warning, refuse
+
+
+def padding_warning(data: PreparedData, case_ids: Sequence[str], patch: Sequence[int], model: str) -> str | None:
+    """The warning of :func:`padding_check` alone (None when the patches are at most half padding)."""
+    return padding_check(data, case_ids, patch, model)[0]
 
 
 def _fitted_patch(spec, median, patch: Sequence[int]) -> list[int] | None:
@@ -115,23 +126,6 @@ def _fitted_patch(spec, median, patch: Sequence[int]) -> list[int] | None:
             continue
         return fitted if fitted != [int(p) for p in patch] else None
     return None
-
-
-def padding_warning(data: PreparedData, case_ids: Sequence[str], patch: Sequence[int], model: str) -> str | None:
-    """A warning when the training patches would be mostly padding (volumes thinner than the patch: 8-slice
-    volumes under a 48-slice patch are 83% padding), naming the fraction and a patch that fits; else None."""
-    shapes = np.asarray([data.case(c)["shape"][1:] for c in case_ids], dtype=np.int64)
-    if shapes.size == 0:
-        return None
-    padding = padding_fraction(shapes.tolist(), patch)
-    if padding <= 0.5:
-        return None
-    median = np.median(shapes, axis=0)
-    fitted = _fitted_patch(get_spec(model), median, patch)
-    suggestion = f"--patch {' '.join(map(str, fitted))}" if fitted else "a patch closer to the volume size"
-    return (f"training patches {tuple(patch)} are on average {padding:.0%} padding: the labelled volumes (median "
-            f"shape {'x'.join(str(int(v)) for v in median)}) are smaller than the patch; consider {suggestion}, or a "
-            "finer --spacing when preparing")
 
 
 def finetune(

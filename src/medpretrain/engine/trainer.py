@@ -146,28 +146,37 @@ def check_trainer_settings(cfg) -> None:
         ConfigError: the settings cannot run here.
     """
     quiet_library_chatter()
-    accelerator = resolve_accelerator(cfg.accelerator)
+    _check_hardware(cfg.accelerator, cfg.devices if not isinstance(cfg.devices, list) else tuple(cfg.devices),
+                    cfg.num_nodes, cfg.strategy, cfg.precision)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_hardware(accelerator_option: str, devices, num_nodes: int, strategy: str, precision: str) -> None:
+    # Memoised: the entry points check before building their data and the shared training job checks again
+    # before writing its folder; the throwaway Trainer is built once per setting. (A refusal raises, so it is
+    # never cached and is raised again.)
+    accelerator = resolve_accelerator(accelerator_option)
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--accelerator {cfg.accelerator}: no CUDA GPU is visible to torch "
+        raise ConfigError(f"--accelerator {accelerator_option}: no CUDA GPU is visible to torch "
                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --accelerator "
                           "cpu (or auto), or install a CUDA build of torch on a machine with a GPU")
     from lightning.pytorch.strategies import StrategyRegistry
 
     known = {"auto", *StrategyRegistry.available_strategies()}
-    if cfg.strategy not in known:
-        close = sorted(s for s in known if s.startswith(cfg.strategy[:3]))[:6] or ["auto", "ddp"]
-        raise ConfigError(f"--strategy {cfg.strategy!r} is not a Lightning strategy; use e.g. {', '.join(close)}")
+    if strategy not in known:
+        close = sorted(s for s in known if s.startswith(strategy[:3]))[:6] or ["auto", "ddp"]
+        raise ConfigError(f"--strategy {strategy!r} is not a Lightning strategy; use e.g. {', '.join(close)}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pl.Trainer(accelerator=accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
-                       precision=resolve_precision(cfg.precision, cfg.accelerator), logger=False,
+            pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                       precision=resolve_precision(precision, accelerator_option), logger=False,
                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     except Exception as exc:  # Lightning's MisconfigurationException, ValueError, RuntimeError...
         reason = (" ".join(str(exc).split()) or type(exc).__name__).rstrip(".")
         raise ConfigError(
-            f"Lightning cannot run with --accelerator {cfg.accelerator} --devices {cfg.devices} --strategy "
-            f"{cfg.strategy} --precision {cfg.precision} --num-nodes {cfg.num_nodes}: {reason}; change these options "
+            f"Lightning cannot run with --accelerator {accelerator_option} --devices {devices} --strategy "
+            f"{strategy} --precision {precision} --num-nodes {num_nodes}: {reason}; change these options "
             "(the defaults --accelerator auto --devices 1 --strategy auto --precision auto run on any machine)"
         ) from None
 
