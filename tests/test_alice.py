@@ -21,7 +21,8 @@ from medpretrain.blocks.ema import cosine_momentum
 from medpretrain.blocks.masking import (gather_tokens, mask_counts, masked_mse, normalized_pixels, patchify,
                                         random_token_mask, scatter_tokens, unpatchify, visible_indices)
 from medpretrain.data.cache import PreparedData
-from medpretrain.engine.pretrain import pretrain, pretrain_config
+from medpretrain.engine.pretrain import ddp_allowing_unused_parameters, pretrain, pretrain_config
+from medpretrain.methods import get_method
 from medpretrain.errors import ConfigError
 from medpretrain.matching import MatchVolume, build_matcher
 from medpretrain.matching.accuracy import body_points, random_affine, warp, warped_point
@@ -260,7 +261,9 @@ def test_config_refusals_and_presets():
     with pytest.raises(Exception, match="matcher_run"):
         AliceConfig(matcher="sam")
     assert pretrain_config("alice", preset="cpu").model == "unetr-small"
-    assert AliceConfig(strategy="ddp").strategy == "ddp_find_unused_parameters_true"  # decoder gets no gradient
+    # The decoder gets no gradient: the engine runs DDP with find_unused_parameters.
+    assert ddp_allowing_unused_parameters(AliceConfig(strategy="ddp")).strategy == "ddp_find_unused_parameters_true"
+    assert get_method("alice").unused_parameters
     with pytest.raises(ConfigError, match="Swin"):
         AliceModule(AliceConfig(model="unet", patch=(64, 64, 48)))
 

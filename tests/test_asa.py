@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import Callback
 from _niftis import prepared_pool
 from medpretrain.blocks import ProjectionHead, cosine_momentum, ema_update, make_teacher
 from medpretrain.data.cache import PreparedData
-from medpretrain.engine.pretrain import pretrain, pretrain_config
+from medpretrain.engine.pretrain import ddp_allowing_unused_parameters, pretrain, pretrain_config
+from medpretrain.methods import get_method
 from medpretrain.errors import ConfigError
 from medpretrain.methods.asa import (
     ASAConfig, ASADataset, ASAModule, crop_views, decode, encode, order_targets, overlap_token_pairs, phase_of_step,
@@ -194,13 +195,14 @@ def test_config_presets_and_refusals():
     assert (authors.optimizer, authors.lr, authors.sgd_momentum) == ("sgd", 1e-3, 0.9)
     assert (authors.consistency_distance, authors.global_stage) == ("mse", "tokens")
     assert (paper.consistency_distance, paper.global_stage) == ("squared_l2", "deepest")
-    # Every DDP flavour, and "auto" on several devices (which Lightning makes DDP), tolerates the parameters
+    # The engine runs every DDP flavour, and "auto" on several devices (which Lightning makes DDP), tolerates the parameters
     # each phase leaves without gradient; one device stays as it is.
     for overrides, strategy in [({"strategy": "ddp"}, "ddp_find_unused_parameters_true"),
                                 ({"strategy": "ddp_spawn"}, "ddp_spawn_find_unused_parameters_true"),
                                 ({"devices": 2}, "ddp_find_unused_parameters_true"),
                                 ({"num_nodes": 2}, "ddp_find_unused_parameters_true"), ({}, "auto")]:
-        assert pretrain_config("asa", overrides=overrides).strategy == strategy
+        assert ddp_allowing_unused_parameters(pretrain_config("asa", overrides=overrides)).strategy == strategy
+    assert get_method("asa").unused_parameters
     for bad, match in [({"patch": (64, 64, 32)}, "cube"), ({"upsampled": 70}, "upsampled >= 80"),
                        ({"upsampled": 128}, "upsampled < 128"),
                        ({"sub_volume": 12}, "power|2, 4, 8"), ({"patch": (80, 80, 80), "sub_volume": 32}, "multiple"),
@@ -268,18 +270,18 @@ def test_decoder_from_hidden_states_equals_forward_and_tokens_tile_the_subvolume
 
 def test_teacher_update_moves_network_and_heads():
     module = ASAModule(pretrain_config("asa", overrides={"model_options": {"depths": (1, 1, 1, 1)}}))
-    assert not any(p.requires_grad for p in module.model.parameters())
-    assert {id(p) for p in module.student_parameters()}.isdisjoint({id(p) for p in module.model.parameters()})
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    assert {id(p) for p in module.student_parameters()}.isdisjoint({id(p) for p in module.teacher.parameters()})
     module.train()
-    assert not module.model.training and module.student.training
+    assert not module.teacher.training and module.student.training
     with torch.no_grad():
         for p in module.student_parameters():
             p.add_(1.0)
-    t0 = {k: v.clone() for k, v in module.model.state_dict().items()}
+    t0 = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     h0 = {k: v.clone() for k, v in module.teacher_proj.state_dict().items()}
     m = module.update_teacher(0)
     assert m == module.cfg.ema_schedule()[0] < 0.999  # auto: the base that suits a 600-step run
-    for name, p in module.model.named_parameters():
+    for name, p in module.teacher.named_parameters():
         torch.testing.assert_close(p, m * t0[name] + (1 - m) * dict(module.student.named_parameters())[name])
     for name, p in module.teacher_proj.named_parameters():
         torch.testing.assert_close(p, m * h0[name] + (1 - m) * dict(module.student_proj.named_parameters())[name])
@@ -298,15 +300,15 @@ class _Record(Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.step = trainer.global_step
-        self.teacher_before = module.model.swinViT.patch_embed.proj.weight.detach().clone()
+        self.teacher_before = module.teacher.swinViT.patch_embed.proj.weight.detach().clone()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.logged.append(dict(trainer.logged_metrics))
         m = cosine_momentum(self.step, module.cfg.steps, *module.cfg.ema_schedule())
         student = module.student.swinViT.patch_embed.proj.weight.detach()
-        torch.testing.assert_close(module.model.swinViT.patch_embed.proj.weight,
+        torch.testing.assert_close(module.teacher.swinViT.patch_embed.proj.weight,
                                    m * self.teacher_before + (1 - m) * student)
-        assert not torch.equal(module.model.swinViT.patch_embed.proj.weight, self.teacher_before)
+        assert not torch.equal(module.teacher.swinViT.patch_embed.proj.weight, self.teacher_before)
 
 
 def test_one_phase1_and_one_phase2_step_export_the_teacher(tmp_path):
@@ -332,7 +334,7 @@ def test_one_phase1_and_one_phase2_step_export_the_teacher(tmp_path):
     assert saved["kind"] == "pretrain:asa" and saved["global_step"] == 2 and saved["network"] == "teacher"
     assert saved["model"] == "swinunetr-small" and saved["in_channels"] == saved["out_channels"] == 1
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    teacher = {k[len("model."):]: v for k, v in ckpt.items() if k.startswith("model.")}
+    teacher = {k[len("teacher."):]: v for k, v in ckpt.items() if k.startswith("teacher.")}
     student = {k[len("student."):]: v for k, v in ckpt.items() if k.startswith("student.")}
     assert teacher.keys() == saved["state_dict"].keys() == student.keys()
     assert all(torch.equal(saved["state_dict"][k], teacher[k]) for k in teacher)  # model.pt is the teacher
@@ -348,3 +350,15 @@ def test_one_phase1_and_one_phase2_step_export_the_teacher(tmp_path):
         report = load_weights(target, get_spec("swinunetr-small"), run / "model.pt", part="all")
         assert set(report.not_requested) == {"out.conv.conv.weight", "out.conv.conv.bias"}
         assert not report.missing and not report.shape_mismatch and not report.unexpected
+
+
+def test_a_checkpoint_from_before_the_teacher_rename_resumes():
+    """Older ASA checkpoints hold the teacher under ``model.``: loading renames it, so their runs resume."""
+    module = ASAModule(pretrain_config("asa", preset="smoke"))
+    state = {("model." + k[len("teacher."):] if k.startswith("teacher.") else k): v.clone() + 1
+             for k, v in module.state_dict().items()}
+    ckpt = {"state_dict": dict(state)}
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"])
+    key = "swinViT.patch_embed.proj.weight"
+    assert torch.equal(module.teacher.state_dict()[key], state["model." + key])

@@ -30,7 +30,7 @@ def _config(dataset: Path, **kw) -> BenchmarkConfig:
                                "precision": "32-true",
                                "finetune": {"num_workers": 0, "checkpoint_every": 1, "augment": {"enabled": False}}}},
         "methods": {"avsdb": {"preset": None, "steps": 2, "config": TINY_AVSDB}},
-        "exclude": ["volume-fusion", "asa"],
+        "only": ["avsdb"],
         "n_labeled": [2], "seeds": [0, 1], "parallel": 2, "overlays": 2, "workers": 1, "curve_fractions": [],
     }
     values.update(kw)
@@ -38,7 +38,7 @@ def _config(dataset: Path, **kw) -> BenchmarkConfig:
 
 
 def test_plan_is_fair_and_every_registered_method_joins(tmp_path):
-    cfg = _config(tmp_path / "ds", methods={}, exclude=[], n_labeled=[2, "all"], pool=[str(tmp_path / "pool")])
+    cfg = _config(tmp_path / "ds", methods={}, only=None, n_labeled=[2, "all"], pool=[str(tmp_path / "pool")])
     jobs = plan(cfg, tmp_path / "out")
     from medpretrain.methods import list_methods
 
@@ -63,7 +63,7 @@ def test_plan_is_fair_and_every_registered_method_joins(tmp_path):
 def test_a_variant_runs_beside_its_method_with_its_own_config(tmp_path):
     from medpretrain.benchmark import _methods, job_files
 
-    cfg = _config(tmp_path / "ds", exclude=["asa", "avsdb", "alice"], pool_add_downstream_train=False, methods={
+    cfg = _config(tmp_path / "ds", only=["volume-fusion"], pool_add_downstream_train=False, methods={
         "volume-fusion-k1": {"method": "volume-fusion", "steps": 3, "config": {"k": 1}}})
     out = tmp_path / "out"
     jobs = {j.name: j for j in plan(cfg, out)}
@@ -111,7 +111,7 @@ def test_config_errors_name_the_key_and_valid_values(tmp_path):
     with pytest.raises(ConfigError, match="no preset 'gpu'"):
         plan(_config(tmp_path, methods={"avsdb": {"preset": "gpu"}}), tmp_path / "out")
     with pytest.raises(ConfigError, match="cannot pretrain 'unet'"):
-        plan(_config(tmp_path, methods={"asa": {"backbones": ["unet"]}}, exclude=[]), tmp_path / "out")
+        plan(_config(tmp_path, methods={"asa": {"backbones": ["unet"]}}, only=None), tmp_path / "out")
     twice = tmp_path / "twice.yaml"
     twice.write_text(yaml.safe_dump({"name": "x", "dataset": "d", "backbones": {"u": {"model": "unet"}},
                                      "n_labeled": [2, 2]}), encoding="utf-8")
@@ -211,3 +211,30 @@ def test_committed_profiles_validate(tmp_path):
         _validate_job_settings(cfg, _methods(cfg))
         jobs = plan(cfg, tmp_path / path.stem)
         assert any(j.kind == "pretrain" for j in jobs) and any(j.info.get("method") == "scratch" for j in jobs)
+
+
+def test_snapshot_arms_fine_tune_from_points_of_one_long_pretraining(tmp_path):
+    """``snapshots`` (a pretraining-budget curve): one pretraining writes the network at the listed steps; each
+    point is an arm of its own, fine-tuned from its snapshot with the same subsets and seeds as scratch."""
+    from medpretrain.benchmark import _methods, job_files
+    from medpretrain.engine.snapshots import snapshot_path
+
+    cfg = _config(tmp_path / "ds", pool_add_downstream_train=False,
+                  methods={"avsdb": {"preset": None, "steps": 8, "snapshots": [2, 4], "config": TINY_AVSDB}})
+    out = (tmp_path / "out").resolve()
+    jobs = plan(cfg, out)
+    assert [j.name for j in jobs if j.kind == "pretrain"] == ["pretrain-avsdb-unet"]
+    arms = {j.info["method"] for j in jobs if j.kind == "finetune"}
+    assert arms == {"scratch", "avsdb", "avsdb@2", "avsdb@4"}
+    run = jobs[[j.name for j in jobs].index("pretrain-avsdb-unet")].info["run"]
+    for j in jobs:
+        if j.kind == "finetune" and "@" in j.info["method"]:
+            cmd = j.commands[0]
+            step = int(j.info["method"].split("@")[1])
+            assert cmd[cmd.index("--init") + 1] == str(snapshot_path(run, step))
+            assert "pretrain-avsdb-unet" in j.needs
+    files = job_files(cfg, out, _methods(cfg))
+    written = yaml.safe_load(files[out / "configs" / "pretrain-avsdb-unet.yaml"])
+    assert written["export_steps"] == [2, 4] and written["steps"] == 8
+    with pytest.raises(ConfigError, match="snapshot arms"):
+        plan(_config(tmp_path / "ds", methods={"a@1": {"method": "avsdb"}}), tmp_path / "o2")

@@ -91,7 +91,7 @@ def test_monai_swin_ssl_layout(tmp_path):
     torch.save({"state_dict": ssl, "epoch": 100}, ckpt)
     target = build_model("swinunetr-small", 1, 2)
     report = load_weights(target, get_spec("swinunetr-small"), ckpt, part="encoder")
-    assert report.key_mapping == "'module.' -> 'swinViT.'"
+    assert report.key_mapping == "'module.' -> 'swinViT.', mlp.fc -> mlp.linear"
     assert len(report.loaded) == len(ssl) - 2
     assert sorted(report.unexpected) == ["module.contrastive_head.weight", "module.rotation_head.weight"]
     key = "swinViT.layers1.0.blocks.0.attn.qkv.weight"

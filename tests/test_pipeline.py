@@ -225,7 +225,7 @@ def test_cli_errors_are_one_line(prepared, tmp_path):
     proc = _cli("methods")
     assert proc.returncode == 0 and "avsdb" in proc.stdout
     proc = _cli("pretrain", "--method", "simclr", "--out", str(tmp_path / "p"))
-    assert proc.returncode == 1 and "registered methods: alice, asa, avsdb, volume-fusion" in proc.stderr
+    assert proc.returncode == 1 and "registered methods: alice, asa, avsdb, mae, models-genesis, swinunetr-ssl, volume-fusion" in proc.stderr
 
 
 def test_predict_groups_channel_files_only_for_multichannel_models(tmp_path):

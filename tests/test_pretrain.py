@@ -27,7 +27,7 @@ def test_registry_lists_and_refuses():
     assert "avsdb" in {m.name for m in list_methods()}
     with pytest.raises(ConfigError, match="registered methods: .*avsdb"):
         get_method("simclr")
-    with pytest.raises(ConfigError, match="presets: cpu, paper"):
+    with pytest.raises(ConfigError, match="presets: cpu, smoke, paper"):
         pretrain_config("avsdb", preset="huge")
     with pytest.raises(ConfigError, match="unknown key 'stpes'"):
         pretrain_config("avsdb", overrides={"stpes": 3})
@@ -89,3 +89,28 @@ def test_pretraining_killed_then_resumed_equals_uninterrupted(tmp_path):
     res = torch.load(run / "model.pt", weights_only=False)["state_dict"]
     for name in ref:
         torch.testing.assert_close(res[name], ref[name], rtol=0, atol=0, msg=name)
+
+
+def test_snapshots_of_a_long_pretraining_load_like_model_pt(tmp_path):
+    """``export_steps`` writes the downstream network at those steps (``snapshots/``), in model.pt's format,
+    and ``warmup-constant`` keeps the peak lr after the warm-up."""
+    import torch
+
+    from medpretrain.blocks.optim import warmup_constant_factor
+    from medpretrain.engine.snapshots import snapshot_path
+
+    cfg = pretrain_config("avsdb", preset="smoke", overrides={"steps": 4, "export_steps": [1, 3, 9],
+                                                              "lr_schedule": "warmup-constant",
+                                                              "warmup_fraction": 0.5})
+    run = pretrain("avsdb", None, tmp_path / "run", cfg)
+    snaps = sorted((run / "snapshots").glob("*.pt"))
+    assert [p.name for p in snaps] == [snapshot_path(run, 1).name, snapshot_path(run, 3).name]
+    one, three = (torch.load(p, weights_only=False) for p in snaps)
+    final = torch.load(run / "model.pt", weights_only=False)
+    assert (one["global_step"], three["global_step"], final["global_step"]) == (1, 3, 4) and one["snapshot"]
+    assert one["state_dict"].keys() == final["state_dict"].keys()
+    changed = [k for k, v in one["state_dict"].items() if v.is_floating_point()
+               and not torch.equal(v, three["state_dict"][k])]
+    assert changed
+    assert [warmup_constant_factor(s, 4, 0.5) for s in (2, 3, 100)] == [1.0, 1.0, 1.0]
+    assert warmup_constant_factor(0, 4, 0.5) == pytest.approx(1 / 25)

@@ -79,7 +79,7 @@ def test_asa_exports_teacher_or_student_as_asked():
     student.load_state_dict(module.state_dict())
     out = student.exported_state_dict()
     name = "swinViT.patch_embed.proj.weight"
-    assert torch.equal(teacher[name], module.model.state_dict()[name])
+    assert torch.equal(teacher[name], module.teacher.state_dict()[name])
     assert torch.equal(out[name], module.student.state_dict()[name]) and not torch.equal(out[name], teacher[name])
 
 
@@ -180,7 +180,7 @@ def test_benchmark_pretrains_with_its_own_seed_and_refuses_a_shared_one(tmp_path
     from medpretrain.benchmark import BenchmarkConfig, plan
 
     values = {"name": "t", "dataset": str(tmp_path), "backbones": {"unet": {"model": "unet"}},
-              "exclude": ["asa", "alice", "volume-fusion"], "seeds": [0, 1, 2],
+              "only": ["avsdb"], "seeds": [0, 1, 2],
               "methods": {"null": {"method": "avsdb", "untrained": True}}}
     jobs = plan(BenchmarkConfig.model_validate(values), tmp_path / "out")
     pre = [j.commands[0] for j in jobs if j.kind == "pretrain"]
@@ -307,7 +307,7 @@ def test_benchmark_with_validation_null_control_and_curves(tmp_path):
         "backbones": {"unet": {"model": "unet", "steps": 4, "patch": [32, 32, 16], "batch": 1, "precision": "32-true",
                                "finetune": {"num_workers": 0, "checkpoint_every": 2, "augment": {"enabled": False}}}},
         "methods": {"null": {"method": "avsdb", "preset": None, "untrained": True, "config": tiny_avsdb}},
-        "exclude": ["volume-fusion", "asa", "alice", "avsdb"], "n_labeled": [1], "seeds": [0], "parallel": 2,
+        "only": [], "n_labeled": [1], "seeds": [0], "parallel": 2,
         "workers": 1, "overlays": 0, "curve_fractions": [0.5],
         "validation": {"cases": 1, "n_labeled": 1, "run_seed": 0, "lr": [0.001, 0.003]},
     })

@@ -54,6 +54,8 @@ STAGE_INFO: dict[str, tuple[float, str]] = {
     "pretrain-volume-fusion": (150, "(a) Volume Fusion pretraining steps"),
     "pretrain-asa": (150, "(a) ASA pretraining steps"),
     "pretrain-alice": (180, "(a) train-matcher, then Alice pretraining steps"),
+    # A method registered later joins with the default limit.
+    **{f"pretrain-{m}": (150, f"(a) {m} pretraining steps") for m in S.METHOD_ORDER if m not in S.SEED_METHODS},
     "ddp": (120, "(a) finetune --devices 1 --strategy ddp"),
     "throughput": (200, "(b) steps/s and peak memory per network, then with the real loader"),
 }
@@ -62,7 +64,7 @@ STAGE_INFO: dict[str, tuple[float, str]] = {
 GROUPS: list[list[str]] = [
     ["env"],
     ["models", "prepare"],
-    ["finetune", "pretrain-avsdb", "pretrain-volume-fusion", "pretrain-asa", "pretrain-alice", "ddp"],
+    ["finetune", *(f"pretrain-{m}" for m in S.METHOD_ORDER), "ddp"],
     ["throughput"],
 ]
 NEEDS: dict[str, tuple[str, ...]] = {

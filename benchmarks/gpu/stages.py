@@ -40,6 +40,10 @@ MODEL_PATCH: dict[str, tuple[int, int, int]] = {
     "swinunetr-small": (64, 64, 64),
     "pctnet": (128, 128, 64),
     "pctnet-small": (64, 64, 48),
+    "resenc-l": (128, 128, 128),
+    "resenc-l-cpu": (64, 64, 48),
+    "plainconv-unet": (128, 128, 128),
+    "plainconv-unet-cpu": (64, 64, 48),
 }
 
 # The networks whose training speed the issue asks for, at the patches GPU users train them at.
@@ -57,7 +61,28 @@ THROUGHPUT_PATCH: dict[str, tuple[int, int, int]] = {
 # network whose bf16 training diverges from fp32 by much more than rounding explains.
 TOLERANCE = {"logits_rel": 0.05, "loss_rel": 0.02, "grad_cos_min": 0.95}
 
-METHOD_ORDER = ("avsdb", "volume-fusion", "asa", "alice")
+SEED_METHODS = ("avsdb", "volume-fusion", "asa", "alice")
+
+
+def registered_method_names() -> tuple[str, ...]:
+    """Every pretraining method registered in ``src/medpretrain/methods/``, the four seed methods first, read
+    from the modules' ``register_method(PretrainMethod(name=...))`` without importing them: the check's parent
+    process imports no torch (its stages may fork). tests/test_gpu_check.py holds this equal to the registry."""
+    import re
+
+    found = set()
+    for path in sorted((REPO / "src" / "medpretrain" / "methods").glob("[!_]*.py")):
+        text = path.read_text(encoding="utf-8")
+        for block in text.split("register_method(PretrainMethod(")[1:]:
+            name = re.search(r"""name\s*=\s*(?:["']([a-z][a-z0-9-]*)["']|([A-Za-z_]\w*))""", block)
+            if name and name.group(2):  # name=NAME: the module's constant
+                name = re.search(rf"""^{name.group(2)}\s*=\s*["']([a-z][a-z0-9-]*)["']""", text, re.M)
+            if name and name.group(1):
+                found.add(name.group(1))
+    return tuple(m for m in SEED_METHODS if m in found) + tuple(sorted(found - set(SEED_METHODS)))
+
+
+METHOD_ORDER = registered_method_names()
 
 
 def plan(mode: str, work: Path, out: Path, data: Path | None = None, cpu_count: int | None = None) -> dict:
@@ -114,13 +139,9 @@ def plan(mode: str, work: Path, out: Path, data: Path | None = None, cpu_count: 
                        "unetr-small": {"patch": (32, 16, 16), "options": {"hidden_size": 48, "mlp_dim": 96}},
                        "pctnet-small": {"patch": (32, 32, 16), "options": tiny_pctnet}},
             "models_batch": 1,
-            "method": {"preset": "cpu", "steps": 1, "batch": 1, "checkpoint_every": 1, "num_workers": 0,
-                       "matcher_steps": 1, "matcher_config": tiny_matcher, "config": {
-                           "avsdb": {"patch": [32, 32, 32], "model_options": tiny_unet,
-                                     "generator": {"size": [32, 32, 32], "n_shapes": 4}},
-                           "volume-fusion": {"patch": [32, 32, 32], "model_options": tiny_unet},
-                           "asa": {"phase_steps": [1, 1], "model_options": {"depths": [1, 1, 1, 1]}},
-                           "alice": {"patch": [32, 32, 32], "match_points": 1, "match_partners": 1}}},
+            # Every method's smoke preset (the method contract's: a tiny network and patch, seconds on a CPU).
+            "method": {"preset": "smoke", "steps": 1, "batch": 1, "checkpoint_every": 1, "num_workers": 0,
+                       "matcher_steps": 1, "matcher_config": tiny_matcher, "config": {}},
             "finetune": {"model": "unet", "patch": (48, 48, 32), "batch": 1, "lr": 1e-3, "n_labeled": 1,
                          "steps": 2, "checkpoint_every": 1, "num_workers": 0, "overlays": 1, "predict_cases": 1,
                          "config": {"model_options": tiny_unet}},
@@ -863,19 +884,24 @@ def measure_largest(name: str, entry, t: dict, device, ctx, batch2_peak_gb: floa
 
 def measure_loader(name: str, entry, batch: int, t: dict, device, ctx) -> dict:
     """Training steps with the real data loader in front (prepared la2018, flips, ``loader_workers`` workers):
-    steps/s and the share of the time the GPU waits for data."""
+    steps/s and the share of the time the GPU waits for data. As the engine trains on CUDA: persistent workers,
+    pinned batches, flips on the device (``augment.on: auto``; the workers only read patches)."""
     from torch.utils.data import DataLoader
 
     from medpretrain.config import AugmentConfig
     from medpretrain.data.cache import PreparedData
-    from medpretrain.data.sampling import PatchDataset, StepSampler
+    from medpretrain.data.sampling import PatchAugmenter, PatchDataset, StepSampler
 
     patch, options = model_entry(entry)
     data = PreparedData(ctx["prepared"])
-    dataset = PatchDataset(data, data.split("train"), patch, 1 / 3, seed=0, augment=AugmentConfig())
+    on_device = device.type == "cuda"
+    dataset = PatchDataset(data, data.split("train"), patch, 1 / 3, seed=0, augment=AugmentConfig(),
+                           augment_on_device=on_device)
+    augment = PatchAugmenter(AugmentConfig(), patch)
     n = t["loader_warmup"] + t["loader_steps"]
-    loader = DataLoader(dataset, batch_size=batch, sampler=StepSampler(n, batch), num_workers=t["loader_workers"],
-                        drop_last=True, persistent_workers=False, pin_memory=False)  # as engine/job.py builds it
+    workers = t["loader_workers"]
+    loader = DataLoader(dataset, batch_size=batch, sampler=StepSampler(n, batch), num_workers=workers,
+                        drop_last=True, persistent_workers=workers > 0, pin_memory=on_device)  # as engine/job.py
     module, opt = _module(name, patch, device, options)
     step = _train_step(module, opt, device)
     wait = total = 0.0
@@ -884,7 +910,8 @@ def measure_loader(name: str, entry, batch: int, t: dict, device, ctx) -> dict:
         t0 = time.perf_counter()
         b = next(it)
         t1 = time.perf_counter()
-        step(b["image"].to(device, non_blocking=True), b["label"].to(device, non_blocking=True))
+        b = augment({k: v.to(device, non_blocking=True) for k, v in b.items()})
+        step(b["image"], b["label"])
         _sync(device)  # the training step syncs too: the non-finite loss guard reads the loss every step
         if i >= t["loader_warmup"]:
             wait += t1 - t0
@@ -905,7 +932,7 @@ def stage_throughput(ctx, rec: Recorder) -> None:
 
     device = _device(ctx)
     t = ctx["throughput"]
-    torch.backends.cudnn.benchmark = False  # what our Trainer sets
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # what our Trainer sets on CUDA (not deterministic)
     models = t["models"]
     results = rec.result.setdefault("models", {})
     have_data = (Path(ctx["prepared"]) / "manifest.json").is_file()

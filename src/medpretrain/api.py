@@ -1,6 +1,6 @@
 """The Python API: everything the command line does, one import away.
 
-    from medpretrain.api import prepare, finetune, evaluate, predict, demo
+    from medpretrain.api import prepare, finetune, evaluate, predict, demo, export_nnunet
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from medpretrain.evaluation.inference import load_trained_model, predict_probabi
 from medpretrain.evaluation.metrics import case_metrics
 from medpretrain.evaluation.plots import save_overlay, save_training_curve
 from medpretrain.evaluation.report import write_evaluation
+from medpretrain.interop.nnunet import export_nnunet
 
 log = logging.getLogger("medpretrain")
 
-__all__ = ["prepare", "prepare_dataset", "prepare_pool", "finetune", "evaluate", "predict", "FinetuneConfig",
-           "EvaluateConfig", "PreprocessConfig", "PreparedData"]
+__all__ = ["prepare", "prepare_dataset", "prepare_pool", "finetune", "evaluate", "predict", "export_nnunet",
+           "FinetuneConfig", "EvaluateConfig", "PreprocessConfig", "PreparedData"]
 
 
 def _check_model_fits_data(meta: dict, data: PreparedData, run_dir: Path) -> None:

@@ -46,6 +46,7 @@ from medpretrain.errors import ConfigError, MedpretrainError
 log = logging.getLogger("medpretrain")
 
 SCRATCH = "scratch"
+SNAPSHOT_SEP = "@"  # volume-fusion@2000: fine-tuned from the snapshot at pretraining step 2000
 
 
 class _Strict(BaseModel):
@@ -89,6 +90,10 @@ class MethodSettings(_Strict):
         method: the registered method this entry runs; set it to add a variant under a new name (an
             ablation arm, e.g. ``volume-fusion-k1: {method: volume-fusion, config: {k: 1}}``), which then runs
             beside the method's own entry. None = the entry's name is the method.
+        untrained: export the initial weights without training (the ``null`` control).
+        snapshots: pretraining steps (below the run's length) at which the pretraining also writes the network
+            (``export_steps``); each is fine-tuned as an arm of its own, ``<entry>@<step>`` (the run's final
+            ``model.pt`` is the entry's own arm): the points of a pretraining-budget curve from one long run.
     """
 
     preset: str | None = "default"
@@ -97,6 +102,14 @@ class MethodSettings(_Strict):
     config: dict[str, Any] = {}
     backbones: list[str] | None = None
     untrained: bool = False
+    snapshots: list[int] = []
+
+    @field_validator("snapshots")
+    @classmethod
+    def _snapshot_steps(cls, v: list[int]) -> list[int]:
+        if any(s < 1 for s in v) or len(set(v)) != len(v):
+            raise ValueError(f"snapshots must list distinct optimizer steps >= 1, got {v}")
+        return sorted(v)
 
 
 class ValidationSettings(_Strict):
@@ -141,9 +154,12 @@ class BenchmarkConfig(_Strict):
         preset: the preset every method runs with when it has one (``cpu``, ``paper``) and its entry in
             ``methods`` does not name another.
         methods: per-method settings. Every registered method runs (a method registered later joins without
-            editing this code or the profile), on every backbone it supports, unless listed in ``exclude``;
-            ``scratch`` always runs.
+            editing this code or the profile), on every backbone it supports, unless listed in ``exclude`` or
+            left out of ``only``; ``scratch`` always runs.
         exclude: registered methods not to run.
+        only: run these registered methods and no other (None = every registered method): a profile measuring
+            chosen methods stays the same when methods are added to the registry. Variants (entries of
+            ``methods`` with ``method:``) run whatever ``only`` says.
         n_labeled: labelled-set sizes; ``all`` = every training case.
         seeds: seeds of initialisation, labelled subset and patches.
         parallel: jobs run side by side (each with ``cores / parallel`` threads).
@@ -169,6 +185,7 @@ class BenchmarkConfig(_Strict):
     preset: str | None = "cpu"
     methods: dict[str, MethodSettings] = {}
     exclude: list[str] = []
+    only: list[str] | None = None
     n_labeled: list[int | Literal["all"]] = [2, 4, 8, "all"]
     seeds: list[int] = [0, 1, 2]
     parallel: int = 1
@@ -257,10 +274,15 @@ def _methods(cfg: BenchmarkConfig) -> dict[str, MethodSettings]:
     from medpretrain.methods import get_method, list_methods
 
     registered = {m.name for m in list_methods()}
-    for name in cfg.exclude:
+    for name in [*cfg.exclude, *(cfg.only or [])]:
         if name != SCRATCH:
             get_method(name)  # ConfigError listing the registered methods
+    if cfg.only is not None:
+        registered &= set(cfg.only)
     for name, settings in cfg.methods.items():
+        if SNAPSHOT_SEP in name:
+            raise ConfigError(f"benchmark method '{name}': '{SNAPSHOT_SEP}' marks snapshot arms (snapshots: [...]); "
+                              "rename the entry")
         if name == SCRATCH:
             raise ConfigError("benchmark methods: 'scratch' always runs with the backbone's budget and takes no "
                               "settings; remove its entry")
@@ -352,15 +374,21 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                       info={"method": m_name, "backbone": b_name, "run": str(run)})
             jobs.append(job)
             pretrain_jobs[(m_name, b_name)] = shared[key] = job
+    from medpretrain.engine.snapshots import snapshot_path
+
     def init_args(m_name: str, b_name: str) -> tuple[list[str], list[str]]:
         if m_name == SCRATCH:
             return [], []
-        pre = pretrain_jobs[(m_name, b_name)]
-        return ["--init", str(Path(pre.info["run"]) / "model.pt"), "--init-part", cfg.backbones[b_name].init_part], \
-            [pre.name]
+        entry, _, step = m_name.partition(SNAPSHOT_SEP)
+        pre = pretrain_jobs[(entry, b_name)]
+        model = snapshot_path(pre.info["run"], int(step)) if step else Path(pre.info["run"]) / "model.pt"
+        return ["--init", str(model), "--init-part", cfg.backbones[b_name].init_part], [pre.name]
 
     arms = [(m_name, b_name) for b_name in cfg.backbones for m_name in [SCRATCH, *methods]
             if m_name == SCRATCH or (m_name, b_name) in pretrain_jobs]
+    # Snapshot arms of a long pretraining, beside the arm of its final model.pt.
+    arms += [(f"{m_name}{SNAPSHOT_SEP}{step}", b_name) for m_name, b_name in list(arms) if m_name != SCRATCH
+             for step in methods[m_name].snapshots]
     # Validation grid first: one run per arm and learning rate, scored on the validation cases; a selection job
     # then writes the arm's fine-tuning config with the chosen value.
     selected: dict[tuple[str, str], Job] = {}
@@ -474,7 +502,8 @@ def job_files(cfg: BenchmarkConfig, out: Path, methods: dict[str, MethodSettings
         for m_name, m in methods.items():
             if _method_runs_on(m_name, m, b_name, b.model):
                 dump(f"pretrain-{m_name}-{b_name}.yaml",
-                     {**b.pretrain, **m.config, **({"steps": m.steps} if m.steps else {})})
+                     {**b.pretrain, **m.config, **({"steps": m.steps} if m.steps else {}),
+                      **({"export_steps": list(m.snapshots)} if m.snapshots else {})})
     pool_pre = cfg.pool_preprocess
     if pool_pre is None:
         spacing = cfg.preprocess.get("spacing")

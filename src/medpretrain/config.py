@@ -28,10 +28,16 @@ class _Strict(BaseModel):
 
 
 class AugmentConfig(_Strict):
-    """Patch augmentation (MONAI transforms), applied per sample in the DataLoader workers.
+    """Patch augmentation (MONAI transforms), applied per patch in the DataLoader workers or on the training
+    device.
 
     Args:
         enabled: master switch.
+        on: where it runs: ``workers`` (the DataLoader workers, on the CPU), ``device`` (the training device,
+            once the batch is there: the workers only read patches; the same MONAI transforms with the same
+            per-patch random draws), ``auto`` = ``device`` when training on CUDA GPUs, else ``workers``. On a GPU,
+            rotations and scaling in the workers cost ~10x the patch read at 128^3
+            (``docs/results/loader_throughput``).
         flip_prob: probability of a flip along each axis.
         rotate90_prob: probability of a 90-degree in-plane rotation (only when the patch's first two sides
             are equal, so the patch keeps its shape).
@@ -42,6 +48,7 @@ class AugmentConfig(_Strict):
     """
 
     enabled: bool = True
+    on: Literal["auto", "workers", "device"] = "auto"
     flip_prob: float = 0.5
     rotate90_prob: float = 0.0
     affine_prob: float = 0.0
@@ -66,12 +73,17 @@ class InferenceConfig(_Strict):
         mode: blending of overlapping windows, ``gaussian`` or ``constant``.
         sw_batch_size: windows per forward pass.
         roi: window size; None uses the training patch.
+        volume_device: where the whole volume and the stitched output live (the windows always run on the
+            network's device): ``auto`` keeps them on the network's GPU when they take at most half of its free
+            memory, else in CPU memory (large CTs: a 512x512x600 scan with 14 classes needs ~20 GB); ``model``
+            always on the network's device; ``cpu`` always in CPU memory.
     """
 
     overlap: float = 0.5
     mode: Literal["gaussian", "constant"] = "gaussian"
     sw_batch_size: int = 2
     roi: tuple[int, int, int] | None = None
+    volume_device: Literal["auto", "model", "cpu"] = "auto"
 
     @field_validator("overlap")
     @classmethod
@@ -110,6 +122,11 @@ class TrainingConfig(_Strict):
         weight_decay: AdamW weight decay.
         warmup_fraction: share of steps spent warming up (one-cycle: cosine warm-up from lr/25, then cosine
             decay to lr/1e4).
+        lr_schedule: ``one-cycle`` (warm-up, then cosine decay over ``steps``) or ``warmup-constant`` (the same
+            warm-up, then the peak lr to the end): a long pretraining whose ``export_steps`` snapshots are
+            compared along the run, none of them mid-decay, and which can be extended to more steps.
+        export_steps: optimizer steps at which the network that goes downstream is also written, as
+            ``snapshots/model-step<N>.pt`` (same format as ``model.pt``): budget points of one long run.
         seed: seeds model initialisation and every sample.
         checkpoint_every: steps between checkpoints (also the length of a data "epoch").
         precision: ``auto`` = bf16 autocast where the hardware supports it (CUDA with bf16; CPUs with
@@ -127,6 +144,8 @@ class TrainingConfig(_Strict):
     lr: float = 1e-3
     weight_decay: float = 1e-5
     warmup_fraction: float = 0.3
+    lr_schedule: Literal["one-cycle", "warmup-constant"] = "one-cycle"
+    export_steps: list[int] = []
     seed: int = 0
     checkpoint_every: int = 100
     precision: str = "auto"
@@ -143,6 +162,13 @@ class TrainingConfig(_Strict):
         if v < 1:
             raise ValueError("must be >= 1")
         return v
+
+    @field_validator("export_steps")
+    @classmethod
+    def _export_steps(cls, v: list[int]) -> list[int]:
+        if any(s < 1 for s in v):
+            raise ValueError(f"must be optimizer steps >= 1, got {v}")
+        return sorted(set(v))
 
     @field_validator("warmup_fraction")
     @classmethod

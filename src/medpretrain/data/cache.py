@@ -7,6 +7,9 @@ Layout of a prepared folder (the nnU-Net preprocessed convention)::
     CASE.json         per-case metadata, written LAST: its presence marks the case complete
     manifest.json     written at the end of a run; describes the whole cache
 
+With ``--cache-format blosc2`` the arrays are ``CASE.b2nd`` and ``CASE_seg.b2nd`` instead (``data/arrays.py``);
+``manifest.json`` records the format (``array_format``; absent = ``npy``) and readers follow it.
+
 Every file is written under a temporary name in the same folder and moved into place with
 ``os.replace``, so an interrupted run never leaves a half-written file under a real name; a
 re-run redoes exactly the cases whose ``CASE.json`` is missing.
@@ -27,8 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from medpretrain.data.arrays import (
+    DEFAULT_FORMAT, SUFFIX, array_settings, check_format, open_array, require_blosc2, save_array,
+)
 from medpretrain.data.datasets import CaseSource, check_split, discover_dataset, discover_pool, make_split
-from medpretrain.atomic import atomic_save_npy, atomic_write_json, check_writable_folder
+from medpretrain.atomic import atomic_write_json, check_writable_folder
 from medpretrain.data.io import Image3D, read_header, read_image
 from medpretrain.data.preprocess import Geometry, PreprocessConfig, default_max_voxels, memory_bytes, preprocess_case
 from medpretrain.errors import CacheError, ConfigError, DataError, describe_os_error
@@ -73,9 +79,14 @@ def _foreground_coords(label: np.ndarray, seed: int) -> dict[str, list[list[int]
     return out
 
 
+def _array_names(case_id: str, fmt: str) -> tuple[str, str]:
+    """File names of a case's image and label arrays in a cache of array format ``fmt``."""
+    return f"{case_id}{SUFFIX[fmt]}", f"{case_id}_seg{SUFFIX[fmt]}"
+
+
 def _case_files(case_id: str, out_dir: Path) -> list[Path]:
-    """The files a case owns in the cache, the completion marker ``CASE.json`` first."""
-    return [out_dir / f"{case_id}.json", out_dir / f"{case_id}.npy", out_dir / f"{case_id}_seg.npy"]
+    """The files a case owns in the cache (arrays of every format), the completion marker ``CASE.json`` first."""
+    return [out_dir / f"{case_id}.json"] + [out_dir / n for fmt in SUFFIX for n in _array_names(case_id, fmt)]
 
 
 def _stops_every_case(exc: OSError, out_dir: Path) -> bool:
@@ -168,7 +179,9 @@ def _process_case_unguarded(task: dict) -> dict:
         file = str(label_path) if label_path is not None and str(label_path) in msg else current_file
         return {"case_id": case_id, "skip": {"case_id": case_id, "file": file, "reason": msg}}
 
-    atomic_save_npy(out_dir / f"{case_id}.npy", prepared.image)
+    fmt = task.get("array_format", DEFAULT_FORMAT)
+    image_name, label_name = _array_names(case_id, fmt)
+    save_array(out_dir / image_name, prepared.image, fmt)
     entry = {
         "shape": [int(s) for s in prepared.image.shape],
         "spacing": list(prepared.geometry.spacing),
@@ -181,7 +194,7 @@ def _process_case_unguarded(task: dict) -> dict:
         "source_label": str(label_path) if label_path is not None else None,
     }
     if prepared.label is not None:
-        atomic_save_npy(out_dir / f"{case_id}_seg.npy", prepared.label)
+        save_array(out_dir / label_name, prepared.label, fmt)
         fg = _foreground_coords(prepared.label, _case_seed(task["seed"], case_id))
         entry["foreground"] = fg
         entry["classes_present"] = sorted(int(c) for c in fg)
@@ -189,6 +202,13 @@ def _process_case_unguarded(task: dict) -> dict:
               "seed": task["seed"], **entry}
     if task.get("label_values") is not None:  # only then: caches of consecutive ids stay as they were
         record["label_values"] = task["label_values"]
+    if fmt != DEFAULT_FORMAT:  # only then: npy caches stay as they were
+        record["array_format"] = fmt
+    for other in SUFFIX:  # arrays of another format left by an interrupted run into this folder
+        if other != fmt:
+            for name in _array_names(case_id, other):
+                with contextlib.suppress(OSError):
+                    (out_dir / name).unlink(missing_ok=True)
     atomic_write_json(out_dir / f"{case_id}.json", _jsonable(record))  # last: marks the case complete
     return {"case_id": case_id, "entry": _jsonable(entry)}
 
@@ -208,9 +228,11 @@ def _existing_entry(out_dir: Path, task: dict) -> dict | None:
     """The entry of an already complete case whose settings and sources match, else None."""
     case_id = task["case_id"]
     meta_path = out_dir / f"{case_id}.json"
-    if not meta_path.is_file() or not (out_dir / f"{case_id}.npy").is_file():
+    fmt = task.get("array_format", DEFAULT_FORMAT)
+    image_name, label_name = _array_names(case_id, fmt)
+    if not meta_path.is_file() or not (out_dir / image_name).is_file():
         return None
-    if task["label"] and not (out_dir / f"{case_id}_seg.npy").is_file():
+    if task["label"] and not (out_dir / label_name).is_file():
         return None
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -227,7 +249,9 @@ def _existing_entry(out_dir: Path, task: dict) -> dict | None:
         return None
     if record.get("label_values") != task.get("label_values"):  # the label ids were renumbered otherwise
         return None
-    for key in ("case_id", "preprocess", "sources", "seed", "label_values"):
+    if record.get("array_format", DEFAULT_FORMAT) != fmt:
+        return None
+    for key in ("case_id", "preprocess", "sources", "seed", "label_values", "array_format"):
         record.pop(key, None)
     return record
 
@@ -312,7 +336,7 @@ def _resolved_preprocess(cfg: PreprocessConfig, spacing, modality: str) -> dict:
     return _jsonable(d)
 
 
-def _check_existing_manifest(out_dir: Path, preprocess: dict, kind: str) -> None:
+def _check_existing_manifest(out_dir: Path, preprocess: dict, kind: str, array_format: str = DEFAULT_FORMAT) -> None:
     path = out_dir / "manifest.json"
     if not path.is_file():
         return
@@ -334,6 +358,12 @@ def _check_existing_manifest(out_dir: Path, preprocess: dict, kind: str) -> None
         raise CacheError(
             f"{out_dir}: was prepared with different preprocessing settings (differ in {diff}); "
             "use a new --out or delete it to prepare again"
+        )
+    old_format = manifest.get("array_format", DEFAULT_FORMAT)
+    if old_format != array_format:
+        raise CacheError(
+            f"{out_dir}: holds arrays stored as {old_format}, not {array_format}; re-run with --cache-format "
+            f"{old_format}, or use a new --out (or delete it) to prepare as {array_format}"
         )
 
 
@@ -466,6 +496,7 @@ def prepare_dataset(
     seed: int = 0,
     progress: bool = True,
     case_ids: list[str] | None = None,
+    cache_format: str = DEFAULT_FORMAT,
 ) -> "PreparedData":
     """Preprocess a labelled dataset into a prepared cache.
 
@@ -480,6 +511,8 @@ def prepare_dataset(
             foreground coordinate sampling.
         progress: show a progress bar (only on a terminal).
         case_ids: prepare only these cases (None = all).
+        cache_format: how arrays are stored: ``npy`` (memory-mapped, no decode) or ``blosc2`` (compressed;
+            needs the ``blosc2`` package). Recorded in the manifest; readers follow it.
 
     Returns:
         The opened cache.
@@ -490,6 +523,7 @@ def prepare_dataset(
     """
     out_dir = check_writable_folder(out_dir)
     _check_workers(workers)
+    check_format(cache_format)
     ds = discover_dataset(dataset_dir)
     cases = ds.cases
     if case_ids is not None:
@@ -509,7 +543,7 @@ def prepare_dataset(
                         dataset_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with cache_folder_lock(out_dir):
-        _check_existing_manifest(out_dir, preprocess, "labelled")
+        _check_existing_manifest(out_dir, preprocess, "labelled", cache_format)
 
         selected = {c.case_id for c in cases}
         skipped = [s for s in header_skips if s["case_id"] in selected]
@@ -529,7 +563,7 @@ def prepare_dataset(
                 "out_dir": str(out_dir), "cfg": cfg.model_dump(), "spacing": list(spacing), "modality": modality,
                 "declared_labels": declared_labels, "channels": len(ds.channel_names),
                 "channel_source": f"channel_names in {Path(dataset_dir) / 'dataset.json'}" if ds.layout != "folders" else "the other cases",
-                "preprocess": preprocess, "seed": seed, "label_values": label_values,
+                "preprocess": preprocess, "seed": seed, "label_values": label_values, "array_format": cache_format,
             }
             for c in cases if c.case_id not in bad
         ]
@@ -551,6 +585,8 @@ def prepare_dataset(
             "source": str(Path(dataset_dir).resolve()),
             "layout": ds.layout,
             "preprocess": preprocess,
+            "array_format": cache_format,
+            "arrays": array_settings(cache_format),
             "labels": {str(i): ds.labels[v] for i, v in enumerate(declared_labels)},
             "channels": list(ds.channel_names),
             "split": split,
@@ -576,6 +612,7 @@ def prepare_pool(
     workers: int = 1,
     strict: bool = False,
     progress: bool = True,
+    cache_format: str = DEFAULT_FORMAT,
 ) -> "PreparedData":
     """Preprocess an unlabelled pool of images into a prepared cache (no ``_seg.npy`` files).
 
@@ -589,6 +626,7 @@ def prepare_pool(
         workers: processes to use (1 = in this process).
         strict: raise the first bad image's DataError instead of skipping it.
         progress: show a progress bar (only on a terminal).
+        cache_format: ``npy`` or ``blosc2``, as for :func:`prepare_dataset`.
 
     Returns:
         The opened cache; its "train" split holds every prepared image, "test" is empty.
@@ -599,6 +637,7 @@ def prepare_pool(
     """
     out_dir = check_writable_folder(out_dir)
     _check_workers(workers)
+    check_format(cache_format)
     cases = discover_pool(source)
     info, skipped, volumes = _scan_headers(cases)
     if strict and skipped:
@@ -611,7 +650,7 @@ def prepare_pool(
     _check_voxel_budget(volumes, cfg, spacing, info, source)
     out_dir.mkdir(parents=True, exist_ok=True)
     with cache_folder_lock(out_dir):
-        _check_existing_manifest(out_dir, preprocess, "pool")
+        _check_existing_manifest(out_dir, preprocess, "pool", cache_format)
 
         # A pretraining network has one input width: images with another channel count than the
         # most common one are skipped rather than silently reduced.
@@ -623,7 +662,7 @@ def prepare_pool(
                 "out_dir": str(out_dir), "cfg": cfg.model_dump(), "spacing": list(spacing),
                 "modality": cfg.modality or c.modality or modality,
                 "declared_labels": None, "channels": channels, "channel_source": "the pool's most common channel count",
-                "preprocess": preprocess, "seed": 0,
+                "preprocess": preprocess, "seed": 0, "array_format": cache_format,
             }
             for c in cases if c.case_id in info
         ]
@@ -636,6 +675,8 @@ def prepare_pool(
             "kind": "pool",
             "source": str(source if isinstance(source, (list, tuple)) else Path(str(source)).resolve()),
             "preprocess": preprocess,
+            "array_format": cache_format,
+            "arrays": array_settings(cache_format),
             "labels": {},
             "channels": [f"channel_{i}" for i in range(channels)],
             "split": {"train": sorted(entries), "test": []},
@@ -653,7 +694,8 @@ def prepare_pool(
 
 
 def prepare(dataset=None, pool=None, out="prepared", cfg: PreprocessConfig | None = None, workers: int = 1,
-            strict: bool = False, seed: int = 0, progress: bool = True) -> "PreparedData":
+            strict: bool = False, seed: int = 0, progress: bool = True,
+            cache_format: str = DEFAULT_FORMAT) -> "PreparedData":
     """Prepare a labelled dataset (``dataset``) or an unlabelled pool (``pool``) into a cache at ``out``.
 
     Lives here rather than in ``medpretrain.api`` so that ``medpretrain prepare`` starts without
@@ -663,8 +705,9 @@ def prepare(dataset=None, pool=None, out="prepared", cfg: PreprocessConfig | Non
     if (dataset is None) == (pool is None):
         raise DataError("give exactly one of --dataset DIR (labelled) or --pool DIR|GLOB|LIST.json (unlabelled)")
     if dataset is not None:
-        return prepare_dataset(dataset, out, cfg, workers=workers, strict=strict, seed=seed, progress=progress)
-    return prepare_pool(pool, out, cfg, workers=workers, strict=strict, progress=progress)
+        return prepare_dataset(dataset, out, cfg, workers=workers, strict=strict, seed=seed, progress=progress,
+                               cache_format=cache_format)
+    return prepare_pool(pool, out, cfg, workers=workers, strict=strict, progress=progress, cache_format=cache_format)
 
 
 class PreparedData:
@@ -697,9 +740,19 @@ class PreparedData:
                 "(written by another medpretrain version); re-run `medpretrain prepare` into a new folder"
             )
         self.kind: str = self.manifest.get("kind", "labelled")
+        # How the arrays are stored (data/arrays.py); caches written before the option existed are npy.
+        self.array_format: str = self.manifest.get("array_format", DEFAULT_FORMAT)
+        if self.array_format not in SUFFIX:
+            raise CacheError(
+                f"{self.root}: arrays stored as {self.array_format!r}, which this medpretrain version cannot read "
+                f"(it reads {', '.join(SUFFIX)}); upgrade medpretrain or re-run `medpretrain prepare` into a new folder"
+            )
+        if self.array_format == "blosc2":
+            require_blosc2(self.root)  # now, as one line, rather than in a DataLoader worker
         missing = []
         for cid in self.manifest.get("cases", {}):
-            needed = [f"{cid}.npy", f"{cid}.json"] + ([f"{cid}_seg.npy"] if self.kind == "labelled" else [])
+            image_name, label_name = _array_names(cid, self.array_format)
+            needed = [image_name, f"{cid}.json"] + ([label_name] if self.kind == "labelled" else [])
             missing += [n for n in needed if not (self.root / n).is_file()]
         if missing:
             raise CacheError(
@@ -770,17 +823,19 @@ class PreparedData:
 
         Args:
             case_id: the case.
-            mmap: memory-map the file read-only instead of loading it.
+            mmap: open the file read-only without loading it (``np.memmap``; for a blosc2 cache a
+                :class:`~medpretrain.data.arrays.CompressedArray`, which slices like an array and decodes only
+                the blocks a slice touches) instead of loading it whole.
         """
         self._check_case(case_id)
-        return np.load(self.root / f"{case_id}.npy", mmap_mode="r" if mmap else None)
+        return open_array(self.root / _array_names(case_id, self.array_format)[0], self.array_format, mmap)
 
     def label(self, case_id: str, mmap: bool = True) -> np.ndarray:
         """The prepared label map ``(X, Y, Z)`` uint8/uint16.
 
         Args:
             case_id: the case.
-            mmap: memory-map the file read-only instead of loading it.
+            mmap: open the file read-only without loading it, as for :meth:`image`.
 
         Raises:
             CacheError: a pool cache has no labels.
@@ -788,7 +843,7 @@ class PreparedData:
         self._check_case(case_id)
         if self.kind != "labelled":
             raise CacheError(f"{self.root}: is an unlabelled {self.kind} cache; it has no labels")
-        return np.load(self.root / f"{case_id}_seg.npy", mmap_mode="r" if mmap else None)
+        return open_array(self.root / _array_names(case_id, self.array_format)[1], self.array_format, mmap)
 
     def case(self, case_id: str) -> dict:
         """The manifest entry of a case (shape, spacing, geometry, stats, foreground, sources).

@@ -53,8 +53,11 @@ def choose_patch_start(
     return start
 
 
-def build_augmentation(cfg: AugmentConfig, patch: Sequence[int]):
-    """MONAI transform chain over {"image", "label"} dicts of channel-first tensors, or None."""
+def build_augmentation(cfg: AugmentConfig, patch: Sequence[int], device: torch.device | None = None):
+    """MONAI transform chain over {"image", "label"} dicts of channel-first tensors, or None.
+
+    ``device``: where the affine transform builds its sampling grid (the tensors' device; None = CPU). The
+    identity grid of the patch is built once and kept (``cache_grid``): the patch size never changes."""
     if not cfg.enabled:
         return None
     from monai import transforms as T
@@ -64,8 +67,9 @@ def build_augmentation(cfg: AugmentConfig, patch: Sequence[int]):
     if cfg.affine_prob > 0:
         r = math.radians(cfg.rotate_deg)
         chain.append(T.RandAffined(
-            keys, prob=cfg.affine_prob, rotate_range=(r, r, r), scale_range=(cfg.scale,) * 3,
-            mode=("bilinear", "nearest"), padding_mode="zeros",
+            keys, spatial_size=tuple(int(p) for p in patch), prob=cfg.affine_prob, rotate_range=(r, r, r),
+            scale_range=(cfg.scale,) * 3, mode=("bilinear", "nearest"), padding_mode="zeros", cache_grid=True,
+            device=device,
         ))
     if cfg.flip_prob > 0:
         chain += [T.RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=a) for a in range(3)]
@@ -79,6 +83,58 @@ def build_augmentation(cfg: AugmentConfig, patch: Sequence[int]):
     return T.Compose(chain) if chain else None
 
 
+def _plain(t) -> torch.Tensor:
+    # MONAI returns MetaTensors; the training step needs none of their metadata, and plain tensors collate and
+    # compute without the per-operation metadata bookkeeping.
+    t = torch.as_tensor(t)
+    return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
+
+
+def augment_patch(chain, image: torch.Tensor, label: torch.Tensor, seed: int, fill: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One patch through the MONAI ``chain`` with its random state seeded by ``seed``: image ``(C, X, Y, Z)``
+    float32, label ``(1, X, Y, Z)`` integer, ``fill`` ``(C,)`` the case's background. Augmented around the
+    background: MONAI's spatial transforms pad with 0, which is then the case's fill again, and intensity
+    scaling leaves "nothing" unchanged. Returns the image (float32) and the label (int64), on the input's
+    device. The one implementation of fine-tuning augmentation, in a loader worker or on the training device."""
+    fill = fill.to(image.device, torch.float32).reshape(-1, 1, 1, 1)
+    chain.set_random_state(seed=int(seed))
+    out = chain({"image": image - fill, "label": label.long()})
+    return (_plain(out["image"]).float() + fill).contiguous(), _plain(out["label"]).round().long().contiguous()
+
+
+class PatchAugmenter:
+    """Fine-tuning augmentation of a batch on the training device (``SegmentationModule.batch_transform``):
+    every patch through the same MONAI chain as in a loader worker, seeded with its ``aug_seed`` (drawn from
+    the patch's ``(seed, index)`` generator), so the parameters of every patch's augmentation are those the
+    worker would have drawn. The batch's ``aug_seed`` and ``fill`` are consumed; labels come back int64.
+
+    Args:
+        cfg: the augmentation settings.
+        patch: the patch size.
+    """
+
+    def __init__(self, cfg: AugmentConfig, patch: Sequence[int]):
+        self.cfg = cfg
+        self.patch = tuple(int(p) for p in patch)
+        self._chains: dict[str, object] = {}
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "aug_seed" not in batch:
+            return batch
+        image, label = batch["image"], batch["label"]
+        key = str(image.device)
+        if key not in self._chains:
+            self._chains[key] = build_augmentation(self.cfg, self.patch, image.device)
+        chain = self._chains[key]
+        rest = {k: v for k, v in batch.items() if k not in ("image", "label", "aug_seed", "fill")}
+        if chain is None:
+            return {**rest, "image": image, "label": label.long()}
+        seeds = batch["aug_seed"].tolist()
+        pairs = [augment_patch(chain, image[i], label[i], seeds[i], batch["fill"][i]) for i in range(len(seeds))]
+        return {**rest, "image": torch.stack([a for a, _ in pairs]), "label": torch.stack([b for _, b in pairs])}
+
+
 class PatchDataset(Dataset):
     """Labelled random patches from prepared cases.
 
@@ -90,6 +146,10 @@ class PatchDataset(Dataset):
         seed: base seed; sample ``i`` uses the generator seeded with ``(seed, i)``.
         augment: augmentation settings.
         length: nominal length (the sampler decides which indices are read).
+        augment_on_device: leave the augmentation to the training device (:class:`PatchAugmenter`, set as the
+            module's ``batch_transform``): items are then the raw patch, the label as ``uint8`` (an eighth of
+            the int64 bytes through shared memory, pinning and the host-to-device copy), the patch's
+            augmentation seed ``aug_seed`` and the case's background ``fill``.
 
     Padding: where a patch reaches past the volume (la2018 has 44 slices, fewer than many patches), the image
     is filled with the case's "nothing" intensity (``data.crops.background_fill``: 0 for CT, the lower clip
@@ -106,6 +166,7 @@ class PatchDataset(Dataset):
         seed: int = 0,
         augment: AugmentConfig | None = None,
         length: int = 2**62,
+        augment_on_device: bool = False,
     ):
         if not case_ids:
             raise ValueError("PatchDataset needs at least one case")
@@ -116,6 +177,7 @@ class PatchDataset(Dataset):
         self.seed = seed
         self.length = length
         self.augment_cfg = augment or AugmentConfig(enabled=False)
+        self.augment_on_device = bool(augment_on_device and self.augment_cfg.enabled)
         self._augment = None  # built lazily in each worker
         # Foreground coordinates per case: {class_id: (N, 3) array}, read once from the manifest.
         self._foreground = {}
@@ -147,27 +209,20 @@ class PatchDataset(Dataset):
         cid, start, _, rng = self.locate(index)
         image = self.data.image(cid)
         label = self.data.label(cid)
-        fill = np.asarray(self.fill[cid], np.float32).reshape(-1, 1, 1, 1)
-        img = read_crop(image, start, self.patch, self.fill[cid])
-        lab = crop_with_padding(label, start, self.patch, fill=0)
-        item = {
-            "image": torch.from_numpy(img),
-            "label": torch.from_numpy(lab.astype(np.int64))[None],
-        }
-        if self.augment_cfg.enabled:
-            if self._augment is None:
-                self._augment = build_augmentation(self.augment_cfg, self.patch)
-            if self._augment is not None:
-                self._augment.set_random_state(seed=int(rng.integers(2**31)))
-                # Augmented around the background: MONAI's spatial transforms pad with 0, which is then the
-                # case's fill again, and intensity scaling leaves "nothing" unchanged.
-                item["image"] -= torch.from_numpy(fill)
-                out = self._augment(item)
-                item = {
-                    "image": (torch.as_tensor(out["image"]).float() + torch.from_numpy(fill)).contiguous(),
-                    "label": torch.as_tensor(out["label"]).round().long().contiguous(),
-                }
-        return item
+        img = torch.from_numpy(read_crop(image, start, self.patch, self.fill[cid]))
+        lab = torch.from_numpy(crop_with_padding(label, start, self.patch, fill=0))[None]
+        if not self.augment_cfg.enabled:
+            return {"image": img, "label": lab.long()}
+        seed = int(rng.integers(2**31))
+        fill = torch.tensor(self.fill[cid], dtype=torch.float32)
+        if self.augment_on_device:
+            return {"image": img, "label": lab, "aug_seed": torch.tensor(seed), "fill": fill}
+        if self._augment is None:
+            self._augment = build_augmentation(self.augment_cfg, self.patch)
+        if self._augment is None:
+            return {"image": img, "label": lab.long()}
+        img, lab = augment_patch(self._augment, img, lab, seed, fill)
+        return {"image": img, "label": lab}
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.sample(index)

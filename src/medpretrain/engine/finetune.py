@@ -13,16 +13,23 @@ from monai.losses import DiceCELoss
 from medpretrain.atomic import check_writable_folder
 from medpretrain.config import FinetuneConfig, curve_file_name
 from medpretrain.data.cache import PreparedData
-from medpretrain.data.sampling import PatchDataset
+from medpretrain.data.sampling import PatchAugmenter, PatchDataset
 from medpretrain.engine.job import export_model, run_training
 from medpretrain.engine.module import SegmentationModule
-from medpretrain.engine.trainer import check_trainer_settings, is_launcher_child, resolve_precision
+from medpretrain.engine.trainer import check_trainer_settings, is_launcher_child, resolve_precision, uses_cuda
 from medpretrain.errors import CacheError, ConfigError
 from medpretrain.models import get_spec, load_weights
 from medpretrain.models.registry import check_model_options
 from medpretrain.planning import padding_fraction
 
 log = logging.getLogger("medpretrain")
+
+
+def augment_on_device(cfg: FinetuneConfig) -> bool:
+    """Whether patch augmentation runs on the training device (``augment.on``; ``auto``: on CUDA GPUs)."""
+    if not cfg.augment.enabled or cfg.augment.on == "workers":
+        return False
+    return cfg.augment.on == "device" or uses_cuda(cfg.accelerator)
 
 
 def labeled_subset(train_ids: Sequence[str], seed: int, n_labeled: int | None = None,
@@ -160,17 +167,22 @@ def finetune(
     log.info("fine-tuning %s on %d labelled cases for %d steps (patch %s, batch %d, %s)", cfg.model, len(subset),
              cfg.steps, cfg.patch, cfg.batch, resolve_precision(cfg.precision, cfg.accelerator))
 
+    on_device = augment_on_device(cfg)
+
     def build_module(fresh: bool) -> SegmentationModule:
         loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.loss_lambda_dice,
                           lambda_ce=cfg.loss_lambda_ce)
         module = SegmentationModule(cfg, data.in_channels, data.num_classes, loss, cfg.freeze_encoder)
+        if on_device:
+            module.batch_transform = PatchAugmenter(cfg.augment, cfg.patch)
         if cfg.init is not None and fresh:
             report = load_weights(module.model, module.spec, cfg.init, cfg.init_part)
             if not is_launcher_child():
                 report.save(run_dir / "init_report.json")
         return module
 
-    dataset = PatchDataset(data, subset, cfg.patch, cfg.foreground_fraction, seed=cfg.seed, augment=cfg.augment)
+    dataset = PatchDataset(data, subset, cfg.patch, cfg.foreground_fraction, seed=cfg.seed, augment=cfg.augment,
+                           augment_on_device=on_device)
 
     def model_meta(module):
         return {

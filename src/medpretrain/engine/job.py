@@ -21,8 +21,8 @@ from medpretrain.atomic import atomic_torch_save, check_writable_folder
 from medpretrain.config import TrainingConfig
 from medpretrain.data.sampling import StepSampler
 from medpretrain.engine.trainer import (
-    build_trainer, check_same_config, check_same_data, check_trainer_settings, is_launcher_child, resolve_precision,
-    resume_or_refuse, update_run_file,
+    build_trainer, check_same_config, check_same_data, check_trainer_settings, configure_cuda_math, is_launcher_child,
+    resolve_precision, resume_or_refuse, update_run_file,
 )
 from medpretrain.errors import ConfigError, TrainingError
 
@@ -76,7 +76,15 @@ def steps_per_epoch(cfg: TrainingConfig) -> int:
 
 class StepDataModule(pl.LightningDataModule):
     """Serves ``checkpoint_every`` steps of samples per epoch and process from an index-addressed dataset
-    (each item a pure function of its index); rank-aware and resumable through ``StepSampler``."""
+    (each item a pure function of its index); rank-aware and resumable through ``StepSampler``.
+
+    Loader workers persist across epochs (an epoch is only a checkpoint interval: restarting ``num_workers``
+    processes every ``checkpoint_every`` steps would stall the GPU while they start and refill their queues);
+    the sampler still reads the trainer's global step whenever an epoch's iterator is created, so resumed and
+    uninterrupted runs see the same indices. On CUDA, batches are collated into pinned memory so that
+    Lightning's host-to-device copy (``non_blocking=True`` for CUDA targets) overlaps with the step. Worker
+    seeding needs nothing: every dataset draws sample ``i`` from a generator seeded with ``(seed, i)``, never
+    from the worker's global random state."""
 
     def __init__(self, dataset: Dataset, cfg: TrainingConfig):
         super().__init__()
@@ -89,9 +97,11 @@ class StepDataModule(pl.LightningDataModule):
             steps_per_epoch(cfg), cfg.batch, rank=trainer.global_rank, world_size=trainer.world_size,
             current_step=lambda: trainer.global_step,
         )
+        workers = cfg.num_workers
         return DataLoader(
-            self.dataset, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.num_workers,
-            persistent_workers=False, pin_memory=False, drop_last=True,
+            self.dataset, batch_size=cfg.batch, sampler=sampler, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=trainer.strategy.root_device.type == "cuda",
+            drop_last=True,
         )
 
 
@@ -137,9 +147,11 @@ def _run_training_locked(run_dir: Path, cfg: TrainingConfig, *, kind, build_modu
     if ckpt is not None:
         check_same_config(run_file, config_dump, ignore=RESUME_MAY_CHANGE)
         check_same_data(run_file, {"kind": kind, **run_info})
+    cuda = configure_cuda_math(cfg.accelerator, cfg.deterministic)  # before anything runs on the GPU
     precision = resolve_precision(cfg.precision, cfg.accelerator)
     if not is_launcher_child():
-        update_run_file(run_file, {"kind": kind, "config": config_dump, "precision": precision, **run_info})
+        update_run_file(run_file, {"kind": kind, "config": config_dump, "precision": precision, **run_info,
+                                   **({"cuda": {"device": _cuda_device_name(), **cuda}} if cuda else {})})
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(ckpt is None)
@@ -168,6 +180,12 @@ def _run_training_locked(run_dir: Path, cfg: TrainingConfig, *, kind, build_modu
         export_model(run_dir / MODEL_FILE, cfg, kind, precision, trainer.global_step, module, model_meta(module))
         log.info("run finished at step %d: %s", trainer.global_step, run_dir / MODEL_FILE)
     return run_dir
+
+
+def _cuda_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
 
 
 def export_model(path: Path, cfg: TrainingConfig, kind: str, precision: str, global_step: int,

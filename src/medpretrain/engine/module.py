@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import math
+import contextlib
 
 import lightning.pytorch as pl
 import torch
 from monai.losses import DiceCELoss
 
+# The schedule lives with the other shared blocks; imported here for the modules that used it from here.
+from medpretrain.blocks.optim import make_optimizer, scheduled_optimization
+from medpretrain.blocks.optim import one_cycle_factor, one_cycle_scheduler  # noqa: F401
 from medpretrain.config import TrainingConfig
 from medpretrain.errors import TrainingError
 from medpretrain.models import build_model, get_spec
-
-
-def one_cycle_factor(step: int, total_steps: int, warmup_fraction: float, start_div: float = 25.0,
-                     final_div: float = 1e4) -> float:
-    """Learning-rate multiplier of the one-cycle schedule: cosine warm-up from 1/start_div to 1 over the first
-    ``warmup_fraction`` of the steps, then cosine decay to 1/final_div (PyTorch OneCycleLR's shape, defined for
-    any number of steps, including runs of one or two)."""
-    warmup = int(round(warmup_fraction * total_steps))
-    lo, end = 1.0 / start_div, 1.0 / final_div
-    if step < warmup:
-        return lo + (1.0 - lo) * (1 - math.cos(math.pi * step / warmup)) / 2
-    decay = max(total_steps - warmup - 1, 1)
-    t = min((step - warmup) / decay, 1.0)
-    return end + (1.0 - end) * (1 + math.cos(math.pi * t)) / 2
-
-
-def one_cycle_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
-    """Warm-up then cosine decay, stepped once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: one_cycle_factor(step, total_steps, warmup_fraction)
-    )
 
 
 class NonFiniteLossGuard:
@@ -47,6 +29,17 @@ class NonFiniteLossGuard:
             )
 
 
+def float32_loss(device: torch.device):
+    """Autocast off, for losses: under bf16/fp16 mixed precision the network runs in low precision, but a loss
+    (softmax, sums over millions of voxels, logs) is computed in float32 from logits cast with ``.float()``.
+    CUDA's autocast already keeps softmax and cross-entropy in float32; CPU autocast does not keep softmax, and
+    Dice's sums would run in the logits' dtype."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast (meta tensors for FLOP counting): nothing to turn off
+        return contextlib.nullcontext()
+
+
 class SegmentationModule(pl.LightningModule):
     """Trains a registered network on labelled patches (real or synthetic) with a segmentation loss.
 
@@ -56,7 +49,14 @@ class SegmentationModule(pl.LightningModule):
         out_channels: classes including background.
         loss_fn: loss on (logits, integer label map); default MONAI DiceCELoss with softmax.
         freeze_encoder: train the decoder and head only (linear probing).
+
+    Attributes:
+        batch_transform: None, or a callable applied to every training batch once it is on the training device
+            (``on_after_batch_transfer``): fine-tuning's patch augmentation when it runs on the GPU
+            (``data.sampling.PatchAugmenter``).
     """
+
+    batch_transform = None
 
     def __init__(self, cfg: TrainingConfig, in_channels: int, out_channels: int,
                  loss_fn: torch.nn.Module | None = None, freeze_encoder: bool = False):
@@ -87,9 +87,12 @@ class SegmentationModule(pl.LightningModule):
         """The training loss of a batch: ``loss_fn`` on the logits, or, when the network returns a tuple of
         outputs per scale, ``DeepSupervisionLoss`` over all of them (weights 1, 1/2, 1/4 ... normalised)."""
         out = self.model(image)
-        if isinstance(out, (tuple, list)):
-            return self._deep_supervision_loss()(out, label)
-        return self.loss_fn(self._full_resolution(out, image), label)
+        if not torch.is_floating_point(label):
+            label = label.long()  # uint8 label maps travel to the device; the losses index with int64
+        with float32_loss(image.device):
+            if isinstance(out, (tuple, list)):
+                return self._deep_supervision_loss()([o.float() for o in out], label)
+            return self.loss_fn(self._full_resolution(out, image).float(), label)
 
     def _deep_supervision_loss(self):
         # Built on first use, on the device the loss already lives on, and kept out of the module's
@@ -113,6 +116,11 @@ class SegmentationModule(pl.LightningModule):
                 if name and self.spec.part_of(name + ".") == "encoder":
                     module.eval()
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.batch_transform is not None:
+            batch = self.batch_transform(batch)
+        return batch
+
     def training_step(self, batch, batch_idx):
         loss = self.compute_loss(batch["image"], batch["label"])
         NonFiniteLossGuard.check(loss, self.global_step)
@@ -120,11 +128,13 @@ class SegmentationModule(pl.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
         return loss
 
+    def exported_state_dict(self) -> dict[str, torch.Tensor]:
+        """What ``model.pt`` holds: the network (the method contract's ``exported_state_dict``)."""
+        return self.model.state_dict()
+
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        sched = one_cycle_scheduler(opt, self.cfg.steps, self.cfg.warmup_fraction)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        opt = make_optimizer(self.model.parameters(), "adamw", self.cfg.lr, self.cfg.weight_decay)
+        return scheduled_optimization(opt, self.cfg)
 
 
 

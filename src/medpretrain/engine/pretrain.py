@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from medpretrain.config import TrainingConfig, load_config
 from medpretrain.data.cache import PreparedData
 from medpretrain.engine.job import export_untrained, run_training
+from medpretrain.engine.snapshots import SnapshotExporter
 from medpretrain.atomic import check_writable_folder
 from medpretrain.engine.trainer import check_trainer_settings, is_launcher_child
 from medpretrain.errors import CacheError, ConfigError
@@ -50,6 +51,8 @@ def pretrain(method: str, data_dir: str | Path | None, out_dir: str | Path, cfg:
     get_spec(cfg.model).check_patch(cfg.patch)
     check_model_options(cfg.model, 1, 2, cfg.patch, cfg.model_options)  # option values, whatever the head
     check_writable_folder(out_dir, "--out")
+    if m.unused_parameters:
+        cfg = ddp_allowing_unused_parameters(cfg)
     check_trainer_settings(cfg)  # before anything is written: a run that cannot start leaves no folder
     data = None
     if m.needs_data:
@@ -68,17 +71,40 @@ def pretrain(method: str, data_dir: str | Path | None, out_dir: str | Path, cfg:
     log.info("pretraining %s with %s for %d steps (patch %s, batch %d)", cfg.model, method, cfg.steps,
              cfg.patch, cfg.batch)
     dataset = m.build_dataset(cfg, data)
+    meta = lambda module: {"method": method, **m.model_meta(cfg)}  # noqa: E731
+    if cfg.export_steps:
+        late = [s for s in cfg.export_steps if s > cfg.steps]
+        if late:
+            log.warning("export_steps %s lie beyond the run's %d steps: no snapshot there", late, cfg.steps)
+        callbacks = [*callbacks, SnapshotExporter(out_dir, cfg, f"pretrain:{method}", meta)]
     run = run_training(
         out_dir, cfg, kind=f"pretrain:{method}",
         build_module=lambda fresh: m.build_module(cfg),
         dataset=dataset,
         run_info=run_info,
-        model_meta=lambda module: {"method": method, **m.model_meta(cfg)},
+        model_meta=meta,
         resume=resume, callbacks=callbacks,
     )
     if not is_launcher_child():
         write_pretext_report(run, m, cfg, dataset)
     return run
+
+
+_DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def ddp_allowing_unused_parameters(cfg: TrainingConfig) -> TrainingConfig:
+    """``cfg`` with its DDP strategy switched to the ``find_unused_parameters`` variant, for methods that leave
+    some parameters without gradient in some steps (plain DDP stops at the first such step). ``auto`` on more
+    than one device or node is DDP too."""
+    several = cfg.devices not in (1, "1") or cfg.num_nodes > 1
+    if cfg.strategy in _DDP_STRATEGIES:
+        strategy = f"{cfg.strategy}_find_unused_parameters_true"
+    elif cfg.strategy == "auto" and several:
+        strategy = "ddp_find_unused_parameters_true"
+    else:
+        return cfg
+    return cfg.model_copy(update={"strategy": strategy})
 
 
 def write_pretext_report(run_dir: Path, method, cfg: TrainingConfig, dataset, samples: int = 16) -> dict:

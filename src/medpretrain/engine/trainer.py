@@ -51,6 +51,54 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
+def uses_cuda(accelerator: str) -> bool:
+    """Whether a job with this ``--accelerator`` trains on CUDA GPUs."""
+    return resolve_accelerator(accelerator) in ("gpu", "cuda")
+
+
+def cuda_environment(accelerator: str, deterministic: bool) -> None:
+    """Environment a deterministic CUDA job needs before CUDA starts: cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG``
+    when it creates its first handle, and without ``:4096:8`` (or ``:16:8``) its matrix products are not
+    reproducible (and ``torch.use_deterministic_algorithms`` refuses them). Set in this process's environment,
+    so DDP processes started from it inherit it; a value the user set is kept."""
+    if deterministic and uses_cuda(accelerator):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def lightning_deterministic(deterministic: bool, accelerator: str) -> bool | str:
+    """Lightning's ``deterministic`` for our flag. On CUDA ``"warn"``: deterministic kernels wherever PyTorch has
+    one, and a warning naming each op that has none, instead of stopping training there; with ``True`` the
+    cross-entropy half of DiceCE (``nll_loss2d`` on CUDA), trilinear ``interpolate`` and ``grid_sample`` backward
+    raise. On the CPU every op we use is deterministic: the flag itself."""
+    return "warn" if deterministic and uses_cuda(accelerator) else deterministic
+
+
+def configure_cuda_math(accelerator: str, deterministic: bool) -> dict[str, Any]:
+    """Process-wide CUDA math settings of a job; returns them for ``run.json`` (empty off CUDA).
+
+    Not deterministic: TF32 for float32 matrix products (``set_float32_matmul_precision("high")``; cuDNN
+    convolutions use TF32 by default) and ``cudnn.benchmark`` (the patch and batch are fixed, so the kernels it
+    times on the first steps serve every later step). Deterministic: full float32 products and no benchmark
+    (timed kernel choices may differ between two runs)."""
+    if not uses_cuda(accelerator):
+        return {}
+    cuda_environment(accelerator, deterministic)
+    torch.set_float32_matmul_precision("highest" if deterministic else "high")
+    torch.backends.cudnn.benchmark = not deterministic  # the Trainer sets the same (its ``benchmark``)
+    return {"tf32_matmul": not deterministic, "cudnn_benchmark": not deterministic,
+            "deterministic": lightning_deterministic(deterministic, accelerator),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+
+
+def cuda_memory_gb(device: torch.device | None = None) -> dict[str, float]:
+    """Peak CUDA memory of this process on ``device`` (GB): allocated by tensors and reserved by the caching
+    allocator; empty when the device is not CUDA."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return {}
+    return {"max_memory_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3),
+            "max_memory_reserved_gb": round(torch.cuda.max_memory_reserved(device) / 1e9, 3)}
+
+
 def autocast_context(precision: str, device: torch.device):
     """The autocast context matching a Lightning precision string, for inference outside the Trainer."""
     if precision.startswith("bf16"):
@@ -85,7 +133,10 @@ class StepLogger(Callback):
             rate = (step - self._s0) / max(elapsed, 1e-9)
             eta = (self.total - step) / max(rate, 1e-9)
             loss = outputs["loss"].item() if isinstance(outputs, dict) else float(outputs)
-            log.info("step %d/%d  loss %.4f  %.2f s/step  ETA %.0f s", step, self.total, loss, 1 / max(rate, 1e-9), eta)
+            memory = cuda_memory_gb(pl_module.device)
+            extra = f"  GPU memory peak {memory['max_memory_allocated_gb']:.1f} GB" if memory else ""
+            log.info("step %d/%d  loss %.4f  %.2f s/step  ETA %.0f s%s", step, self.total, loss, 1 / max(rate, 1e-9),
+                     eta, extra)
 
 
 class WallClock(Callback):
@@ -111,6 +162,8 @@ class WallClock(Callback):
             "wall_time_s": round(wall, 2),
             "s_per_step": round(wall / max(steps, 1), 4),
             "world_size": trainer.world_size,
+            # Rank 0's device; every rank trains the same network and batch size.
+            **cuda_memory_gb(pl_module.device),
         }})
 
 
@@ -131,6 +184,8 @@ def quiet_library_chatter() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*(LeafSpec|_pytree|pytree).*is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*(LeafSpec|_pytree|pytree).*is deprecated", category=UserWarning)
+    # Our modules' on_after_batch_transfer (augmentation on the device) beside StepDataModule, which has none.
+    warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`")
 
 
 def check_trainer_settings(cfg) -> None:
@@ -146,6 +201,7 @@ def check_trainer_settings(cfg) -> None:
         ConfigError: the settings cannot run here.
     """
     quiet_library_chatter()
+    cuda_environment(cfg.accelerator, cfg.deterministic)  # the entry points call this before CUDA starts
     _check_hardware(cfg.accelerator, cfg.devices if not isinstance(cfg.devices, list) else tuple(cfg.devices),
                     cfg.num_nodes, cfg.strategy, cfg.precision)
 
@@ -237,7 +293,7 @@ def build_trainer(
         num_nodes=num_nodes,
         strategy=strategy,
         precision=precision,
-        deterministic=deterministic,
+        deterministic=lightning_deterministic(deterministic, accelerator),
         callbacks=[checkpoint, *progress, WallClock(run_dir / "run.json"), *callbacks],
         logger=loggers,
         log_every_n_steps=max(1, min(10, epoch_steps)),
@@ -247,7 +303,8 @@ def build_trainer(
         # Our StepSampler splits samples across ranks itself (deterministic and resumable).
         use_distributed_sampler=False,
         plugins=[AtomicCheckpointIO()],
-        benchmark=False,
+        # cuDNN autotuning on CUDA (fixed patch and batch) unless deterministic; configure_cuda_math explains.
+        benchmark=uses_cuda(accelerator) and not deterministic,
     )
 
 
@@ -267,14 +324,25 @@ def resume_or_refuse(run_dir: Path, resume: bool) -> Path | None:
     return None
 
 
+def _recorded_part(new, old):
+    """``new`` restricted to the keys ``old`` recorded, in nested sections too: a setting added to medpretrain
+    after a run started (absent from its ``run.json``) is not a difference that refuses its resume."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return {k: _recorded_part(v, old[k]) for k, v in new.items() if k in old}
+    return new
+
+
 def check_same_config(run_file: Path, config: dict[str, Any], ignore: Sequence[str] = ()) -> None:
-    """On resume, the training settings must be those of the interrupted run."""
+    """On resume, the training settings must be those of the interrupted run (settings the interrupted run did
+    not record, added since, are not compared)."""
     if not run_file.exists():
         return
     old = json.loads(run_file.read_text(encoding="utf-8")).get("config", {})
     diff = {
         k: (old.get(k), v) for k, v in config.items()
-        if k not in ignore and json.dumps(old.get(k), default=str) != json.dumps(v, default=str)
+        if k not in ignore and k in old
+        and json.dumps(old[k], default=str, sort_keys=True)
+        != json.dumps(_recorded_part(v, old[k]), default=str, sort_keys=True)
     }
     if diff:
         raise ConfigError(

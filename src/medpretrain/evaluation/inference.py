@@ -10,7 +10,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from medpretrain.config import InferenceConfig
-from medpretrain.engine.trainer import autocast_context
+from medpretrain.engine.trainer import autocast_context, configure_cuda_math
 from medpretrain.errors import CheckpointError
 from medpretrain.models import build_model, read_state_dict
 
@@ -72,6 +72,8 @@ def load_trained_model(run_dir: str | Path, device: torch.device | None = None,
                           **meta.get("model_options", {}))
     network.load_state_dict(state)
     device = device or default_device()
+    if device.type == "cuda":
+        configure_cuda_math("gpu", deterministic=False)  # TF32 and cuDNN autotuning: the windows have one size
     network.to(device).eval()
     if precision is None:
         # The training run's precision, re-resolved for this device (a CPU-trained model may run on a GPU).
@@ -79,6 +81,38 @@ def load_trained_model(run_dir: str | Path, device: torch.device | None = None,
 
         precision = resolve_precision("auto", "gpu" if device.type == "cuda" else "cpu")
     return TrainedModel(network, meta, device, precision)
+
+
+# Bytes per voxel of sliding-window inference held beside the windows when the volume stays on the device: the
+# input channels, MONAI's stitched logits and its weight map, and the probabilities (float32).
+def _volume_bytes(voxels: int, in_channels: int, out_channels: int) -> int:
+    return 4 * voxels * (in_channels + 2 * out_channels + 1)
+
+
+def volume_device(shape, in_channels: int, out_channels: int, device: torch.device, setting: str = "auto",
+                  free_bytes: int | None = None, share: float = 0.5) -> torch.device:
+    """Where the whole volume, the stitched logits and the probabilities of one case live during sliding-window
+    inference; the windows always run on ``device`` (MONAI's ``sw_device``).
+
+    Args:
+        shape: the (padded) spatial shape.
+        in_channels, out_channels: image channels and classes.
+        device: the network's device.
+        setting: ``auto``, ``model`` (always ``device``) or ``cpu`` (``InferenceConfig.volume_device``).
+        free_bytes: free memory of ``device`` (None: asked from CUDA, counting what PyTorch's caching allocator
+            holds unused as free).
+        share: ``auto`` keeps the volume on a CUDA ``device`` when it needs at most this share of the free
+            memory; the rest is left to the windows' activations.
+    """
+    if device.type != "cuda" or setting == "model":
+        return device
+    if setting == "cpu":
+        return torch.device("cpu")
+    if free_bytes is None:
+        free, _ = torch.cuda.mem_get_info(device)
+        free_bytes = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    needed = _volume_bytes(int(np.prod([int(s) for s in shape])), in_channels, out_channels)
+    return device if needed <= share * free_bytes else torch.device("cpu")
 
 
 def pad_to_window(image: np.ndarray, roi, fill) -> tuple[np.ndarray, tuple[slice, ...]]:
@@ -102,12 +136,15 @@ def predict_probabilities(model: TrainedModel, image: np.ndarray, cfg: Inference
     MONAI sliding-window inference over windows of the training patch (or ``cfg.roi``), blended with
     Gaussian weights. A volume smaller than a window is padded with ``fill`` (one value per channel: the case's
     "nothing" intensity, ``data.crops.background_fill``, the value training patches are padded with; None = 0)
-    and cropped back.
+    and cropped back. Windows run on the network's device; the volume and the stitched output stay there too
+    unless :func:`volume_device` sends them to CPU memory (a large CT on a GPU with little free memory).
     """
     roi = tuple(cfg.roi) if cfg.roi else model.patch
     fill = [0.0] * image.shape[0] if fill is None else list(fill)
     padded, inside = pad_to_window(np.asarray(image, dtype=np.float32), roi, fill)  # a copy: mmap is read-only
-    x = torch.from_numpy(padded)[None].to(model.device)
+    where = volume_device(padded.shape[1:], padded.shape[0], int(model.meta.get("out_channels", 2)), model.device,
+                          cfg.volume_device)
+    x = torch.from_numpy(padded)[None].to(where)
 
     def forward(batch):
         out = model.network(batch)
@@ -118,6 +155,6 @@ def predict_probabilities(model: TrainedModel, image: np.ndarray, cfg: Inference
     with autocast_context(model.precision, model.device):
         logits = sliding_window_inference(
             x, roi_size=roi, sw_batch_size=cfg.sw_batch_size, predictor=forward,
-            overlap=cfg.overlap, mode=cfg.mode,
+            overlap=cfg.overlap, mode=cfg.mode, sw_device=model.device, device=where,
         )
     return torch.softmax(logits.float(), dim=1)[0][(slice(None), *inside)].cpu().numpy()

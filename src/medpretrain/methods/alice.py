@@ -60,22 +60,22 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 from torch.utils.data import Dataset
 
 from medpretrain.blocks.contrastive import DINOLoss, embedding_loss
-from medpretrain.blocks.ema import cosine_momentum, ema_update, make_teacher, resolve_ema_momentum, teacher_init_share
+from medpretrain.blocks.ema import make_teacher, resolve_ema_momentum, teacher_init_share
 from medpretrain.blocks.heads import ProjectionHead
 from medpretrain.blocks.masking import (gather_tokens, masked_mse, normalized_pixels, patchify, random_token_mask,
                                         scatter_tokens, visible_indices)
 from medpretrain.config import TrainingConfig
 from medpretrain.data.crops import PoolCases, background_fill, body_points, read_crop
-from medpretrain.engine.module import log_loss_parts, one_cycle_scheduler
+from medpretrain.blocks.teacher import StudentTeacherModule
+from medpretrain.engine.module import log_loss_parts
 from medpretrain.errors import CacheError, ConfigError
 from medpretrain.matching import MatchVolume, build_matcher
 from medpretrain.methods import PretrainMethod, register_method
@@ -158,12 +158,6 @@ class AliceConfig(TrainingConfig):
     match_points: int = 4
     match_partners: int = 2
     betas: tuple[float, float] = (0.9, 0.95)
-
-    @field_validator("strategy")
-    @classmethod
-    def _ddp_with_unused(cls, v: str) -> str:
-        # The registered network's decoder (and Swin's last stage, CASA when off) get no gradient here.
-        return "ddp_find_unused_parameters_true" if v == "ddp" else v
 
     @model_validator(mode="after")
     def _check(self):
@@ -449,7 +443,7 @@ class CASA(nn.Module):
 # Training
 
 
-class AliceModule(pl.LightningModule):
+class AliceModule(StudentTeacherModule):
     """Online encoder (inside ``model``, the registered network that goes downstream), online decoder, phi,
     CASA; target encoder and psi (EMA copies). See the module's documentation for the losses."""
 
@@ -479,12 +473,11 @@ class AliceModule(pl.LightningModule):
         self.dino = DINOLoss(cfg.head_dim) if cfg.contrast_loss == "dino" else None
         self._updates_done = 0
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in (self.target, self.psi, self.target_decoder):
-            if m is not None:
-                m.eval()
-        return self
+    def teacher_pairs(self):
+        pairs = [(self.target, self.online), (self.psi, self.phi)]
+        if self.target_decoder is not None:
+            pairs.append((self.target_decoder, self.decoder))
+        return pairs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -553,32 +546,11 @@ class AliceModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = log_loss_parts(self, self.losses(batch), batch["q"].shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
-        self._updates_done = self.global_step
         return loss
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        self.update_target(self._updates_done)  # before checkpoint hooks: see ASAModule.optimizer_step
-
-    def update_target(self, updates_done: int) -> float:
-        base, final = self.cfg.ema_schedule()
-        m = cosine_momentum(updates_done, self.cfg.steps, base, final)
-        ema_update(self.target, self.online, m)
-        ema_update(self.psi, self.phi, m)
-        if self.target_decoder is not None:
-            ema_update(self.target_decoder, self.decoder, m)
-        return m
 
     def student_parameters(self) -> list[nn.Parameter]:
         modules = (self.online, self.decoder, self.phi, self.casa)
         return [p for m in modules for p in m.parameters() if p.requires_grad]
-
-    def configure_optimizers(self):
-        cfg = self.cfg
-        opt = torch.optim.AdamW(self.student_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                weight_decay=cfg.weight_decay)
-        sched = one_cycle_scheduler(opt, cfg.steps, cfg.warmup_fraction)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def _model_meta(cfg: AliceConfig) -> dict:
@@ -618,6 +590,9 @@ register_method(PretrainMethod(
     pretext_baselines=_pretext_baselines,
     presets={
         "cpu": {},
+        # Seconds on a CPU: the method contract test and the GPU check's dry run.
+        "smoke": {"patch": (32, 32, 32), "match_points": 1, "match_partners": 1, "head_dim": 64, "head_hidden": 32,
+                  "head_bottleneck": 16, "casa_dim": 16, "steps": 2, "batch": 1, "num_workers": 0, "checkpoint_every": 1, "precision": "32-true"},
         # Sec. 4: 192x192x64 crops, AdamW (0.9, 0.95), lr 5e-5, batch 8 per GPU, 100k iterations, SAM matcher.
         "paper": {"model": "unetr", "patch": (192, 192, 64), "batch": 8, "ema_momentum": (0.996, 1.0), "lr": 5e-5, "steps": 100000,
                   "warmup_fraction": 0.05, "matcher": "sam", "checkpoint_every": 1000, "num_workers": 4,
@@ -631,5 +606,7 @@ register_method(PretrainMethod(
                     "checkpoint_every": 1000, "num_workers": 4, "head_hidden": 2048, "head_bottleneck": 256,
                     "head_dim": 4096, "decoder_depth": 4, "decoder_heads": 8, "casa_dim": 256},
     },
-    models=("unetr", "swinunetr"),
+    models=("vit", "swin"),
+    unused_parameters=True,
+    sample_tag=_TAG,
 ))

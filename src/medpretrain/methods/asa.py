@@ -28,9 +28,9 @@ differ), so that their overlap is a set of whole sub-volumes:
 decoder is not run in phase 2).
 
 Teacher: the EMA of the student (network and projection heads), momentum on a cosine schedule from 0.999 to
-1 over training (``blocks.ema``). The teacher is what goes downstream: ``ASAModule.model`` *is* the teacher
-network, so the shared job exports its weights to ``model.pt`` (and a Lightning checkpoint's ``model.*`` keys
-are the teacher's too); the student lives in ``ASAModule.student``. Fine-tuning loads the encoder
+1 over training (``blocks.ema``, wired by ``blocks.teacher.StudentTeacherModule``). The teacher is what goes
+downstream (``export: teacher``, the paper): ``ASAModule.teacher`` and ``ASAModule.student`` are the two
+networks and ``exported_state_dict`` returns the one ``export`` names. Fine-tuning loads the encoder
 (``--init-part encoder``) or encoder and decoder (``--init-part all``; the ``out`` layer, which regresses
 intensities here, is replaced by the segmentation head).
 
@@ -68,8 +68,8 @@ sample also carries its permutation and its two phase-2 crop offsets; the shuffl
 run on the training device.
 
 DDP: each phase leaves some parameters without gradient (the decoder and order head in phase 2, the local
-head in phase 1), which plain DDP refuses; ``strategy: ddp`` is therefore run as
-``ddp_find_unused_parameters_true``.
+head in phase 1), which plain DDP refuses; the method is registered with ``unused_parameters=True``, so the
+engine runs DDP as ``ddp_find_unused_parameters_true``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn as nn
@@ -87,11 +86,12 @@ from pydantic import field_validator, model_validator
 from torch.utils.data import Dataset
 
 from medpretrain.blocks.contrastive import embedding_loss
-from medpretrain.blocks.ema import cosine_momentum, ema_update, make_teacher, resolve_ema_momentum, teacher_init_share
+from medpretrain.blocks.ema import make_teacher, resolve_ema_momentum, teacher_init_share
 from medpretrain.blocks.heads import ProjectionHead
 from medpretrain.config import TrainingConfig
 from medpretrain.data.sampling import choose_patch_start
-from medpretrain.engine.module import NonFiniteLossGuard, one_cycle_scheduler
+from medpretrain.blocks.teacher import StudentTeacherModule
+from medpretrain.engine.module import NonFiniteLossGuard
 from medpretrain.errors import ConfigError
 from medpretrain.methods import PretrainMethod, register_method
 # Crop reading and resizing are shared with Volume Fusion (memory-mapped reads, background padding).
@@ -172,17 +172,6 @@ class ASAConfig(TrainingConfig):
     consistency_distance: Literal["squared_l2", "mse"] = "squared_l2"
     optimizer: Literal["adamw", "sgd"] = "adamw"
     sgd_momentum: float = 0.9
-
-    @model_validator(mode="after")
-    def _ddp_with_unused(self):
-        # Each phase leaves some parameters without gradient; plain DDP stops at the first such step. "auto"
-        # on more than one device (or node) is DDP too.
-        several = self.devices not in (1, "1") or self.num_nodes > 1
-        if self.strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
-            self.strategy = f"{self.strategy}_find_unused_parameters_true"
-        elif self.strategy == "auto" and several:
-            self.strategy = "ddp_find_unused_parameters_true"
-        return self
 
     @field_validator("in_channels", "head_dim", "head_hidden")
     @classmethod
@@ -513,12 +502,12 @@ def phase_of_step(step: int, phase_steps: tuple[int, int]) -> int:
     return 1 if step % (a + b) < a else 2
 
 
-class ASAModule(pl.LightningModule):
+class ASAModule(StudentTeacherModule):
     """Student, EMA teacher and heads of ASA, trained phase by phase (one loss per optimiser step, Lightning's
     automatic optimisation; parameters a phase does not use get no gradient and no update).
 
     Attributes:
-        model: the teacher network (the registered SwinUNETR that goes downstream and is exported).
+        teacher: the teacher network (the EMA of ``student``; what goes downstream unless ``export: student``).
         student: the student network (same architecture; ``out_channels = in_channels``).
         order_head: student-only head regressing each token's original position.
         student_proj, teacher_proj: global and local projection heads (the teacher's is their EMA).
@@ -545,7 +534,7 @@ class ASAModule(pl.LightningModule):
             "local": ProjectionHead(token_dim, cfg.head_dim, hidden_dim=cfg.head_hidden),
         })
         # The teacher starts as the student (mean-teacher practice) and only ever changes by EMA.
-        self.model = make_teacher(self.student)
+        self.teacher = make_teacher(self.student)
         self.teacher_proj = make_teacher(self.student_proj)
         self.phase_steps: tuple[int, int] | None = tuple(cfg.phase_steps) if cfg.phase_steps is not None else None
         self._updates_done = 0
@@ -567,20 +556,22 @@ class ASAModule(pl.LightningModule):
         per_phase = max(1, math.ceil(cases / (self.cfg.batch * world_size)))
         self.phase_steps = (per_phase, per_phase)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        # The teacher only ever runs as an inference network (no dropout, no drop-path).
-        self.model.eval()
-        self.teacher_proj.eval()
-        return self
+    def teacher_pairs(self):
+        return [(self.teacher, self.student), (self.teacher_proj, self.student_proj)]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints written before the teacher had its own name kept it under "model.": resume them.
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("model.")]:
+            state["teacher." + key[len("model."):]] = state.pop(key)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's output."""
-        return self.model(x)
+        return self.teacher(x)
 
     def exported_state_dict(self) -> dict[str, torch.Tensor]:
         """What ``model.pt`` holds: the teacher network (default, the paper) or the student (``export``)."""
-        return (self.student if self.cfg.export == "student" else self.model).state_dict()
+        return (self.student if self.cfg.export == "student" else self.teacher).state_dict()
 
     def phase(self, step: int) -> int:
         """The phase of optimiser step ``step``."""
@@ -619,14 +610,14 @@ class ASAModule(pl.LightningModule):
         wanted = self.phase_loss_names(1)
         if "order" in wanted:
             pred = self.order_head(tokens(hidden, self.stage))
-            target = order_targets(perm, (cfg.grid,) * 3, cfg.order_target).to(pred)
-            out["order"] = F.mse_loss(pred, target)
+            target = order_targets(perm, (cfg.grid,) * 3, cfg.order_target).to(pred.device)
+            out["order"] = F.mse_loss(pred.float(), target)  # float32 losses under mixed precision
         if "appearance" in wanted:
-            out["appearance"] = F.mse_loss(decode(self.student, shuffled, hidden), x)
+            out["appearance"] = F.mse_loss(decode(self.student, shuffled, hidden).float(), x.float())
         if "global" in wanted:
             student_g = self.student_proj["global"](self._global(hidden))
             with torch.no_grad():
-                t_hidden = encode(self.model, shuffled if cfg.teacher_sees_shuffled else x)
+                t_hidden = encode(self.teacher, shuffled if cfg.teacher_sees_shuffled else x)
                 teacher_g = self.teacher_proj["global"](self._global(t_hidden))
             out["global"] = self.consistency_loss(student_g, teacher_g)
         out["loss"] = (cfg.lambda_vop * out.get("order", 0.0) + cfg.lambda_var * out.get("appearance", 0.0)
@@ -642,7 +633,7 @@ class ASAModule(pl.LightningModule):
         views = torch.cat([crop_views(up, offsets[:, 0], v), crop_views(up, offsets[:, 1], v)])
         hidden = encode(self.student, views)
         with torch.no_grad():
-            t_hidden = encode(self.model, views)
+            t_hidden = encode(self.teacher, views)
         out: dict[str, torch.Tensor] = {}
         wanted = self.phase_loss_names(2)
         if "global" in wanted:
@@ -682,40 +673,13 @@ class ASAModule(pl.LightningModule):
         for name in self.phase_loss_names(3 - phase):
             self.log(f"train/p{3 - phase}_{name}", float("nan"), on_step=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
-        base, final = self.cfg.ema_schedule()
-        self.log("train/ema_momentum", cosine_momentum(self.global_step, self.cfg.steps, base, final), on_step=True)
-        self._updates_done = self.global_step
+        self.log_momentum()
         return loss
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        # The teacher follows right here, not in on_train_batch_end: checkpoint callbacks run before that hook,
-        # and a checkpoint whose teacher lags its student by one update would make a resumed run differ.
-        # training_step (run inside the step's closure) recorded how many updates came before this one.
-        self.update_teacher(self._updates_done)
-
-    def update_teacher(self, updates_done: int) -> float:
-        """EMA step of the teacher (network and projection heads) towards the student; returns the momentum."""
-        base, final = self.cfg.ema_schedule()
-        m = cosine_momentum(updates_done, self.cfg.steps, base, final)
-        ema_update(self.model, self.student, m)
-        ema_update(self.teacher_proj, self.student_proj, m)
-        return m
 
     def student_parameters(self) -> list[nn.Parameter]:
         """What the optimiser trains: student network, order head and student projection heads."""
         modules = (self.student, self.order_head, self.student_proj)
         return [p for m in modules for p in m.parameters() if p.requires_grad]
-
-    def configure_optimizers(self):
-        cfg = self.cfg
-        params = self.student_parameters()
-        if cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
-        else:
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = one_cycle_scheduler(opt, cfg.steps, cfg.warmup_fraction)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def _build_module(cfg: ASAConfig):
@@ -762,6 +726,9 @@ register_method(PretrainMethod(
     pretext_baselines=_pretext_baselines,
     presets={
         "cpu": {},
+        # Seconds on a CPU: the method contract test and the GPU check's dry run.
+        "smoke": {"phase_steps": (1, 1), "model_options": {"depths": (1, 1, 1, 1)}, "head_dim": 32, "head_hidden": 32,
+                  "steps": 2, "batch": 1, "num_workers": 0, "checkpoint_every": 1, "precision": "32-true"},
         # Sec. 3: whole volumes resized to 128^3, 16^3 sub-volumes (512), phase 2 up-sampled to 160^3 with two
         # 128^3 crops; Swin UNETR. Batch, learning rate and length are in the paper's appendix, which our copy
         # lacks: AdamW 1e-4 (Swin UNETR's usual rate), batch 4, 20k steps are our choices.
@@ -777,5 +744,7 @@ register_method(PretrainMethod(
                     "sgd_momentum": 0.9, "lambda_vop": 1.0, "lambda_var": 1.0, "lambda_global": 1.0,
                     "lambda_local": 1.0, "consistency_distance": "mse", "global_stage": "tokens"},
     },
-    models=("swinunetr",),
+    models=("swin",),
+    unused_parameters=True,
+    sample_tag=_TAG,
 ))

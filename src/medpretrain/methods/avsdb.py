@@ -13,6 +13,7 @@ from pydantic import model_validator
 
 from medpretrain.config import TrainingConfig
 from medpretrain.methods import PretrainMethod, register_method
+from medpretrain.synthetic.avsdb import _TAG as AVSDB_TAG
 from medpretrain.synthetic.avsdb import AVSDBConfig, AVSDBDataset, class_names
 
 
@@ -84,8 +85,12 @@ register_method(PretrainMethod(
     build_module=_build_module,
     model_meta=_model_meta,
     pretext_baselines=_pretext_baselines,
+    sample_tag=AVSDB_TAG,
     presets={
         "cpu": {},
+        # Seconds on a CPU: the method contract test and the GPU check's dry run.
+        "smoke": {"model": "unet", "patch": (32, 32, 32), "model_options": {"features": (4, 4, 8, 8, 16, 4)},
+                  "generator": {"size": (32, 32, 32), "n_shapes": 4}, "samples": 8, "steps": 2, "batch": 1, "num_workers": 0, "checkpoint_every": 1, "precision": "32-true"},
         # The paper gives no step count: 30,000 steps are 48 passes over its 5,000 volumes at batch 8.
         "paper": {"model": "swinunetr", "patch": (96, 96, 96), "batch": 8, "lr": 1e-4, "weight_decay": 1e-5,
                   "generator": {"size": (96, 96, 96)}, "samples": 5000, "steps": 30000},

@@ -48,7 +48,8 @@ from torch.utils.data import Dataset
 from medpretrain.config import TrainingConfig
 from medpretrain.data.crops import PoolCases, read_crop, resize_linear
 from medpretrain.data.sampling import choose_patch_start
-from medpretrain.engine.module import SegmentationModule, one_cycle_scheduler
+from medpretrain.blocks.optim import make_optimizer, scheduled_optimization
+from medpretrain.engine.module import SegmentationModule
 from medpretrain.errors import CacheError
 from medpretrain.methods import PretrainMethod, register_method
 
@@ -497,14 +498,11 @@ class VolumeFusionModule(SegmentationModule):
 
     def configure_optimizers(self):
         cfg = self.cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-        opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(self.model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
         if cfg.schedule == "step":
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step_factor(step, cfg))
-        else:
-            sched = one_cycle_scheduler(opt, cfg.steps, cfg.warmup_fraction)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return scheduled_optimization(opt, cfg)  # one-cycle, or warm-up then constant (lr_schedule)
 
 
 def step_factor(step: int, cfg: VolumeFusionConfig) -> float:
@@ -546,8 +544,12 @@ register_method(PretrainMethod(
     build_module=_build_module,
     model_meta=_model_meta,
     pretext_baselines=_pretext_baselines,
+    sample_tag=_TAG,
     presets={
         "cpu": {},
+        # Seconds on a CPU: the method contract test and the GPU check's dry run.
+        "smoke": {"model": "unet", "patch": (32, 32, 32), "model_options": {"features": (4, 4, 8, 8, 16, 4)},
+                  "steps": 2, "batch": 1, "num_workers": 0, "checkpoint_every": 1, "precision": "32-true"},
         # Sec. 4.2 for PData-1k: D x H x W 64 x 128 x 128 sub-volumes, K = 4, M ~ U(10, 40), batch 4, Adam 1e-3,
         # weight decay 1e-5, 100k iterations with the lr halved every 20k; PCT-Net with deep supervision.
         # Checkpoints every 1000 steps (a data epoch restarts the loader workers) and 4 loader workers for a GPU.

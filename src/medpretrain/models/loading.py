@@ -108,8 +108,14 @@ def _key_mappings(model_keys: set[str]):
     yield "as is", lambda k: k
     yield "strip 'model.'", strip("model.")
     yield "strip 'module.'", strip("module.")
-    # MONAI SwinUNETR SSL layout: module.<swinViT key>
-    yield "'module.' -> 'swinViT.'", lambda k: "swinViT." + k[len("module."):] if k.startswith("module.") else None
+    # MONAI SwinUNETR SSL layout (the published model_swinvit.pt): module.<swinViT key>, with the Swin blocks' MLP
+    # layers under their timm names fc1/fc2 (MONAI's MLPBlock calls them linear1/linear2).
+    yield "'module.' -> 'swinViT.', mlp.fc -> mlp.linear", lambda k: (
+        "swinViT." + k[len("module."):].replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+        if k.startswith("module.") else None)
+    # Checkpoints of MONAI's SSL pretraining script itself (model_bestValRMSE.pt): module.swin_vit.<swinViT key>
+    yield "'module.swin_vit.' -> 'swinViT.'", lambda k: (
+        "swinViT." + k[len("module.swin_vit."):] if k.startswith("module.swin_vit.") else None)
     yield "strip 'model.module.'", strip("model.module.")
 
 

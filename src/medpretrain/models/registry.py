@@ -31,6 +31,9 @@ class ModelSpec:
             networks with instance normalisation there, which fails on a single voxel.
         bottleneck_norm: the normalisation named when the bottleneck is too small.
         defaults: the preset's options, shown by ``medpretrain models`` and overridable.
+        family: the architecture family a pretraining method can name instead of every network
+            (``PretrainMethod.models``): ``cnn`` (convolutional U-Nets), ``vit`` (UNETR), ``swin`` (Swin UNETR),
+            ``pctnet`` (PCT-Net's convolution-transformer hybrid).
     """
 
     name: str
@@ -43,6 +46,7 @@ class ModelSpec:
     min_bottleneck_voxels: int = 1
     defaults: dict[str, Any] = field(default_factory=dict)
     bottleneck_norm: str = "instance normalisation"
+    family: str = "cnn"
 
     def divisors(self, ndim: int = 3) -> tuple[int, ...]:
         """The divisor of each of ``ndim`` patch sides."""
@@ -236,28 +240,28 @@ register_model(ModelSpec(
     defaults={"filters": (16, 32, 64, 128, 256), "levels": 5, "deep_supervision": False},
 ))
 register_model(ModelSpec(
-    name="unetr",
+    name="unetr", family="vit",
     description="MONAI UNETR, ViT-B/16 encoder (hidden 768, 12 heads; the papers' preset, GPU)",
     factory=_unetr, encoder_prefixes=("vit.",), head_prefixes=("out.",),
     divisor=16, min_size=16,
     defaults={"feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12},
 ))
 register_model(ModelSpec(
-    name="unetr-small",
+    name="unetr-small", family="vit",
     description="MONAI UNETR with a narrow ViT (hidden 192, 3 heads; CPU preset)",
     factory=_unetr, encoder_prefixes=("vit.",), head_prefixes=("out.",),
     divisor=16, min_size=16,
     defaults={"feature_size": 8, "hidden_size": 192, "mlp_dim": 768, "num_heads": 3},
 ))
 register_model(ModelSpec(
-    name="swinunetr",
+    name="swinunetr", family="swin",
     description="MONAI SwinUNETR v2, feature size 48 (the papers' preset, GPU)",
     factory=_swinunetr, encoder_prefixes=("swinViT.",), head_prefixes=("out.",),
     divisor=32, min_size=64,
     defaults={"feature_size": 48, "use_v2": True, "depths": (2, 2, 2, 2), "num_heads": (3, 6, 12, 24)},
 ))
 register_model(ModelSpec(
-    name="swinunetr-small",
+    name="swinunetr-small", family="swin",
     description="MONAI SwinUNETR v2, feature size 12 (CPU preset)",
     factory=_swinunetr, encoder_prefixes=("swinViT.",), head_prefixes=("out.",),
     divisor=32, min_size=64,
@@ -287,14 +291,14 @@ _PCTNET_SIZES = dict(divisor=(16, 16, 8), min_size=8, min_bottleneck_voxels=2,
                      bottleneck_norm="batch normalisation (with batch size 1)")
 
 register_model(ModelSpec(
-    name="pctnet",
+    name="pctnet", family="pctnet",
     description="PCT-Net of MIS-FM, channels 24..512, the authors' parameter names (released weights load; GPU)",
     factory=_pctnet, encoder_prefixes=_PCTNET_ENCODER, head_prefixes=_PCTNET_HEAD, **_PCTNET_SIZES,
     defaults={"features": (24, 48, 128, 256, 512), "num_heads": (4, 8, 16), "window_size": 6, "mlp_ratio": 4.0,
               "dropout": 0.2, "drop_path": 0.2, "resolution_mode": 1, "deep_supervision": True},
 ))
 register_model(ModelSpec(
-    name="pctnet-small",
+    name="pctnet-small", family="pctnet",
     description="PCT-Net with half the channels (12..256; heads 2/4/8, 32 channels each; CPU preset)",
     factory=_pctnet, encoder_prefixes=_PCTNET_ENCODER, head_prefixes=_PCTNET_HEAD, **_PCTNET_SIZES,
     defaults={"features": (12, 24, 64, 128, 256), "num_heads": (2, 4, 8), "window_size": 6, "mlp_ratio": 4.0,

@@ -1,0 +1,190 @@
+"""Pretraining-budget scaling (issue 20): the gain over scratch of fine-tuning from each snapshot of one long
+pretraining per method, per labelled-set size, with the seed spread, per organ group on BTCV, the pretext task's
+fraction learnt at each snapshot and the CPU hours it took.
+
+    python benchmarks/scaling_report.py --bench runs/scaling-la2018-proxy --out docs/results/scaling/la2018-proxy
+
+Reads a finished (or partly finished) benchmark folder whose profile lists ``snapshots`` (arms
+``<method>@<step>``, the method's own arm being its final step); writes ``results.csv`` (one row per method,
+budget, n and reference), ``report.md`` and ``gain_vs_budget.png`` (gain over scratch, y, against pretraining
+steps, x log; one line per method and n, bars = std over seeds; one panel per organ group when the task has
+several classes).
+
+Statistics as in the benchmark report: per seed, the mean Dice over test cases of the arm minus scratch's
+(same labelled subset and seed); mean ± std over seeds, seeds improved; Wilcoxon signed-rank over test cases of
+each case's gain averaged over seeds. The same against the ``null`` control when the profile has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from medpretrain.blocks.pretext import fraction_learnt
+from medpretrain.evaluation.benchmark_report import per_case_gains, wilcoxon_p
+
+# BTCV organ groups of the issue (label ids of ../shared/data/btcv).
+BTCV_GROUPS = {"large": (1, 2, 3, 6, 7), "small": (4, 5, 9, 10, 11, 12, 13)}
+BTCV_AORTA = 8  # neither group in the issue; counted in "all"
+
+
+def case_dice(run: Path, classes: set[int] | None = None) -> dict[str, float] | None:
+    """Each test case's Dice averaged over its classes (or over ``classes``); None if the run is unfinished."""
+    path = run / "eval" / "per_case.csv"
+    if not path.is_file():
+        return None
+    rows: dict[str, list[float]] = defaultdict(list)
+    with open(path, encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            if classes is None or int(r["class_id"]) in classes:
+                d = float(r["dice"])
+                if math.isfinite(d):
+                    rows[r["case_id"]].append(d)
+    return {c: float(np.mean(v)) for c, v in rows.items() if v}
+
+
+def loss_near(csv_path: Path, term: str, step: int, rows: int = 20) -> float | None:
+    """Mean of the last ``rows`` logged ``train/<term>`` values at or before optimizer step ``step``."""
+    if not csv_path.is_file():
+        return None
+    values = []
+    with open(csv_path, encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            v, s = r.get(f"train/{term}", ""), r.get("step", "")
+            if v not in ("", None) and s not in ("", None) and int(float(s)) < step and math.isfinite(float(v)):
+                values.append(float(v))
+    return float(np.mean(values[-rows:])) if values else None
+
+
+def pretraining_facts(job_run: Path, steps: list[int]) -> dict[int, dict]:
+    """Per budget: fraction learnt of each pretext term (from the run's baselines and its logged loss near that
+    step) and CPU core-hours to that step (seconds per step x steps x threads)."""
+    info = json.loads((job_run / "run.json").read_text(encoding="utf-8"))
+    pretext = info.get("pretext", {})
+    training = info.get("training", {})
+    # Seconds per step of the run's last session (a resumed run's earlier sessions are not summed in run.json);
+    # one thread per benchmark lane on the 2-core machine, times the processes of a DDP run.
+    s_per_step = float(training.get("s_per_step") or 0.0)
+    threads = int(info.get("threads") or 1) * int(training.get("world_size") or 1)
+    out = {}
+    for s in steps:
+        fracs = {term: fraction_learnt(r["trivial"], r["perfect"],
+                                       loss_near(job_run / "logs" / "csv" / "metrics.csv", term, s))
+                 for term, r in pretext.items()}
+        out[s] = {"fraction_learnt": fracs, "cpu_hours": s_per_step * threads * s / 3600 if s_per_step else None}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench", type=Path, required=True, help="benchmark output folder")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--control", default="null", help="second reference arm (skipped when absent)")
+    args = ap.parse_args(argv)
+    cfg = json.loads((args.bench / "benchmark.json").read_text(encoding="utf-8"))
+    runs = args.bench / "runs"
+    n_sizes = [str(n) for n in cfg["n_labeled"]]
+    seeds = cfg["seeds"]
+    multi_class = "btcv" in str(cfg["dataset"]).lower()
+    groups = {"all": None, **({g: set(c) for g, c in BTCV_GROUPS.items()} if multi_class else {})}
+    rows = []
+    for b_name in cfg["backbones"]:
+        for m_name, m in cfg["methods"].items():
+            if m.get("untrained") or not m.get("snapshots"):
+                continue
+            final = m.get("steps")
+            pre_run = args.bench / "pretrain" / f"{m_name}-{b_name}"
+            if final is None and (pre_run / "run.json").is_file():
+                final = json.loads((pre_run / "run.json").read_text())["config"]["steps"]
+            budgets = [*m["snapshots"], final]
+            facts = pretraining_facts(pre_run, budgets) if (pre_run / "run.json").is_file() else {}
+            for step in budgets:
+                arm = m_name if step == final else f"{m_name}@{step}"
+                for n in n_sizes:
+                    label = "all" if n == "all" else f"n{n}"
+                    for ref in ("scratch", args.control):
+                        for g, classes in groups.items():
+                            pairs = [(case_dice(runs / f"{arm}-{b_name}-{label}-s{s}", classes),
+                                      case_dice(runs / f"{ref}-{b_name}-{label}-s{s}", classes)) for s in seeds]
+                            pairs = [p for p in pairs if p[0] is not None and p[1] is not None]
+                            if not pairs:
+                                continue
+                            per_seed = [np.mean(list(a.values())) - np.mean(list(b.values())) for a, b in pairs]
+                            p = wilcoxon_p(per_case_gains(pairs))
+                            f = facts.get(step, {})
+                            rows.append({"backbone": b_name, "method": m_name, "pretrain_steps": step, "n_labeled": n,
+                                         "reference": ref, "group": g, "seeds": len(pairs),
+                                         "gain_mean": float(np.mean(per_seed)),
+                                         "gain_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None,
+                                         "seeds_improved": int(sum(d > 0 for d in per_seed)),
+                                         "wilcoxon_p": p,
+                                         "fraction_learnt": json.dumps(f.get("fraction_learnt", {})),
+                                         "cpu_hours": f.get("cpu_hours")})
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        print(f"{args.bench}: no finished snapshot arm yet")
+        return 1
+    with open(args.out / "results.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    md = [f"# Pretraining-budget scaling: {cfg['name']}", "",
+          f"`python benchmarks/scaling_report.py --bench {args.bench} --out {args.out}`", "",
+          "| backbone | method | pretraining steps | CPU h | fraction learnt | n | group | gain vs scratch "
+          "(mean ± std) | seeds improved | Wilcoxon p | gain vs null |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_key = {(r["backbone"], r["method"], r["pretrain_steps"], r["n_labeled"], r["group"], r["reference"]): r
+              for r in rows}
+    for r in rows:
+        if r["reference"] != "scratch":
+            continue
+        null = by_key.get((r["backbone"], r["method"], r["pretrain_steps"], r["n_labeled"], r["group"],
+                           args.control))
+        fr = ", ".join(f"{k} {v:.0%}" for k, v in json.loads(r["fraction_learnt"]).items() if v is not None) or "–"
+        std = "" if r["gain_std"] is None else f" ± {r['gain_std']:.3f}"
+        hours = "–" if r["cpu_hours"] is None else f"{r['cpu_hours']:.2f}"
+        p = "–" if r["wilcoxon_p"] is None else f"{r['wilcoxon_p']:.3g}"
+        vs_null = "–" if null is None else f"{null['gain_mean']:+.3f}"
+        md.append(f"| {r['backbone']} | {r['method']} | {r['pretrain_steps']} | {hours} | {fr} | {r['n_labeled']} | "
+                  f"{r['group']} | {r['gain_mean']:+.3f}{std} | {r['seeds_improved']}/{r['seeds']} | {p} | "
+                  f"{vs_null} |")
+    (args.out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    _plot(rows, groups, args.out / "gain_vs_budget.png")
+    print("\n".join(md))
+    return 0
+
+
+def _plot(rows, groups, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        lines = defaultdict(list)
+        for r in rows:
+            if r["reference"] == "scratch" and r["group"] == g:
+                lines[(r["method"], r["n_labeled"])].append(r)
+        for (method, n), pts in sorted(lines.items()):
+            pts.sort(key=lambda r: r["pretrain_steps"])
+            ax.errorbar([r["pretrain_steps"] for r in pts], [r["gain_mean"] for r in pts],
+                        yerr=[r["gain_std"] or 0.0 for r in pts], marker="o", capsize=3, label=f"{method}, n={n}")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("pretraining steps")
+        ax.set_ylabel("Dice gain over scratch")
+        ax.set_title(f"organs: {g}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
