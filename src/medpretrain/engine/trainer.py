@@ -109,8 +109,11 @@ def autocast_context(precision: str, device: torch.device):
 
 
 def is_launcher_child() -> bool:
-    """True in the processes Lightning's DDP launcher starts (they re-run the command; rank 0 prepares)."""
-    return any(os.environ.get(var, "0") != "0" for var in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+    """True in every process but global rank 0: those Lightning's DDP launcher starts (they re-run the command;
+    rank 0 prepares), and under torchrun the ranks of other nodes (torchrun names the node GROUP_RANK and the
+    global rank RANK, never NODE_RANK)."""
+    return any(os.environ.get(var, "0") != "0"
+               for var in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "RANK", "GROUP_RANK"))
 
 
 class StepLogger(Callback):
