@@ -1,5 +1,6 @@
 """Plans for real datasets (issue 22): la2018, BTCV and a thick-slice MR set, for three networks, on 2 CPU threads
-and on 80 GB / 140 GB GPUs (computed, not run), beside the fixed default patch the tool used before planning.
+and on 80 GB / 140 GB GPUs (computed, not run), beside the fixed default patch the tool used before planning; for
+DynUNet also the per-stage strides and kernels nnU-Net's rule gives (thick slices: no pooling along Z at the top).
 
     python benchmarks/planning_report.py --shared ../shared --work runs/planning --out docs/results/planning
 
@@ -65,7 +66,9 @@ def main(argv=None) -> int:
           "patch that is padding, against the fixed default patch 64x64x48 (batch 2) used before planning. "
           "Estimates come from FLOPs and saved activations per voxel measured once per network on the CPU, with "
           "per-thread CPU rates calibrated on the committed step timings and 25% of an H200's bf16 peak "
-          "(`src/medpretrain/planning.py`).", ""]
+          "(`src/medpretrain/planning.py`). DynUNet's strides and kernels (one XxYxZ per stage, the first stage's "
+          "stride 1) are nnU-Net's rule on the spacing and the patch; the other networks down-sample isotropically.",
+          ""]
     for name, prepared in data.items():
         fp = write_fingerprint(prepared)
         entry = {"fingerprint": {k: v for k, v in fp.items() if k != "shapes"}, "plans": []}
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
                f"(anisotropy {fp['anisotropy']:.1f}); prepared at {_x(fp['prepared_spacing'], '.3g')} mm, median "
                f"shape {_x(fp['prepared_shape']['median'], '.0f')} voxels.", "",
                "| network | budget | patch | batch | padding | est. step (s) | est. memory (GB) | default 64x64x48: "
-               "padding, est. step (s) | notes |", "|---|---|---|---|---|---|---|---|---|"]
+               "padding, est. step (s) | strides / kernels | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
         for model in MODELS:
             for label, budget in BUDGETS.items():
                 plan: Plan = plan_training(fp, model, budget, prepared.in_channels, max(2, prepared.num_classes))
@@ -91,9 +94,11 @@ def main(argv=None) -> int:
                 entry["plans"].append({"model": model, "budget": label, **asdict(plan),
                                        "default_patch_padding": padding_fraction(fp["shapes"], DEFAULT_PATCH),
                                        "default_patch_step_seconds": budget.step_time(cost, DEFAULT_PATCH, 2)})
+                topology = (f"{_stages(plan.strides)} / {_stages(plan.kernels)}" if plan.strides is not None
+                            else "isotropic")
                 md.append(f"| {model} | {label} | {_x(plan.patch, 'd')} | {plan.batch} | "
                           f"{100 * plan.padding_fraction:.0f}% | {plan.step_seconds:.3g} | {plan.memory_gb:.1f} | "
-                          f"{default} | {'; '.join(plan.notes)} |")
+                          f"{default} | {topology} | {'; '.join(plan.notes)} |")
         md.append("")
         results["datasets"][name] = entry
     args.out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +110,10 @@ def main(argv=None) -> int:
 
 def _x(values, fmt: str) -> str:
     return "x".join(format(v, fmt) for v in values)
+
+
+def _stages(rows) -> str:
+    return " ".join(_x(r, "d") for r in rows)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,12 @@ def prepared_pool(root: Path, scans):
     return prepare(pool=root / "scans", out=root / "prepared",
                    cfg=PreprocessConfig(spacing=(1.0, 1.0, 1.0), crop_foreground=False, modality="MR"),
                    progress=False)
+
+
+def smooth_scan(shape, seed: int, amplitude: float = 20.0) -> np.ndarray:
+    """A pool scan for the self-supervised methods' tests: a smooth structure plus noise, different for every
+    seed (so crops identify their scan), intensities around 100."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    blob = sum(np.cos((2 + seed) * g + seed) for g in grids)
+    return (100.0 + amplitude * blob + rng.normal(0, 3.0, shape)).astype(np.float32)

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from _niftis import prepared_pool
+from _niftis import prepared_pool, smooth_scan
 from medpretrain.blocks import ProjectionHead, cosine_momentum, ema_update, make_teacher
 from medpretrain.data.cache import PreparedData
 from medpretrain.engine.pretrain import ddp_allowing_unused_parameters, pretrain, pretrain_config
@@ -32,15 +32,8 @@ from medpretrain.models import build_model, get_spec, load_weights
 SHAPES = [(40, 36, 30), (44, 40, 36)]
 
 
-def _scan(shape, seed):
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    blob = sum(np.cos((2 + seed) * g + seed) for g in grids)
-    return (100.0 + 20.0 * blob + rng.normal(0, 3.0, shape)).astype(np.float32)
-
-
 def _pool(root, shapes) -> PreparedData:
-    return prepared_pool(root, [_scan(shape, i) for i, shape in enumerate(shapes)])
+    return prepared_pool(root, [smooth_scan(shape, i) for i, shape in enumerate(shapes)])
 
 
 @pytest.fixture(scope="module")

@@ -572,6 +572,22 @@ def test_trainer_start_up_prints_no_library_chatter():
     assert [str(w.message) for w in caught] == ["our own warning"]
 
 
+def test_devices_that_do_not_match_the_torchrun_world_are_refused_before_any_data_is_read(monkeypatch):
+    """Under torchrun the launcher sets the world; Lightning compares it with --devices x --num-nodes only when
+    fit() launches. The entry points' check does it first, with the launcher's numbers in the message."""
+    from medpretrain.engine.trainer import check_trainer_settings
+    from medpretrain.errors import ConfigError
+
+    # What torchrun --nnodes 2 --nproc-per-node 2 sets in the first process.
+    for var, value in {"TORCHELASTIC_RUN_ID": "t", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "RANK": "0",
+                       "LOCAL_RANK": "0", "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29511"}.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=r"--devices 1 .*--num-nodes 1.*world size \(4\)"):
+        check_trainer_settings(tiny_config(accelerator="cpu", devices=1, strategy="ddp"))
+    check_trainer_settings(tiny_config(accelerator="cpu", devices=2, num_nodes=2, strategy="ddp"))
+
+
 @pytest.mark.slow
 def test_training_command_shows_only_our_progress(gap, tmp_path):
     proc = cli("finetune", "--data", gap["data"], "--out", tmp_path / "run", "--steps", 1, "--patch", *PATCH,

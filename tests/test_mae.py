@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from _niftis import prepared_pool
+from _niftis import prepared_pool, smooth_scan
 from medpretrain.engine.pretrain import pretrain, pretrain_config
 from medpretrain.errors import ConfigError
 from medpretrain.methods import get_method
@@ -26,16 +26,13 @@ from medpretrain.models import build_model
 SHAPES = [(40, 36, 34), (36, 44, 40), (44, 40, 20)]
 
 
-def _scan(shape, seed):
-    """Smooth structure plus noise, different for every scan."""
-    rng = np.random.default_rng(seed)
-    g = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    return (100.0 + 30.0 * sum(np.cos((2 + seed) * x + seed) for x in g) + rng.normal(0, 3.0, shape)).astype(np.float32)
+def _mae_scan(shape, seed):
+    return smooth_scan(shape, seed, amplitude=30.0)
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    return prepared_pool(tmp_path_factory.mktemp("mae"), [_scan(s, i) for i, s in enumerate(SHAPES)])
+    return prepared_pool(tmp_path_factory.mktemp("mae"), [_mae_scan(s, i) for i, s in enumerate(SHAPES)])
 
 
 def _cfg(**kw):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from _niftis import prepared_pool
+from _niftis import prepared_pool, smooth_scan
 from medpretrain.data.cache import PreparedData
 from medpretrain.engine.pretrain import pretrain, pretrain_config
 from medpretrain.errors import ConfigError
@@ -28,16 +28,9 @@ PATCH = (32, 32, 32)
 SHAPES = [(40, 36, 34), (36, 44, 40), (44, 40, 20)]
 
 
-def _scan(shape, seed):
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    blob = sum(np.cos((2 + seed) * g + seed) for g in grids)
-    return (100.0 + 20.0 * blob + rng.normal(0, 3.0, shape)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory) -> PreparedData:
-    return prepared_pool(tmp_path_factory.mktemp("mg"), [_scan(s, i) for i, s in enumerate(SHAPES)])
+    return prepared_pool(tmp_path_factory.mktemp("mg"), [smooth_scan(s, i) for i, s in enumerate(SHAPES)])
 
 
 def _cfg(**kw):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-from _niftis import blob_case, init_report_of_one_step_finetune, ras_affine, save_nifti
+from _niftis import blob_case, init_report_of_one_step_finetune, ras_affine, save_nifti, smooth_scan
 from medpretrain.blocks import DeepSupervisionLoss, deep_supervision_weights, pooled_targets
 from medpretrain.data.cache import PreparedData, prepare, prepare_dataset
 from medpretrain.data.preprocess import PreprocessConfig
@@ -31,14 +31,6 @@ PATCH = (32, 32, 32)
 SHAPES = [(40, 36, 34), (36, 44, 40), (44, 40, 20)]
 
 
-def _scan(shape, seed):
-    """A smooth structure plus noise, different for every scan (so crops identify their scan)."""
-    rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    blob = sum(np.cos((2 + seed) * g + seed) for g in grids)
-    return (100.0 + 20.0 * blob + rng.normal(0, 3.0, shape)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory) -> PreparedData:
     """Three scans in two folders, listed by a JSON file that mixes absolute and relative paths."""
@@ -46,7 +38,7 @@ def pool(tmp_path_factory) -> PreparedData:
     paths = []
     for i, shape in enumerate(SHAPES):
         folder = root / ("site_a" if i < 2 else "site_b")
-        paths.append(save_nifti(folder / f"scan_{i}.nii.gz", _scan(shape, i), ras_affine()))
+        paths.append(save_nifti(folder / f"scan_{i}.nii.gz", smooth_scan(shape, i), ras_affine()))
     listing = [{"image": str(paths[0]), "modality": "MR"}, "site_a/scan_1.nii.gz", {"file": str(paths[2])}]
     (root / "pool.json").write_text(json.dumps(listing), encoding="utf-8")
     return prepare(pool=root / "pool.json", out=root / "prepared",
@@ -124,7 +116,7 @@ def test_paper_boxes_within_scaled_ranges(pool):
     assert len(set(counts)) > 5
 
 
-def test_grid_variant_blocks_and_same_scan(pool):
+def test_grid_variant_blocks_and_samesmooth_scan(pool):
     cfg = _cfg(variant="grid")
     ds = VolumeFusionDataset(pool, cfg)
     lo, hi = cfg.grid_block_range()

@@ -1,10 +1,11 @@
 """The Python API: everything the command line does, one import away.
 
-    from medpretrain.api import prepare, finetune, evaluate, predict, demo, export_nnunet
+    from medpretrain.api import prepare, finetune, evaluate, predict, demo, export_nnunet, nnunet_scratch
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,17 +24,18 @@ from medpretrain.data.preprocess import (
 )
 from medpretrain.engine.finetune import finetune
 from medpretrain.engine.job import read_run
-from medpretrain.errors import CacheError, ConfigError, DataError, short_path
+from medpretrain.errors import CacheError, CheckpointError, ConfigError, DataError, short_path
 from medpretrain.evaluation.inference import load_trained_model, predict_probabilities
 from medpretrain.evaluation.metrics import case_metrics
 from medpretrain.evaluation.plots import save_overlay, save_training_curve
 from medpretrain.evaluation.report import write_evaluation
 from medpretrain.interop.nnunet import export_nnunet
+from medpretrain.interop.nnunet_scratch import nnunet_scratch
 
 log = logging.getLogger("medpretrain")
 
 __all__ = ["prepare", "prepare_dataset", "prepare_pool", "finetune", "evaluate", "predict", "export_nnunet",
-           "FinetuneConfig", "EvaluateConfig", "PreprocessConfig", "PreparedData"]
+           "nnunet_scratch", "FinetuneConfig", "EvaluateConfig", "PreprocessConfig", "PreparedData"]
 
 
 def _check_model_fits_data(meta: dict, data: PreparedData, run_dir: Path) -> None:
@@ -61,18 +63,53 @@ def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = Non
 
     Writes ``RUN/eval/`` (or ``out``): metrics.json, per_case.csv, report.md, overlays/*.png.
     Metrics are computed on the prepared grid (the spacing of the prepared data), per case and class.
+    An ``nnunet-scratch`` run (nnU-Net v2's own training, ``interop.nnunet_scratch``) is scored from the label maps
+    nnU-Net predicted in each test image's original geometry, mapped into the prepared grid with the steps
+    ``prepare`` applied to the ground truth (``label_to_prepared``), with the same metric code.
     """
     cfg = cfg or EvaluateConfig()
     run_dir = Path(run)
     out_dir = Path(out) if out else run_dir / "eval"
     check_writable_folder(out_dir, "--out")
     prepared = PreparedData(data)
+    nnunet_info = _nnunet_run(run_dir)
+    if nnunet_info is not None:
+        return _evaluate_nnunet_run(run_dir, nnunet_info, prepared, cfg, out_dir, model_file)
     model = load_trained_model(run_dir, model_file=model_file)
     _check_model_fits_data(model.meta, prepared, run_dir)
     inference = _inference_settings(model, cfg.inference, run_dir)
     labels = model.labels
-    class_ids = [c for c in sorted(labels) if c != 0]
-    spacing = tuple(prepared.spacing)
+    case_ids = _evaluation_cases(run_dir, prepared, cfg, out_dir)
+
+    def segment(cid: str) -> np.ndarray:
+        image = np.asarray(prepared.image(cid))
+        fill = background_fill(prepared.case(cid), prepared.in_channels)
+        return predict_probabilities(model, image, inference, fill).argmax(0).astype(np.uint8)
+
+    per_case, overlays, seconds_per_case = _score_cases(case_ids, segment, prepared, labels, cfg, out_dir)
+    curve = save_training_curve(run_dir / "logs" / "csv" / "metrics.csv", out_dir / "training_curve.png")
+    run_info = read_run(run_dir)
+    context = {
+        "run": str(run_dir),
+        "model": model.meta["model"],
+        "steps": model.meta.get("global_step"),
+        "model_file": str(model_file) if model_file else None,
+        "n_labeled": run_info.get("n_labeled"),
+        "data": str(prepared.root),
+        "split": cfg.split,
+        "n_cases": len(case_ids),
+        "spacing_mm": list(prepared.spacing),
+        "patch": list(model.patch),
+        "inference": inference.model_dump(),
+        "precision": model.precision,
+        "nsd_tolerance_mm": cfg.nsd_tolerance_mm,
+        "training": run_info.get("training", {}),
+        "inference_seconds_per_case": round(seconds_per_case, 2),
+    }
+    return write_evaluation(out_dir, per_case, labels, context, overlays=overlays, training_curve=curve)
+
+
+def _evaluation_cases(run_dir: Path, prepared: PreparedData, cfg: EvaluateConfig, out_dir: Path) -> list[str]:
     if cfg.split == "validation":
         case_ids = read_run(run_dir).get("validation_cases") or []
         if not case_ids:
@@ -88,13 +125,20 @@ def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = Non
             f"{', '.join(k for k, v in prepared.manifest.get('split', {}).items() if v) or 'none'}) or prepare the "
             "data with cases in that split"
         )
+    return case_ids
+
+
+def _score_cases(case_ids: list[str], segment, prepared: PreparedData, labels: dict[int, str], cfg: EvaluateConfig,
+                 out_dir: Path) -> tuple[dict, list[Path], float]:
+    """Metrics of ``segment(case_id)`` (a label map on the prepared grid) against each case's prepared label, the
+    overlays of the best and worst cases, and the seconds per case."""
+    class_ids = [c for c in sorted(labels) if c != 0]
+    spacing = tuple(prepared.spacing)
     per_case, cache = {}, {}
     t0 = time.perf_counter()
     for i, cid in enumerate(case_ids):
-        image = np.asarray(prepared.image(cid))
+        pred = segment(cid)
         label = np.asarray(prepared.label(cid))
-        fill = background_fill(prepared.case(cid), prepared.in_channels)
-        pred = predict_probabilities(model, image, inference, fill).argmax(0).astype(np.uint8)
         per_case[cid] = case_metrics(pred, label, class_ids, spacing, cfg.nsd_tolerance_mm)
         cache[cid] = pred
         log.info("evaluated %s (%d/%d): Dice %s", cid, i + 1, len(case_ids),
@@ -112,24 +156,79 @@ def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = Non
             save_overlay(np.asarray(prepared.image(cid))[0], np.asarray(prepared.label(cid)), cache[cid], path,
                          title=f"{cid}  Dice {mean_dice[cid]:.3f}  (green: truth, red: prediction)", spacing=spacing)
             overlays.append(path)
+    return per_case, overlays, seconds_per_case
+
+
+def _nnunet_run(run_dir: Path) -> dict | None:
+    """The ``run.json`` of an nnunet-scratch run, else None."""
+    from medpretrain.interop.nnunet_scratch import RUN_KIND
+
+    path = run_dir / "run.json"
+    if (run_dir / "model.pt").exists() or not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if info.get("kind") == RUN_KIND else None
+
+
+def _evaluate_nnunet_run(run_dir: Path, info: dict, prepared: PreparedData, cfg: EvaluateConfig, out_dir: Path,
+                         model_file) -> dict:
+    """Score the label maps nnU-Net predicted (original geometry) on our prepared grid with our metrics."""
+    from medpretrain.data.preprocess import label_to_prepared
+
+    if model_file is not None:
+        raise ConfigError(f"--model-file: {run_dir} is an nnunet-scratch run (nnU-Net's predictions, no model "
+                          "exports); evaluate it without --model-file")
+    if not info.get("finished"):
+        raise CheckpointError(f"the nnunet-scratch run in {run_dir} has not finished (no predictions yet); re-run its "
+                              "`medpretrain nnunet-scratch` command")
+    meta = {"preprocess": info.get("preprocess"), "in_channels": info["in_channels"],
+            "out_channels": info["out_channels"]}
+    _check_model_fits_data(meta, prepared, run_dir)
+    labels = {int(k): v for k, v in info["labels"].items()}
+    case_ids = _evaluation_cases(run_dir, prepared, cfg, out_dir)
+    folder = run_dir / info.get("predictions", "predictions")
+    interpolation = prepared.manifest["preprocess"].get("label_interpolation", "linear")
+
+    def segment(cid: str) -> np.ndarray:
+        path = folder / f"{cid}.nii.gz"
+        if not path.is_file():
+            raise CheckpointError(f"{path} does not exist: nnU-Net predicted the test split of the run's data only "
+                                  f"({len(info.get('test_cases', []))} cases); evaluate --split test")
+        image = read_image(path)
+        geometry = prepared.geometry(cid)
+        if list(image.spatial_shape) != list(geometry.original_shape) or not np.allclose(
+                image.affine, geometry.original_affine, rtol=1e-4, atol=1e-2):
+            raise DataError(f"{path}: nnU-Net's prediction ({image.spatial_shape}) does not lie on the grid of the "
+                            f"case's source image ({tuple(geometry.original_shape)}); was {prepared.root} prepared "
+                            "from the files this run read?")
+        return label_to_prepared(image.array[0], geometry, interpolation).astype(np.uint8, copy=False)
+
+    per_case, overlays, seconds_per_case = _score_cases(case_ids, segment, prepared, labels, cfg, out_dir)
     curve = save_training_curve(run_dir / "logs" / "csv" / "metrics.csv", out_dir / "training_curve.png")
-    run_info = read_run(run_dir)
+    nn = info.get("nnunet", {})
     context = {
         "run": str(run_dir),
-        "model": model.meta["model"],
-        "steps": model.meta.get("global_step"),
-        "model_file": str(model_file) if model_file else None,
-        "n_labeled": run_info.get("n_labeled"),
+        "model": f"{info['config'].get('model')} ({nn.get('network', {}).get('class', '?').rsplit('.', 1)[-1]}, "
+                 f"nnU-Net {nn.get('version', '?')})",
+        "arm": info.get("arm"),
+        "steps": info.get("training", {}).get("steps_done"),
+        "n_labeled": info.get("n_labeled"),
         "data": str(prepared.root),
         "split": cfg.split,
         "n_cases": len(case_ids),
-        "spacing_mm": list(spacing),
-        "patch": list(model.patch),
-        "inference": inference.model_dump(),
-        "precision": model.precision,
+        "spacing_mm": list(prepared.spacing),
+        "patch": nn.get("patch_size"),
+        "nnunet_spacing": nn.get("spacing"),
+        "inference": nn.get("inference", {}),
+        "prediction_space": "nnU-Net's predictions in each image's original geometry, mapped into the prepared grid "
+                            f"as prepare mapped the ground truth (label interpolation: {interpolation})",
+        "precision": info.get("training", {}).get("precision"),
         "nsd_tolerance_mm": cfg.nsd_tolerance_mm,
-        "training": run_info.get("training", {}),
-        "inference_seconds_per_case": round(seconds_per_case, 2),
+        "training": info.get("training", {}),
+        "scoring_seconds_per_case": round(seconds_per_case, 2),
     }
     return write_evaluation(out_dir, per_case, labels, context, overlays=overlays, training_curve=curve)
 

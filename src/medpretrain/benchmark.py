@@ -138,6 +138,45 @@ class ValidationSettings(_Strict):
         return v
 
 
+class NnunetScratchSettings(_Strict):
+    """nnU-Net v2's own scratch training as an arm of the benchmark, ``nnunet-scratch`` (``medpretrain
+    nnunet-scratch``, ``interop/nnunet_scratch.py``): nnU-Net's planning, preprocessing, trainer and predictor on the
+    same labelled cases as every other arm (same n, seed and validation set-aside), scored on the same test cases
+    with our metrics, with a short CPU budget; one run per labelled-set size and seed, ``runs/nnunet-scratch-nN-sS``.
+
+    Args:
+        backbone: the backbone whose ``scratch`` arm it stands beside in the report (same rows, paired by seed);
+            None = the first backbone.
+        max_seconds: training time of each run in seconds, or ``scratch``: the training wall time the paired scratch
+            run (that backbone, same n and seed) recorded in its run.json, so that both trained for the same time
+            (the job then waits for that run).
+        iterations: or a number of nnU-Net iterations (exactly one of the two).
+        gpu_memory_target: GB given to nnU-Net's planner, which sizes its patch and batch with it (small: a CPU).
+        workers: nnU-Net's data-augmentation processes per run (0: in the training process).
+        mirroring: nnU-Net's test-time mirroring (its default; off: 8x cheaper prediction in 3D).
+    """
+
+    backbone: str | None = None
+    max_seconds: float | Literal["scratch"] | None = None
+    iterations: int | None = None
+    gpu_memory_target: float = 0.25
+    workers: int = 1
+    mirroring: bool = True
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if (self.max_seconds is None) == (self.iterations is None):
+            raise ValueError("nnunet_scratch needs exactly one budget: max_seconds (seconds, or 'scratch': the wall "
+                             "time of the paired scratch run) or iterations")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"nnunet_scratch iterations must be >= 1, got {self.iterations}")
+        if isinstance(self.max_seconds, float) and not self.max_seconds > 0:
+            raise ValueError(f"nnunet_scratch max_seconds must be > 0 or 'scratch', got {self.max_seconds}")
+        if not self.gpu_memory_target > 0 or self.workers < 0:
+            raise ValueError("nnunet_scratch gpu_memory_target must be > 0 and workers >= 0")
+        return self
+
+
 class BenchmarkConfig(_Strict):
     """A label-efficiency benchmark (``benchmarks/*.yaml``).
 
@@ -173,6 +212,8 @@ class BenchmarkConfig(_Strict):
             ``ValidationSettings``); None = every arm uses the backbone's ``lr``.
         curve_fractions: each fine-tuning run is also evaluated at these fractions of its steps (learning
             curves, and the steps a pretrained arm needs to reach scratch's final Dice).
+        nnunet_scratch: add the arm ``nnunet-scratch``, nnU-Net v2's own training from scratch at a stated budget
+            (see ``NnunetScratchSettings``); None = not run.
     """
 
     name: str
@@ -194,6 +235,7 @@ class BenchmarkConfig(_Strict):
     pretrain_seed: int = 1000
     validation: ValidationSettings | None = None
     curve_fractions: list[float] = [0.25, 0.5]
+    nnunet_scratch: NnunetScratchSettings | None = None
 
     @field_validator("n_labeled")
     @classmethod
@@ -225,6 +267,10 @@ class BenchmarkConfig(_Strict):
         if self.pretrain_seed in self.seeds or (self.validation and self.pretrain_seed == self.validation.run_seed):
             raise ValueError(f"pretrain_seed {self.pretrain_seed} is also a fine-tuning seed; give the pretrainings "
                              f"a seed of their own (e.g. 1000)")
+        ns = self.nnunet_scratch
+        if ns is not None and ns.backbone is not None and ns.backbone not in self.backbones:
+            raise ValueError(f"nnunet_scratch backbone '{ns.backbone}' is not a backbone of the profile "
+                             f"({', '.join(self.backbones)})")
         return self
 
 
@@ -440,9 +486,46 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                 jobs.append(Job(run.name, "finetune", [ft, *curve, ev], run / "eval" / "metrics.json", needs=needs,
                                 info={"method": m_name, "backbone": b_name, "n_labeled": n, "seed": seed,
                                       "run": str(run)}))
+            if cfg.nnunet_scratch is not None:
+                jobs.append(_nnunet_scratch_job(cfg, out, prepared, n, seed))
     names = {j.name for j in jobs}
     assert all(n in names for j in jobs for n in j.needs), "a job needs a job that is not planned"
     return jobs
+
+
+def _nnunet_backbone(cfg: BenchmarkConfig) -> str:
+    return (cfg.nnunet_scratch.backbone if cfg.nnunet_scratch and cfg.nnunet_scratch.backbone
+            else next(iter(cfg.backbones)))
+
+
+def _nnunet_scratch_job(cfg: BenchmarkConfig, out: Path, prepared: Path, n: int | str, seed: int) -> Job:
+    """The ``nnunet-scratch`` run at labelled-set size ``n`` and ``seed``: nnU-Net's own training on the subset every
+    arm gets, then our evaluation of its test predictions."""
+    from medpretrain.interop.nnunet_scratch import ARM
+
+    ns = cfg.nnunet_scratch
+    assert ns is not None
+    b_name = _nnunet_backbone(cfg)
+    run = out / "runs" / f"{ARM}-{_n_label(n)}-s{seed}"
+    cmd = ["nnunet-scratch", "--data", str(prepared), "--out", str(run), "--seed", str(seed)]
+    cmd += ["--fraction", "1.0"] if n == "all" else ["--n-labeled", str(n)]
+    if cfg.validation is not None:  # the cases every fine-tuning run sets aside
+        cmd += ["--validation-cases", str(cfg.validation.cases), "--validation-seed", str(cfg.validation.seed)]
+    needs = ["prepare-downstream"]
+    if ns.iterations is not None:
+        cmd += ["--iterations", str(ns.iterations)]
+    elif ns.max_seconds == "scratch":
+        scratch = out / "runs" / f"{SCRATCH}-{b_name}-{_n_label(n)}-s{seed}"
+        cmd += ["--max-seconds-from", str(scratch)]
+        needs.append(scratch.name)
+    else:
+        cmd += ["--max-seconds", f"{ns.max_seconds:g}"]
+    cmd += ["--gpu-memory-target", f"{ns.gpu_memory_target:g}", "--workers", str(ns.workers),
+            "--mirroring" if ns.mirroring else "--no-mirroring"]
+    ev = ["evaluate", "--run", str(run), "--data", str(prepared), "--overlays", str(cfg.overlays)]
+    return Job(run.name, "finetune", [cmd, ev], run / "eval" / "metrics.json", needs=needs,
+               info={"method": ARM, "backbone": b_name, "n_labeled": n, "seed": seed, "run": str(run),
+                     "nnunet": True})
 
 
 def _curve_steps(cfg: BenchmarkConfig, b: BackboneBudget) -> list[int]:
@@ -614,7 +697,12 @@ class _Runner:
 
     def _start(self, job: Job, step: int) -> None:
         args = job.commands[step]
-        if args[0] in ("finetune", "pretrain"):
+        if args[0] == "nnunet-scratch":
+            from medpretrain.interop.nnunet_scratch import is_finished
+
+            if is_finished(Path(args[args.index("--out") + 1])):
+                step, args = step + 1, job.commands[step + 1]  # trained and predicted already: evaluate only
+        elif args[0] in ("finetune", "pretrain"):
             run = Path(args[args.index("--out") + 1])
             if args[0] == "finetune" and (run / "model.pt").exists():
                 step, args = step + 1, job.commands[step + 1]  # trained already: evaluate only
@@ -750,12 +838,12 @@ def _validate_job_settings(cfg: BenchmarkConfig, methods: dict[str, MethodSettin
             raise ConfigError(f"backbone '{b_name}': finetune sets n_labeled/fraction/seed/init, which the benchmark "
                               "sets per run; remove them")
         ft = make_config(FinetuneConfig, _finetune_keys(cfg, b), f"backbone '{b_name}'")
-        get_spec(ft.model).check_patch(ft.patch)
+        get_spec(ft.model).check_patch(ft.patch, ft.model_options)
         for m_name, m in methods.items():
             if _method_runs_on(m_name, m, b_name, b.model):
                 pre = pretrain_config(_base(m_name, m), None, m.preset, {**b.pretrain, **m.config, "model": b.model,
                                                                 **({"steps": m.steps} if m.steps else {})})
-                get_spec(pre.model).check_patch(pre.patch)
+                get_spec(pre.model).check_patch(pre.patch, pre.model_options)
 
 
 def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, parallel: int | None = None,
@@ -797,6 +885,10 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
     if report_only:  # reads only: a benchmark may be running in this folder
         _check_recorded_commands(jobs, out, files, record=False)
         return _write_report(cfg, out, jobs, methods, {})
+    if any(j.info.get("nnunet") and not j.done for j in jobs):
+        from medpretrain.interop.nnunet_scratch import require_nnunet
+
+        require_nnunet()  # the arm needs nnU-Net v2: say so now, not when its first job fails
     from medpretrain.engine.job import run_folder_lock
 
     with run_folder_lock(out, "benchmark"):
@@ -835,5 +927,15 @@ def _write_report(cfg: BenchmarkConfig, out: Path, jobs: list[Job], methods: dic
         notes.append(f"learning rate: chosen per arm on {cfg.validation.cases} validation cases (grid "
                      f"{', '.join(f'{x:g}' for x in cfg.validation.lr)}; see below), not the budget table's lr")
     notes += [f"excluded by the profile: {', '.join(cfg.exclude)}"] if cfg.exclude else []
+    ns = cfg.nnunet_scratch
+    if ns is not None:
+        budget = (f"{ns.iterations} iterations" if ns.iterations is not None else
+                  f"the training wall time of the paired scratch run (same n and seed)" if ns.max_seconds == "scratch"
+                  else f"{ns.max_seconds:g} s of training")
+        notes.append(f"nnunet-scratch: nnU-Net v2 itself (its planning with a {ns.gpu_memory_target:g} GB memory "
+                     f"target, preprocessing, trainer, predictor{' with mirroring' if ns.mirroring else ''}) from "
+                     f"scratch on the same labelled cases, CPU, budget {budget}; its own patch, batch, network and lr "
+                     f"(runs/nnunet-scratch-*/run.json), scored with our metrics on the prepared grid; paired with "
+                     f"scratch of backbone {_nnunet_backbone(cfg)}")
     return write_benchmark_report(cfg, out, [j for j in jobs if j.kind == "finetune" and not j.info.get("validation")],
                                   [j for j in jobs if j.kind == "pretrain"], failed, notes)

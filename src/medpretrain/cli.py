@@ -162,7 +162,7 @@ def finetune(
     # Bad settings fail before the seconds-long Lightning import.
     from medpretrain.models import get_spec
 
-    get_spec(cfg.model).check_patch(cfg.patch)
+    get_spec(cfg.model).check_patch(cfg.patch, cfg.model_options)
     from medpretrain.api import finetune as run_finetune
 
     run = run_finetune(data, out, cfg, resume=resume)
@@ -195,14 +195,16 @@ def pretrain(
     untrained: bool = typer.Option(False, "--untrained", help="Write the network's initial weights without training "
                                    "(the null control: same network, seed and --init path, nothing learnt)."),
     plan: Optional[Path] = typer.Option(None, help="plan.json of the downstream data (`medpretrain plan`): its network "
-                                        "and patch, unless --model / --patch are given, so the pretrained network "
-                                        "fits the fine-tuning one."),
+                                        "and patch, unless --model / --patch are given, and its planned kernels and "
+                                        "strides (DynUNet), unless model_options set them, so the pretrained "
+                                        "network is the fine-tuning one."),
     resume: bool = typer.Option(False, help="Continue from the newest readable checkpoint in --out."),
 ) -> None:
     """Pretrain a network with a registered method (self-supervised or formula-driven)."""
     from medpretrain.engine.pretrain import pretrain as run_pretrain
     from medpretrain.engine.pretrain import pretrain_config
 
+    planned = None
     if plan is not None:
         from medpretrain.planning import read_plan
 
@@ -213,13 +215,21 @@ def pretrain(
             raise ConfigError(f"--plan {plan}: no such plan.json; write it with `medpretrain plan --data DIR`")
         model = model or planned["model"]
         patch = patch or tuple(planned["patch"])
-    cfg = pretrain_config(method, config, preset, {
+    overrides = {
         "model": model, "steps": steps, "patch": patch, "batch": batch, "lr": lr, "seed": seed,
         "checkpoint_every": checkpoint_every, "precision": precision, "accelerator": accelerator,
         "devices": int(devices) if devices and devices.isdigit() else devices, "num_nodes": num_nodes,
         "strategy": strategy, "num_workers": num_workers, "deterministic": deterministic,
         "matcher": matcher, "matcher_run": matcher_run,
-    })
+    }
+    cfg = pretrain_config(method, config, preset, overrides)
+    if planned is not None:
+        from medpretrain.planning import with_plan_model_options
+
+        # The planned network (DynUNet's per-axis kernels and strides), added to the preset's and YAML's options.
+        options = with_plan_model_options(planned, cfg.model, cfg.model_options)
+        if options != cfg.model_options:
+            cfg = pretrain_config(method, config, preset, {**overrides, "model_options": options})
     run = run_pretrain(method, data, out, cfg, resume=resume, untrained=untrained)
     typer.echo(f"pretrained model: {run / 'model.pt'}")
 
@@ -418,6 +428,49 @@ def export(
     typer.echo(f"nnU-Net pretrained weights: {written}; adaptation description: {description_path(written)}")
 
 
+@app.command("nnunet-scratch")
+def nnunet_scratch(
+    data: Path = typer.Option(..., help="Prepared labelled data (`prepare --dataset`); nnU-Net reads its source files."),
+    out: Path = typer.Option(..., help="Run folder (run.json, predictions/, nnunet/ with nnU-Net's trees, nnunet.log)."),
+    n_labeled: Optional[int] = typer.Option(None, help="Labelled training cases: the subset `finetune --n-labeled N "
+                                            "--seed S` trains on."),
+    fraction: Optional[float] = typer.Option(None, help="Or a fraction of the training cases (1.0: all)."),
+    seed: int = typer.Option(0, help="Seed of the subset (as finetune), nnU-Net's initialisation and sampling."),
+    iterations: Optional[int] = typer.Option(None, help="Budget: nnU-Net optimizer steps."),
+    max_seconds: Optional[float] = typer.Option(None, help="Budget: seconds of training (from the first step)."),
+    max_seconds_from: Optional[Path] = typer.Option(None, help="Budget: the training wall time a finished run of ours "
+                                                    "recorded (RUN/run.json), e.g. scratch at the same n and seed."),
+    gpu_memory_target: float = typer.Option(0.25, help="nnU-Net planner's GPU-memory target (GB): sizes its patch "
+                                            "and batch; small for a CPU (la2018: 0.25 -> 28x48x56, 1 -> 48x64x96)."),
+    workers: int = typer.Option(1, help="nnU-Net data-augmentation processes (0: in the training process)."),
+    mirroring: bool = typer.Option(True, "--mirroring/--no-mirroring", help="nnU-Net's test-time mirroring (its "
+                                   "default; 8 passes per window in 3D)."),
+    validation_cases: int = typer.Option(0, help="Training cases set aside as finetune's validation_cases (never "
+                                         "labelled), for the same subset as a run made with them."),
+    validation_seed: int = typer.Option(0, help="finetune's validation_seed."),
+) -> None:
+    """nnU-Net v2 itself (planning, preprocessing, trainer, predictor) from scratch on our labelled subset with a short
+    budget on the CPU; `evaluate --run OUT --data DATA` scores its test predictions with our metrics."""
+    from medpretrain.errors import ConfigError
+    from medpretrain.interop.nnunet_scratch import budget_from_run, require_nnunet
+
+    if sum(x is not None for x in (iterations, max_seconds, max_seconds_from)) != 1:
+        raise ConfigError("nnunet-scratch needs one budget: --iterations K, --max-seconds T or --max-seconds-from RUN")
+    if n_labeled is None and fraction is None:
+        raise ConfigError("nnunet-scratch needs the labelled-set size: --n-labeled N (or --fraction F)")
+    require_nnunet()  # one line naming the install command, before anything is written
+    source = None
+    if max_seconds_from is not None:
+        max_seconds, source = budget_from_run(max_seconds_from), str(max_seconds_from)
+    from medpretrain.api import nnunet_scratch as run_nnunet_scratch
+
+    run = run_nnunet_scratch(data, out, n_labeled=n_labeled, fraction=fraction, seed=seed, iterations=iterations,
+                             max_seconds=max_seconds, gpu_memory_target_gb=gpu_memory_target, workers=workers,
+                             mirroring=mirroring, validation_cases=validation_cases, validation_seed=validation_seed,
+                             budget_source=source)
+    typer.echo(f"nnU-Net scratch run: {run}; score it: medpretrain evaluate --run {run} --data {data}")
+
+
 @app.command()
 def models() -> None:
     """List the registered networks and their presets."""
@@ -425,8 +478,10 @@ def models() -> None:
 
     for spec in list_models():
         opts = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
-        typer.echo(f"{spec.name:18s} {spec.description}\n{'':18s} patch sides: multiple of {spec.divisor}, "
-                   f">= {spec.min_size}; options: {opts}")
+        divisor = spec.divisor if spec.layout is None else f"{spec.divisors()[0]} (per axis: the product of strides)"
+        least = f", >= {spec.min_size}" if spec.min_size > 1 else ""
+        typer.echo(f"{spec.name:18s} {spec.description}\n{'':18s} patch sides: multiple of {divisor}{least}; "
+                   f"options: {opts}")
 
 
 @app.command()
@@ -444,7 +499,7 @@ def methods() -> None:
 def main() -> None:
     """Console-script entry point: known errors print one line and exit 1, without a traceback."""
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-    if command in ("finetune", "pretrain", "demo", "evaluate", "predict"):
+    if command in ("finetune", "pretrain", "demo", "evaluate", "predict", "nnunet-scratch"):
         _maybe_reexec_with_tcmalloc()
     try:
         app(prog_name="medpretrain")  # typer handles usage errors and --help itself (exit code 2)

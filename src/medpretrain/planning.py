@@ -17,6 +17,15 @@ Plan (``plan.json``), for one registered network and one compute budget:
   multiples of the network's down-sampling and at least its smallest input.
 * batch: 2 on a CPU (the step time is the limit); on a GPU the largest batch that fits beside the patch,
   capped at 5% of the dataset's voxels per step (nnU-Net's cap), at least 2.
+* network topology, for networks whose per-stage kernels and strides are options (``ModelSpec.layout``:
+  DynUNet): nnU-Net's ``get_pool_and_conv_props`` on the prepared spacing and the patch. At each stage an axis
+  is pooled (stride 2) only while its spacing is under twice the finest current spacing and its size is at
+  least twice the smallest feature map (4 voxels; an axis pooled alone needs 3 times); a kernel is 3 along an
+  axis once its spacing is within twice the finest, 1 before (thick slices: 3x3x1 at the top), and 3x3x3 at
+  the bottleneck; at most as many stages as the preset has. The patch is then rounded down, per axis, to the
+  product of that axis's strides (and the rule re-applied until it holds), so it never grows past the data; a
+  shrink for the budget re-derives the topology, as nnU-Net does. ``plan.json`` holds the ``strides`` and
+  ``kernels``, which ``finetune`` and ``pretrain --plan`` pass to the network as ``model_options``.
 
 Costs are estimated, not timed: forward FLOPs per input voxel and the bytes saved for the backward pass per
 input voxel are measured once per network on a small patch (``torch.utils.flop_counter`` and
@@ -60,6 +69,7 @@ GPU_PEAK_FLOPS = {"h200": 989e12, "h100": 989e12, "a100": 312e12}
 GPU_EFFICIENCY = 0.25
 GPU_MEMORY_RESERVE_GB = 4.0  # CUDA context, allocator fragmentation, cuDNN workspaces
 DATASET_BATCH_CAP = 0.05  # nnU-Net: a batch covers at most 5% of the dataset's voxels
+MIN_FEATURE_MAP = 4  # nnU-Net's UNet_featuremap_min_edge_length: the smallest side a pooled axis reaches
 
 
 # ---------------------------------------------------------------------------------------------- fingerprint
@@ -178,19 +188,28 @@ class ModelCost:
 
 
 @functools.lru_cache(maxsize=None)
-def model_cost(model: str, in_channels: int = 1, out_channels: int = 2) -> ModelCost:
+def model_cost(model: str, in_channels: int = 1, out_channels: int = 2,
+               layout: tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]] | None = None) -> ModelCost:
     """Measure a registered network's forward FLOPs and saved activations per voxel on its smallest comfortable
-    patch (each side 2 x its multiple, at least its minimum input), on the CPU, once per process."""
+    patch (each side 2 x its multiple, at least its minimum input), on the CPU, once per process and layout.
+
+    Args:
+        layout: ``(kernels, strides)`` per stage for a network that takes them as options (``ModelSpec.layout``);
+            None = the preset's.
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from medpretrain.models import build_model, get_spec
 
     spec = get_spec(model)
-    patch = tuple(max(2 * d, -(-spec.min_size // d) * d) for d in spec.divisors(3))
-    while math.prod(p // d for p, d in zip(patch, spec.divisors(3))) < spec.min_bottleneck_voxels:
+    options = {} if layout is None else {"kernels": [list(k) for k in layout[0]],
+                                         "strides": [list(s) for s in layout[1]]}
+    divisors = spec.divisors(3, options)
+    patch = tuple(max(2 * d, -(-spec.min_size // d) * d) for d in divisors)
+    while math.prod(p // d for p, d in zip(patch, divisors)) < spec.min_bottleneck_voxels:
         patch = (patch[0] * 2, *patch[1:])
-    net = build_model(model, in_channels, out_channels, patch)
+    net = build_model(model, in_channels, out_channels, patch, **options)
     net.train()
     x = torch.randn(1, in_channels, *patch)
     saved = [0]
@@ -250,6 +269,72 @@ def padding_fraction(shapes: Sequence[Sequence[int]], patch: Sequence[int]) -> f
     return float(np.mean(fractions)) if fractions else 0.0
 
 
+# ---------------------------------------------------------------------------------------------- topology
+
+
+def pool_and_conv_props(spacing: Sequence[float], patch: Sequence[int], max_stages: int,
+                        min_feature_map: int = MIN_FEATURE_MAP) -> tuple[list[list[int]], list[list[int]]]:
+    """nnU-Net's ``get_pool_and_conv_props``: per-stage strides and kernels for a patch at a spacing.
+
+    At each stage, the axes that may be pooled (stride 2) are those at least ``2 * min_feature_map`` voxels long
+    whose current spacing is under twice the finest current spacing among them; a lone such axis is pooled only
+    when at least ``3 * min_feature_map`` long. A kernel is 3 along an axis from the stage where its spacing is
+    within twice the finest current spacing (and stays 3), 1 before; the last stage (the bottleneck) is 3x3x3.
+    Stops when no axis can be pooled or at ``max_stages`` stages.
+
+    Returns:
+        ``(strides, kernels)``, one ``[X, Y, Z]`` per stage; the first stage's stride is 1.
+    """
+    dim = len(spacing)
+    current_spacing = [float(s) for s in spacing]
+    current_size = [int(p) for p in patch]
+    strides = [[1] * dim]
+    kernels: list[list[int]] = []
+    kernel = [1] * dim
+    while len(strides) < max_stages:
+        valid = [a for a in range(dim) if current_size[a] >= 2 * min_feature_map]
+        if not valid:
+            break
+        finest = min(current_spacing[a] for a in valid)
+        valid = [a for a in valid if current_spacing[a] / finest < 2]
+        if len(valid) == 1 and current_size[valid[0]] < 3 * min_feature_map:
+            break
+        if not valid:
+            break
+        for a in range(dim):
+            if kernel[a] != 3 and current_spacing[a] / min(current_spacing) < 2:
+                kernel[a] = 3
+        stride = [1] * dim
+        for a in valid:
+            stride[a] = 2
+            current_spacing[a] *= 2
+            current_size[a] = math.ceil(current_size[a] / 2)
+        strides.append(stride)
+        kernels.append(list(kernel))
+    kernels.append([3] * dim)
+    return strides, kernels
+
+
+def fit_topology(spacing: Sequence[float], patch: Sequence[int], max_stages: int
+                 ) -> tuple[list[int], list[list[int]], list[list[int]]]:
+    """``(patch, strides, kernels)``: the patch rounded down, per axis, to the product of the strides
+    :func:`pool_and_conv_props` gives for it, repeated until the topology of the rounded patch is the one it was
+    rounded for (rounding down can cost an axis a pooling; nnU-Net pads up instead, which would grow a patch
+    past the data)."""
+    patch = [max(1, int(p)) for p in patch]
+    while True:
+        strides, kernels = pool_and_conv_props(spacing, patch, max_stages)
+        divisors = [math.prod(s[a] for s in strides) for a in range(len(patch))]
+        fitted = [max(d, p // d * d) for p, d in zip(patch, divisors)]
+        if fitted == patch:
+            return patch, strides, kernels
+        patch = fitted
+
+
+def _stages(rows: Sequence[Sequence[int]]) -> str:
+    return " ".join("x".join(map(str, r)) for r in rows)
+
+
 # ---------------------------------------------------------------------------------------------- the plan
 
 
@@ -265,6 +350,8 @@ class Plan:
             rule recommends for preparing this dataset.
         padding_fraction: mean share of a patch outside the volumes.
         step_seconds, memory_gb: estimated step time and training memory.
+        strides, kernels: for a network that takes them (``ModelSpec.layout``: DynUNet), one ``[X, Y, Z]`` per
+            stage from nnU-Net's rule (the first stage's stride is 1); None for the others.
         notes: decisions worth reading (shrunk axes, spacing to re-prepare at...).
     """
 
@@ -278,7 +365,14 @@ class Plan:
     step_seconds: float
     memory_gb: float
     median_shape: list[float]
+    strides: list[list[int]] | None = None
+    kernels: list[list[int]] | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_options(self) -> dict[str, Any]:
+        """The ``model_options`` that build the planned network: its kernels and strides, or {}."""
+        return plan_model_options(asdict(self))
 
     def table(self) -> str:
         """A short human-readable summary."""
@@ -288,6 +382,10 @@ class Plan:
                 ("padding", f"{100 * self.padding_fraction:.0f}% of a patch"),
                 ("est. step", f"{self.step_seconds:.2f} s"), ("est. memory", f"{self.memory_gb:.1f} GB"),
                 ("spacing", f"{self._fmt(self.spacing)} mm (recommended {self._fmt(self.target_spacing)})")]
+        if self.strides is not None:
+            down = [math.prod(s[a] for s in self.strides) for a in range(3)]
+            rows += [("stages", f"{len(self.strides)}, down-sampling {'x'.join(map(str, down))}"),
+                     ("strides", _stages(self.strides)), ("kernels", _stages(self.kernels or []))]
         width = max(len(k) for k, _ in rows)
         return "\n".join([f"{k:<{width}}  {v}" for k, v in rows] + [f"note: {n}" for n in self.notes])
 
@@ -304,23 +402,37 @@ class Plan:
 
 def plan_training(fingerprint: dict[str, Any], model: str, budget: Budget, in_channels: int = 1,
                   out_channels: int = 2) -> Plan:
-    """Choose patch and batch for ``model`` on ``budget`` from a dataset fingerprint (see the module's
-    documentation). Deterministic: the same fingerprint, network and budget give the same plan."""
+    """Choose patch and batch (and, for a network that takes them, per-stage strides and kernels) for ``model``
+    on ``budget`` from a dataset fingerprint (see the module's documentation). Deterministic: the same
+    fingerprint, network and budget give the same plan."""
     from medpretrain.models import get_spec
 
     spec = get_spec(model)
-    divisors = spec.divisors(3)
     spacing = [float(s) for s in fingerprint["prepared_spacing"]]
     median = [float(s) for s in fingerprint["prepared_shape"]["median"]]
     shapes = fingerprint["shapes"]
-    lows = [-(-spec.min_size // d) * d for d in divisors]
-    # As large as the data: the median shape, rounded to the nearest multiple (never below the smallest input).
-    patch = [max(lo, int(round(m / d)) * d) for m, d, lo in zip(median, divisors, lows)]
-    patch = [min(p, max(lo, int(m // d) * d)) if p > m else p for p, m, d, lo in zip(patch, median, divisors, lows)]
-    cost = model_cost(model, in_channels, out_channels)
+    strides = kernels = None
+    if spec.layout is not None:
+        # nnU-Net's topology for the median shape (never longer than the data), the patch rounded down to it.
+        max_stages = len(spec.layout(dict(spec.defaults))[1])
+        lows = [min(2 * MIN_FEATURE_MAP, max(1, int(m))) for m in median]
+        patch, strides, kernels = fit_topology(spacing, [int(m) for m in median], max_stages)
+    else:
+        divisors = spec.divisors(3)
+        lows = [-(-spec.min_size // d) * d for d in divisors]
+        # As large as the data: the median shape, rounded to the nearest multiple (never below the smallest input).
+        patch = [max(lo, int(round(m / d)) * d) for m, d, lo in zip(median, divisors, lows)]
+        patch = [min(p, max(lo, int(m // d) * d)) if p > m else p for p, m, d, lo in zip(patch, median, divisors, lows)]
     notes = []
 
+    def layout() -> tuple | None:
+        return None if strides is None else (tuple(map(tuple, kernels)), tuple(map(tuple, strides)))
+
+    def current_divisors() -> list[int]:
+        return list(spec.divisors(3)) if strides is None else [math.prod(s[a] for s in strides) for a in range(3)]
+
     def fits(p: list[int], batch: int) -> bool:
+        cost = model_cost(model, in_channels, out_channels, layout())
         if budget.device == "cpu":
             return budget.step_time(cost, p, batch) <= budget.step_seconds
         return Budget.memory_gb(cost, p, batch) <= budget.gpu_memory_gb - GPU_MEMORY_RESERVE_GB
@@ -328,6 +440,7 @@ def plan_training(fingerprint: dict[str, Any], model: str, budget: Budget, in_ch
     shrunk = []
     while not fits(patch, 2):
         # Shrink the axis of largest physical extent that can still shrink.
+        divisors = current_divisors()
         order = sorted(range(3), key=lambda a: (-(patch[a] * spacing[a]), a))
         axis = next((a for a in order if patch[a] - divisors[a] >= lows[a]), None)
         if axis is None:
@@ -335,10 +448,12 @@ def plan_training(fingerprint: dict[str, Any], model: str, budget: Budget, in_ch
             break
         patch[axis] -= divisors[axis]
         shrunk.append("XYZ"[axis])
+        if strides is not None:  # a smaller patch may pool less: nnU-Net re-derives the topology at every step
+            patch, strides, kernels = fit_topology(spacing, patch, max_stages)
     if shrunk:
         notes.append(f"shrunk to fit the budget along {', '.join(sorted(set(shrunk)))}")
-    while math.prod((patch[0] // divisors[0], patch[1] // divisors[1], patch[2] // divisors[2])) \
-            < spec.min_bottleneck_voxels:
+    divisors = current_divisors()
+    while strides is None and math.prod(p // d for p, d in zip(patch, divisors)) < spec.min_bottleneck_voxels:
         patch[0] += divisors[0]
     batch = 2
     if budget.device == "gpu":
@@ -351,14 +466,17 @@ def plan_training(fingerprint: dict[str, Any], model: str, budget: Budget, in_ch
         notes.append("volumes are thinner than the network's smallest input along "
                      + ", ".join(f"{n} ({m:.0f} < {lo})" for n, m, lo in axes)
                      + ": that share is padding; a network that down-samples less along that axis avoids it")
+    if strides is not None and len(set(divisors)) > 1:
+        notes.append(f"per-axis down-sampling {'x'.join(map(str, divisors))} from the spacing (nnU-Net's rule)")
     target = target_spacing(fingerprint)
     if any(abs(t - s) > 0.05 * t for t, s in zip(target, spacing)):
         notes.append(f"prepared at {Plan._fmt(spacing)} mm; nnU-Net's rule recommends {Plan._fmt(target)} mm "
                      "(re-prepare with --spacing to follow it; a coarser spacing is cheaper on a CPU)")
+    cost = model_cost(model, in_channels, out_channels, layout())
     return Plan(model=model, budget=asdict(budget), patch=patch, batch=batch, spacing=spacing,
                 target_spacing=[float(t) for t in target], padding_fraction=pad,
                 step_seconds=budget.step_time(cost, patch, batch), memory_gb=Budget.memory_gb(cost, patch, batch),
-                median_shape=median, notes=notes)
+                median_shape=median, strides=strides, kernels=kernels, notes=notes)
 
 
 def write_plan(data, model: str, budget: Budget) -> Plan:
@@ -367,6 +485,23 @@ def write_plan(data, model: str, budget: Budget) -> Plan:
     plan = plan_training(fp, model, budget, data.in_channels, max(2, data.num_classes))
     atomic_write_json(Path(data.root) / PLAN_FILE, asdict(plan))
     return plan
+
+
+def plan_model_options(plan: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``model_options`` a plan (``plan.json`` as a mapping) builds its network with: ``kernels`` and
+    ``strides`` where it has them, else {}."""
+    if not plan or plan.get("strides") is None:
+        return {}
+    return {"kernels": [list(k) for k in plan["kernels"]], "strides": [list(s) for s in plan["strides"]]}
+
+
+def with_plan_model_options(plan: dict[str, Any] | None, model: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` (a config's ``model_options``) with the plan's kernels and strides added when the plan is for
+    ``model`` and ``options`` set neither; ``options`` itself otherwise. What is set always wins over the plan."""
+    planned = plan_model_options(plan) if plan and plan.get("model") == model else {}
+    if not planned or any(k in (options or {}) for k in planned):
+        return dict(options or {})
+    return {**planned, **(options or {})}
 
 
 def read_plan(data_root: str | Path) -> dict[str, Any] | None:
@@ -378,8 +513,9 @@ def read_plan(data_root: str | Path) -> dict[str, Any] | None:
 def plan_overrides(data_dir: str | Path | None, config_file: str | Path | None, overrides: dict[str, Any],
                    default_model: str) -> dict[str, Any]:
     """The patch and batch a command takes from ``DATA/plan.json`` (``medpretrain plan``) when neither its
-    options nor its YAML set them and the plan is for the same network; {} otherwise. Options and YAML always
-    win over the plan."""
+    options nor its YAML set them and the plan is for the same network, and the planned network's kernels and
+    strides (``model_options``, merged into the YAML's) when the plan has them and neither sets them; {}
+    otherwise. Options and YAML always win over the plan."""
     from medpretrain.config import read_yaml_mapping
 
     plan = read_plan(data_dir) if data_dir is not None else None
@@ -391,11 +527,16 @@ def plan_overrides(data_dir: str | Path | None, config_file: str | Path | None, 
         log.info("%s/plan.json is for %s, not %s: not used (run `medpretrain plan --model %s`)", data_dir,
                  plan.get("model"), model, model)
         return {}
-    chosen = {}
+    chosen: dict[str, Any] = {}
     if overrides.get("patch") is None and "patch" not in from_file:
         chosen["patch"] = tuple(plan["patch"])
     if overrides.get("batch") is None and "batch" not in from_file:
         chosen["batch"] = int(plan["batch"])
+    # The planned network (DynUNet's per-axis strides and kernels), merged into the YAML's model_options.
+    given = overrides.get("model_options") or from_file.get("model_options") or {}
+    options = with_plan_model_options(plan, model, given)
+    if options != given:
+        chosen["model_options"] = options
     if chosen:
         log.info("using %s/plan.json: %s", data_dir, ", ".join(f"{k} {v}" for k, v in chosen.items()))
     return chosen

@@ -565,6 +565,45 @@ def preprocess_image(image: Image3D, cfg: PreprocessConfig, spacing, modality: s
     return preprocess_case(image, None, cfg, spacing, modality)
 
 
+def label_to_prepared(label: np.ndarray, geometry: Geometry | dict, interpolation: str = "linear") -> np.ndarray:
+    """Map a label map on the original file's voxel grid onto the prepared grid of that case, with exactly the steps
+    :func:`preprocess_case` applied to the case's ground truth: reorientation to RAS, resampling to the prepared
+    spacing (``interpolation``: ``nearest``, or ``linear`` = per-class linear then argmax, as the cache's
+    ``label_interpolation``), and the case's crop. A label map equal to the source label therefore lands exactly on
+    the prepared label (the inverse direction of :func:`restore_to_original`).
+
+    Args:
+        label: ``(X, Y, Z)`` integer label map in the source file's voxel order (as ``read_image`` reads it), with
+            the training classes ``0..K-1``.
+        geometry: the case's :class:`Geometry` (or its dict form).
+        interpolation: ``linear`` or ``nearest``: use the cache's ``label_interpolation``.
+
+    Returns:
+        The label map on the prepared grid (``prepared_shape``).
+
+    Raises:
+        DataError: ``label`` does not have the source file's shape.
+    """
+    if isinstance(geometry, dict):
+        geometry = Geometry.from_dict(geometry)
+    arr = np.asarray(label)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3 or list(arr.shape) != list(geometry.original_shape):
+        raise DataError(f"label map of shape {arr.shape} does not lie on the source grid {tuple(geometry.original_shape)} "
+                        "of the case")
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = np.round(arr)
+    arr = arr.astype(_label_dtype(int(arr.max(initial=0))), copy=False)
+    lab, ras_affine = reorient_to_ras(arr, np.asarray(geometry.original_affine, dtype=np.float64))
+    zoom, offset, res_shape, _ = _resample_plan(lab.shape, ras_affine, geometry.spacing)
+    if list(res_shape) != list(geometry.resampled_shape):
+        raise DataError(f"resampling the label map gives a {res_shape} grid, not the case's {tuple(geometry.resampled_shape)}")
+    res = _resample_label(np.ascontiguousarray(lab), zoom, offset, res_shape, interpolation)
+    sl = tuple(slice(a, b) for a, b in zip(geometry.crop_start, geometry.crop_end))
+    return np.ascontiguousarray(res[sl])
+
+
 def restore_to_original(array: np.ndarray, geometry: Geometry, is_probability: bool) -> np.ndarray:
     """Map a result on the prepared grid back onto the original file's voxel grid.
 

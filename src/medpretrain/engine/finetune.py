@@ -87,15 +87,15 @@ def check_data_fits(data: PreparedData, cfg: FinetuneConfig) -> None:
     if not data.split("train"):
         raise CacheError(f"{data.root}: the train split holds no prepared case (see manifest.json 'skipped' and "
                          "'split'); fix the skipped cases or the split and re-run `medpretrain prepare`")
-    get_spec(cfg.model).check_patch(cfg.patch)
+    get_spec(cfg.model).check_patch(cfg.patch, cfg.model_options)
     check_model_options(cfg.model, data.in_channels, data.num_classes, cfg.patch, cfg.model_options)
 
 
 REFUSED_PADDING = 0.75  # above this share of padding, a patch that wastes less is required (or --allow-padding)
 
 
-def padding_check(data: PreparedData, case_ids: Sequence[str], patch: Sequence[int], model: str
-                  ) -> tuple[str | None, bool]:
+def padding_check(data: PreparedData, case_ids: Sequence[str], patch: Sequence[int], model: str,
+                  model_options: dict | None = None) -> tuple[str | None, bool]:
     """``(warning, refuse)``: a warning when the training patches would be mostly (> 50%) padding, naming the
     fraction and a patch that fits; ``refuse`` when more than ``REFUSED_PADDING`` is padding and the network takes
     a patch that wastes less (8-slice volumes under a 48-slice patch: 83%). Where the network's smallest input
@@ -107,7 +107,7 @@ def padding_check(data: PreparedData, case_ids: Sequence[str], patch: Sequence[i
     if padding <= 0.5:
         return None, False
     median = np.median(np.asarray(shapes), axis=0)
-    fitted = _fitted_patch(get_spec(model), median, patch)
+    fitted = _fitted_patch(get_spec(model), median, patch, model_options)
     suggestion = f"--patch {' '.join(map(str, fitted))}" if fitted else "a patch closer to the volume size"
     warning = (f"training patches {tuple(patch)} are on average {padding:.0%} padding: the labelled volumes (median "
                f"shape {'x'.join(str(int(v)) for v in median)}) are smaller than the patch; consider {suggestion}, "
@@ -116,18 +116,20 @@ def padding_check(data: PreparedData, case_ids: Sequence[str], patch: Sequence[i
     return warning, refuse
 
 
-def padding_warning(data: PreparedData, case_ids: Sequence[str], patch: Sequence[int], model: str) -> str | None:
+def padding_warning(data: PreparedData, case_ids: Sequence[str], patch: Sequence[int], model: str,
+                    model_options: dict | None = None) -> str | None:
     """The warning of :func:`padding_check` alone (None when the patches are at most half padding)."""
-    return padding_check(data, case_ids, patch, model)[0]
+    return padding_check(data, case_ids, patch, model, model_options)[0]
 
 
-def _fitted_patch(spec, median, patch: Sequence[int]) -> list[int] | None:
+def _fitted_patch(spec, median, patch: Sequence[int], options: dict | None = None) -> list[int] | None:
     """The smallest valid patch at least the median volume along each side, never larger than ``patch``; None
-    when it is ``patch`` itself (nothing smaller fits the network)."""
-    fitted = [int(min(p, max(spec.min_size, -(-int(m) // d) * d))) for p, m, d in zip(patch, median, spec.divisors())]
+    when it is ``patch`` itself (nothing smaller fits the network built with ``options``)."""
+    divisors = spec.divisors(3, options)
+    fitted = [int(min(p, max(spec.min_size, -(-int(m) // d) * d))) for p, m, d in zip(patch, median, divisors)]
     for _ in range(4):  # a network may need more voxels than the volume has (a bottleneck of 2): grow one side
         try:
-            spec.check_patch(fitted)
+            spec.check_patch(fitted, options)
         except ConfigError:
             fitted[0] *= 2
             continue
@@ -157,7 +159,7 @@ def finetune(
     check_trainer_settings(cfg)
     validation, trainable = validation_split(data.split("train"), cfg.validation_cases, cfg.validation_seed)
     subset = labeled_subset(trainable, cfg.seed, cfg.n_labeled, cfg.fraction)
-    warning, refuse = padding_check(data, subset, cfg.patch, cfg.model)
+    warning, refuse = padding_check(data, subset, cfg.patch, cfg.model, cfg.model_options)
     if refuse and not cfg.allow_padding:
         # Mostly padding is mostly wasted compute (and a network that learns "outside" more than anatomy).
         raise ConfigError(f"{warning}; `medpretrain plan --data {data_dir}` chooses a patch from the data, or pass "

@@ -151,6 +151,7 @@ def _run_training_locked(run_dir: Path, cfg: TrainingConfig, *, kind, build_modu
     precision = resolve_precision(cfg.precision, cfg.accelerator)
     if not is_launcher_child():
         update_run_file(run_file, {"kind": kind, "config": config_dump, "precision": precision, **run_info,
+                                   **_network_entry(cfg),
                                    **({"cuda": {"device": _cuda_device_name(), **cuda}} if cuda else {})})
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -180,6 +181,15 @@ def _run_training_locked(run_dir: Path, cfg: TrainingConfig, *, kind, build_modu
         export_model(run_dir / MODEL_FILE, cfg, kind, precision, trainer.global_step, module, model_meta(module))
         log.info("run finished at step %d: %s", trainer.global_step, run_dir / MODEL_FILE)
     return run_dir
+
+
+def _network_entry(cfg: TrainingConfig) -> dict[str, Any]:
+    """``{"network": {kernels, strides, divisors}}`` for a network built from per-stage kernels and strides
+    (DynUNet, planned or the preset's), {} for the others: what ``run.json`` records of the topology."""
+    from medpretrain.models.registry import network_layout
+
+    layout = network_layout(cfg.model, cfg.model_options)
+    return {"network": layout} if layout is not None else {}
 
 
 def _cuda_device_name() -> str:
@@ -221,7 +231,8 @@ def export_untrained(run_dir: str | Path, cfg: TrainingConfig, *, kind: str,
             raise TrainingError(f"{run_dir} already holds {MODEL_FILE}; choose a new --out")
         precision = resolve_precision(cfg.precision, cfg.accelerator)
         update_run_file(run_dir / RUN_FILE, {"kind": kind, "config": cfg.model_dump(mode="json"),
-                                             "precision": precision, "untrained": True, **run_info})
+                                             "precision": precision, "untrained": True, **run_info,
+                                             **_network_entry(cfg)})
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = build_module(True)
         export_model(run_dir / MODEL_FILE, cfg, kind, precision, 0, module, {**model_meta(module), "untrained": True})

@@ -48,7 +48,7 @@ def pretrain(method: str, data_dir: str | Path | None, out_dir: str | Path, cfg:
     m = get_method(method)
     if not isinstance(cfg, m.config_cls):
         raise ConfigError(f"method '{method}' takes a {m.config_cls.__name__}, got {type(cfg).__name__}")
-    get_spec(cfg.model).check_patch(cfg.patch)
+    get_spec(cfg.model).check_patch(cfg.patch, cfg.model_options)
     check_model_options(cfg.model, 1, 2, cfg.patch, cfg.model_options)  # option values, whatever the head
     check_writable_folder(out_dir, "--out")
     if m.unused_parameters:

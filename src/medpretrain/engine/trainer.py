@@ -206,11 +206,19 @@ def check_trainer_settings(cfg) -> None:
     quiet_library_chatter()
     cuda_environment(cfg.accelerator, cfg.deterministic)  # the entry points call this before CUDA starts
     _check_hardware(cfg.accelerator, cfg.devices if not isinstance(cfg.devices, list) else tuple(cfg.devices),
-                    cfg.num_nodes, cfg.strategy, cfg.precision)
+                    cfg.num_nodes, cfg.strategy, cfg.precision,
+                    tuple(os.environ.get(var) for var in _LAUNCHER_VARIABLES))
+
+
+# What torchrun and SLURM tell a process about the job it belongs to: part of the memo key of the hardware check,
+# since the same options are right under one launch and wrong under another.
+_LAUNCHER_VARIABLES = ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "SLURM_JOB_ID",
+                       "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES")
 
 
 @functools.lru_cache(maxsize=16)
-def _check_hardware(accelerator_option: str, devices, num_nodes: int, strategy: str, precision: str) -> None:
+def _check_hardware(accelerator_option: str, devices, num_nodes: int, strategy: str, precision: str,
+                    launcher: tuple = ()) -> None:
     # Memoised: the entry points check before building their data and the shared training job checks again
     # before writing its folder; the throwaway Trainer is built once per setting. (A refusal raises, so it is
     # never cached and is raised again.)
@@ -228,9 +236,15 @@ def _check_hardware(accelerator_option: str, devices, num_nodes: int, strategy: 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-                       precision=resolve_precision(precision, accelerator_option), logger=False,
-                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+            trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+                                 precision=resolve_precision(precision, accelerator_option), logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        # Under torchrun or SLURM the launcher, not Lightning, starts the processes; Lightning compares its
+        # devices x nodes with the launcher's world only when fit() launches, after the data were prepared and
+        # read. Compare now, so that a wrong --devices/--num-nodes fails in a second with the launcher's numbers.
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        if environment is not None and environment.creates_processes_externally:
+            environment.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
     except Exception as exc:  # Lightning's MisconfigurationException, ValueError, RuntimeError...
         reason = (" ".join(str(exc).split()) or type(exc).__name__).rstrip(".")
         raise ConfigError(

@@ -50,7 +50,7 @@ def _read_run(job: "Job") -> dict[str, Any] | None:
     for path in sorted((run / "curve").glob("eval-step*/metrics.json")):
         step = int(path.parent.name.removeprefix("eval-step"))
         curve[step] = _num(json.loads(path.read_text(encoding="utf-8")).get("overall", {}).get("dice", {}).get("mean"))
-    if training.get("steps_done"):
+    if training.get("steps_done") and info.get("kind") != "nnunet-scratch":  # nnU-Net's iterations are not our steps
         curve[int(training["steps_done"])] = _num(metrics.get("overall", {}).get("dice", {}).get("mean"))
     return {
         "method": job.info["method"], "backbone": job.info["backbone"], "model": info.get("config", {}).get("model"),

@@ -178,6 +178,18 @@ def load_weights(
             f"{len(report.unexpected)} unexpected keys (e.g. {report.unexpected[:3]}); "
             "is it a checkpoint of another architecture? pass the matching --model"
         )
+    kernels = [(n, a, b) for n, a, b in report.shape_mismatch
+               if len(a) == len(b) == 5 and a[-3:] != b[-3:] and spec.part_of(n) != "head"]
+    if kernels:
+        # Convolutions whose kernel sizes differ: the checkpoint is another layout of the network (a DynUNet built
+        # from a plan's per-axis kernels against the default 3x3x3, or two plans), and those layers would silently
+        # stay random while the run reports a pretrained start.
+        name, have, want = kernels[0]
+        raise CheckpointError(
+            f"{checkpoint}: {len(kernels)} convolution(s) have other kernel sizes than model '{spec.name}' builds "
+            f"(e.g. {name}: {have} in the checkpoint, {want} here): it was pretrained with another network layout. "
+            "Pretrain with the plan of this fine-tuning (`medpretrain pretrain --plan PREPARED/plan.json`), or give "
+            "the fine-tuning the pretraining's model_options (kernels, strides)")
     model.load_state_dict(new_state, strict=False)
     log.info(report.summary())
     if report.shape_mismatch:

@@ -34,6 +34,11 @@ class ModelSpec:
         family: the architecture family a pretraining method can name instead of every network
             (``PretrainMethod.models``): ``cnn`` (convolutional U-Nets), ``vit`` (UNETR), ``swin`` (Swin UNETR),
             ``pctnet`` (PCT-Net's convolution-transformer hybrid).
+        layout: for a network whose per-stage kernels and strides are options (``kernels``, ``strides``: one
+            ``[X, Y, Z]`` per stage, the first stage's stride 1): ``layout(options) -> (kernels, strides)`` that the
+            merged options build. The planner then derives both from the data (nnU-Net's rule), and the patch
+            divisors follow the strides (their per-axis product) instead of ``divisor``; the preset's number of
+            stages is the most a plan gives.
     """
 
     name: str
@@ -47,9 +52,14 @@ class ModelSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     bottleneck_norm: str = "instance normalisation"
     family: str = "cnn"
+    layout: Callable[[dict[str, Any]], tuple[list[list[int]], list[list[int]]]] | None = None
 
-    def divisors(self, ndim: int = 3) -> tuple[int, ...]:
-        """The divisor of each of ``ndim`` patch sides."""
+    def divisors(self, ndim: int = 3, options: dict[str, Any] | None = None) -> tuple[int, ...]:
+        """The divisor of each of ``ndim`` patch sides, for the network the preset with ``options`` builds (for a
+        network with a ``layout``: the per-axis product of its strides)."""
+        if self.layout is not None:
+            _, strides = self.layout({**self.defaults, **(options or {})})
+            return tuple(math.prod(int(s[a]) for s in strides) for a in range(ndim))
         return (self.divisor,) * ndim if isinstance(self.divisor, int) else tuple(self.divisor)
 
     def part_of(self, parameter_name: str) -> str:
@@ -60,16 +70,19 @@ class ModelSpec:
             return "head"
         return "decoder"
 
-    def check_patch(self, patch: Sequence[int]) -> None:
-        """Raise ConfigError naming the nearest valid sizes if ``patch`` does not fit the network."""
-        divisors = self.divisors(len(patch))
+    def check_patch(self, patch: Sequence[int], options: dict[str, Any] | None = None) -> None:
+        """Raise ConfigError naming the nearest valid sizes if ``patch`` does not fit the network the preset with
+        ``options`` (``model_options``) builds."""
+        divisors = self.divisors(len(patch), options)
         if len(divisors) != len(patch):
             raise ConfigError(f"patch {tuple(patch)} for model '{self.name}' must have {len(divisors)} sides")
-        if isinstance(self.divisor, int):
-            rule = f"every side must be a multiple of {self.divisor} and at least {self.min_size}"
+        least = f" and at least {self.min_size}" if self.min_size > 1 else ""
+        if len(set(divisors)) == 1 and (isinstance(self.divisor, int) or self.layout is not None):
+            rule = f"every side must be a multiple of {divisors[0]}{least}"
         else:
-            rule = (f"the sides (X, Y, Z) must be multiples of {tuple(divisors)} respectively and at least "
-                    f"{self.min_size}")
+            rule = f"the sides (X, Y, Z) must be multiples of {tuple(divisors)} respectively{least}"
+        if self.layout is not None:
+            rule += " (the per-axis product of its strides)"
         bad = [p for p, d in zip(patch, divisors) if p % d or p < self.min_size]
         if bad:
             # The smallest multiple of each side's divisor that is at least min_size.
@@ -134,6 +147,17 @@ def build_model(
     return spec.factory(in_channels, out_channels, tuple(patch), **merged)
 
 
+def network_layout(name: str, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The per-stage ``kernels`` and ``strides`` (and the per-axis ``divisors`` they make) a network with a
+    ``layout`` (DynUNet) is built with from ``options``; None for the others, and for networks outside the
+    registry (a method's own, e.g. Alice's SAM matcher). ``run.json`` records it."""
+    spec = _REGISTRY.get(name)
+    if spec is None or spec.layout is None:
+        return None
+    kernels, strides = spec.layout({**spec.defaults, **(options or {})})
+    return {"kernels": kernels, "strides": strides, "divisors": list(spec.divisors(3, options))}
+
+
 def check_model_options(name: str, in_channels: int, out_channels: int, patch: Sequence[int],
                         options: dict[str, Any]) -> None:
     """Build the network once without memory (on torch's ``meta`` device) so that an option value it cannot
@@ -175,12 +199,50 @@ def _basic_unet(in_channels, out_channels, patch, **options):
     return BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **options)
 
 
-def _dynunet(in_channels, out_channels, patch, filters, levels, deep_supervision):
+def dynunet_layout(options: dict[str, Any]) -> tuple[list[list[int]], list[list[int]]]:
+    """``(kernels, strides)`` per stage that DynUNet options build: the ``kernels`` and ``strides`` options (one
+    ``[X, Y, Z]`` per stage, as ``medpretrain plan`` writes them) when given, and then they set the number of
+    stages; otherwise ``levels`` stages of 3x3x3 kernels with stride 2 from the second stage on (nnU-Net's
+    isotropic layout, the presets' default)."""
+    kernels, strides = options.get("kernels"), options.get("strides")
+    if kernels is None and strides is None:
+        levels = int(options.get("levels", 5))
+        return [[3, 3, 3] for _ in range(levels)], [[1, 1, 1]] + [[2, 2, 2] for _ in range(levels - 1)]
+    stages = len(strides if strides is not None else kernels)
+    if kernels is None:
+        kernels = [[3, 3, 3]] * stages
+    if strides is None:
+        strides = [[1, 1, 1]] + [[2, 2, 2]] * (stages - 1)
+
+    def per_stage(name, values, allowed):
+        try:
+            rows = [[int(v) for v in row] for row in values]
+        except (TypeError, ValueError):
+            rows = []
+        if not rows or any(len(r) != 3 or any(v not in allowed for v in r) for r in rows):
+            raise ConfigError(f"DynUNet option {name}={values!r}: one [X, Y, Z] per stage, each value one of "
+                              f"{sorted(allowed)}")
+        return rows
+
+    kernels = per_stage("kernels", kernels, {1, 3, 5, 7})
+    strides = per_stage("strides", strides, {1, 2})
+    if len(kernels) != len(strides):
+        raise ConfigError(f"DynUNet options: {len(kernels)} kernels but {len(strides)} strides; one of each per stage")
+    if len(strides) < 3:  # MONAI's DynUNet builds an input block, at least one down-sampling and a bottleneck
+        raise ConfigError(f"DynUNet options: {len(strides)} stage(s) (strides={strides}); DynUNet needs at least 3. "
+                          "A plan gives fewer when the patch is too small to pool twice: give a larger --patch")
+    return kernels, strides
+
+
+def _dynunet(in_channels, out_channels, patch, filters, levels, deep_supervision, kernels=None, strides=None):
     from monai.networks.nets import DynUNet
 
-    # nnU-Net-like: 3x3x3 kernels, stride 2 at every level after the first.
-    kernels = [[3, 3, 3]] * levels
-    strides = [[1, 1, 1]] + [[2, 2, 2]] * (levels - 1)
+    # nnU-Net-like: 3x3x3 kernels and stride 2 at every level after the first, unless a plan (or the options)
+    # gives per-stage, per-axis kernels and strides (thick slices: 3x3x1 kernels and no pooling along Z at the top).
+    kernels, strides = dynunet_layout({"levels": levels, "kernels": kernels, "strides": strides})
+    stages = len(strides)
+    if len(filters) < stages:
+        raise ConfigError(f"DynUNet with {stages} stages needs {stages} filters, got {list(filters)}")
     return DynUNet(
         spatial_dims=3,
         in_channels=in_channels,
@@ -188,10 +250,10 @@ def _dynunet(in_channels, out_channels, patch, filters, levels, deep_supervision
         kernel_size=kernels,
         strides=strides,
         upsample_kernel_size=strides[1:],
-        filters=list(filters)[:levels],
+        filters=list(filters)[:stages],
         res_block=True,
         deep_supervision=deep_supervision,
-        deep_supr_num=max(1, levels - 3) if deep_supervision else 1,
+        deep_supr_num=max(1, stages - 3) if deep_supervision else 1,
     )
 
 
@@ -227,17 +289,20 @@ register_model(ModelSpec(
 ))
 register_model(ModelSpec(
     name="dynunet",
-    description="MONAI DynUNet, nnU-Net-like residual U-Net, 5 levels, filters 32..320 (GPU)",
+    description="MONAI DynUNet, nnU-Net-like residual U-Net, 5 levels, filters 32..320, per-axis kernels and strides "
+                "from a plan (GPU)",
     factory=_dynunet, encoder_prefixes=_DYNUNET_ENCODER, head_prefixes=_DYNUNET_HEAD,
-    divisor=16, min_size=16, min_bottleneck_voxels=2,
-    defaults={"filters": (32, 64, 128, 256, 320), "levels": 5, "deep_supervision": False},
+    divisor=16, min_size=1, min_bottleneck_voxels=2, layout=dynunet_layout,
+    defaults={"filters": (32, 64, 128, 256, 320), "levels": 5, "deep_supervision": False, "kernels": None,
+              "strides": None},
 ))
 register_model(ModelSpec(
     name="dynunet-small",
-    description="MONAI DynUNet, 5 levels, filters 16..256 (CPU preset)",
+    description="MONAI DynUNet, 5 levels, filters 16..256, per-axis kernels and strides from a plan (CPU preset)",
     factory=_dynunet, encoder_prefixes=_DYNUNET_ENCODER, head_prefixes=_DYNUNET_HEAD,
-    divisor=16, min_size=16, min_bottleneck_voxels=2,
-    defaults={"filters": (16, 32, 64, 128, 256), "levels": 5, "deep_supervision": False},
+    divisor=16, min_size=1, min_bottleneck_voxels=2, layout=dynunet_layout,
+    defaults={"filters": (16, 32, 64, 128, 256), "levels": 5, "deep_supervision": False, "kernels": None,
+              "strides": None},
 ))
 register_model(ModelSpec(
     name="unetr", family="vit",
