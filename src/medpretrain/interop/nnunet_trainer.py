@@ -8,7 +8,8 @@
   starts before their loader workers do;
 - the poly learning-rate schedule (nnU-Net's ``PolyLRScheduler``, ``1e-2 * (1 - t / T) ** 0.9``) runs over that
   budget in iterations, stepped every iteration. For a time budget, ``T`` is fixed once, after
-  ``WARMUP_ITERATIONS`` steps, as the iterations the remaining time allows at their mean step time; the run then
+  ``WARMUP_ITERATIONS`` steps and ``WARMUP_FRACTION`` of the budget, as the iterations the remaining time allows at
+  the mean step time so far (the first step, which waits for the loaders, left out); the run then
   does exactly ``T`` iterations (a schedule in iterations, not seconds, so that the load of a neighbouring job
   changes how long the run takes, not the lr each step gets);
 - no per-epoch validation batches (the pseudo Dice only picks ``checkpoint_best``, which is not used) and no final
@@ -47,7 +48,10 @@ class nnUNetTrainerBudget(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming (the 
     budget_seconds: float | None = None
     seed: int | None = None  # seeds nnU-Net's augmentation processes (it leaves them to the OS's entropy)
     log_every_s: float = 60.0
-    WARMUP_ITERATIONS = 4  # steps timed before a time budget's iteration count is fixed
+    # A time budget's iteration count is fixed once both have passed: the first steps are slower (augmentation
+    # processes filling their queues), and an estimate from them alone ended runs ~12% before the budget.
+    WARMUP_ITERATIONS = 4
+    WARMUP_FRACTION = 0.2
 
     def _check_budget(self) -> None:
         if (self.budget_iterations is None) == (self.budget_seconds is None):
@@ -75,8 +79,9 @@ class nnUNetTrainerBudget(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming (the 
         self.stopped_by = "iterations"
         try:
             while horizon is None or it < horizon:
-                if horizon is None and it == self.WARMUP_ITERATIONS:
-                    elapsed = time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                warm = it >= self.WARMUP_ITERATIONS and elapsed >= self.WARMUP_FRACTION * (self.budget_seconds or 0)
+                if horizon is None and warm:
                     mean = (time.perf_counter() - t_first) / max(it - 1, 1)  # step 1 includes the loaders' warm-up
                     horizon = max(it, it + int((self.budget_seconds - elapsed) // mean))
                     self.lr_scheduler.max_steps = horizon
