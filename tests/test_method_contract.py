@@ -132,6 +132,29 @@ def test_method_trains_exports_and_loads_into_fine_tuning(name, pool, tmp_path):
     assert torch.load(null / "model.pt", map_location="cpu", weights_only=False)["untrained"] is True
 
 
+CNN_METHODS = [m.name for m in list_methods() if m.supports("resenc-l-cpu")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CNN_METHODS)
+def test_every_cnn_method_pretrains_resenc_l_that_fine_tuning_loads(name, pool, tmp_path):
+    """nnU-Net users' network (issue 24): every method that pretrains a CNN pretrains ResEnc-L (CPU preset, narrow
+    here) through the real job, and the whole exported network (encoder and decoder) loads into the fine-tuning
+    network of another class count."""
+    pytest.importorskip("dynamic_network_architectures", reason="needs the optional extra: pip install -e '.[nnunet]'")
+    m = get_method(name)
+    options = {"features_per_stage": (4, 4, 8, 8, 8)}
+    cfg = pretrain_config(name, preset="smoke", overrides={"model": "resenc-l-cpu", "model_options": options})
+    run = pretrain(name, pool.root if m.needs_data else None, tmp_path / "run", cfg)
+    exported = torch.load(run / "model.pt", map_location="cpu", weights_only=False)
+    assert exported["global_step"] == cfg.steps and exported["model"] == "resenc-l-cpu"
+    downstream = build_model("resenc-l-cpu", 1, 3, cfg.patch, **options)
+    loaded = load_weights(downstream, get_spec("resenc-l-cpu"), run / "model.pt", "all")
+    parts = {get_spec("resenc-l-cpu").part_of(k) for k in loaded.loaded}
+    assert {"encoder", "decoder"} <= parts, loaded.summary()
+    assert not [k for k, _, _ in loaded.shape_mismatch if get_spec("resenc-l-cpu").part_of(k) != "head"]
+
+
 def test_a_new_module_registers_by_being_there(tmp_path, monkeypatch):
     """Discovery: a module dropped into the methods package joins the registry (here: a copy of the package's
     path with one extra module, imported in a subprocess so this session's registry stays as it is)."""
