@@ -97,6 +97,38 @@ class PoolCases:
         self.shape = {c: tuple(int(s) for s in data.case(c)["shape"][-3:]) for c in self.case_ids}
 
 
+
+class PoolDataset:
+    """Base of the self-supervised methods' datasets: samples read from a prepared pool, sample ``i`` a pure
+    function of ``(seed, i)`` and the data (the sampler decides which indices are read).
+
+    Sets ``data``, ``cfg``, ``length``, ``patch`` (``cfg.patch`` as ints) and, from :class:`PoolCases`,
+    ``case_ids`` with the per-scan ``_fill`` and ``_shape``.
+
+    Args:
+        data: a prepared cache (``prepare --pool``; a labelled cache contributes its train split only).
+        cfg: the method's configuration (``in_channels``, ``patch``).
+        length: nominal length.
+
+    Raises:
+        CacheError: no case to read.
+        ConfigError: the pool's channel count is not ``cfg.in_channels``.
+    """
+
+    def __init__(self, data, cfg, length: int = 2**62):
+        self.data, self.cfg, self.length = data, cfg, length
+        self.patch = tuple(int(p) for p in cfg.patch)
+        cases = PoolCases(data, cfg.in_channels)
+        self.case_ids, self._fill, self._shape = cases.case_ids, cases.fill, cases.shape
+
+    @property
+    def cases_per_pass(self) -> int:
+        """Samples in one pass over the pool (every case once)."""
+        return len(self.case_ids)
+
+    def __len__(self) -> int:
+        return self.length
+
 def body_points(image: np.ndarray, threshold: float, n: int, rng: np.random.Generator, margin, step: int = 1
                 ) -> np.ndarray:
     """``n`` random voxel coordinates ``(n, 3)`` of a 3D ``image`` where it exceeds ``threshold``, at least

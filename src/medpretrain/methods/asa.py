@@ -95,7 +95,7 @@ from medpretrain.engine.module import NonFiniteLossGuard
 from medpretrain.errors import ConfigError
 from medpretrain.methods import PretrainMethod, register_method
 # Crop reading and resizing are shared with Volume Fusion (memory-mapped reads, background padding).
-from medpretrain.data.crops import PoolCases, read_crop, resize_linear
+from medpretrain.data.crops import PoolDataset, read_crop, resize_linear
 from medpretrain.models import build_model
 
 # First words of the sample seed sequences: keep ASA's draws independent of other datasets' (seed, i) streams.
@@ -428,7 +428,7 @@ class ASASample:
     region: tuple[int, ...]
 
 
-class ASADataset(Dataset):
+class ASADataset(PoolDataset, Dataset):
     """ASA samples from a prepared pool: sample ``i`` is a pure function of ``(seed, i)`` and the data.
 
     Items are ``{"image": (C, V, V, V) float32, "perm": (N,) int64, "offsets": (2, 3) int64}``.
@@ -444,22 +444,10 @@ class ASADataset(Dataset):
     """
 
     def __init__(self, data, cfg: ASAConfig, length: int = 2**62):
-        self.data = data
-        self.cfg = cfg
-        self.length = length
-        cases = PoolCases(data, cfg.in_channels)
-        self.case_ids, self._fill, self._shape = cases.case_ids, cases.fill, cases.shape
+        super().__init__(data, cfg, length)
         self.size = int(cfg.patch[0])
         # Crop origins on the sub-volume grid of the up-sampled cube, per axis.
         self._positions = (cfg.upsampled - self.size) // cfg.sub_volume + 1
-
-    @property
-    def cases_per_pass(self) -> int:
-        """Samples in one pass over the pool (every case once)."""
-        return len(self.case_ids)
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s = self.sample(index)

@@ -64,7 +64,7 @@ from torch.utils.data import Dataset
 from medpretrain.blocks.masking import masked_mse, patchify, random_token_mask
 from medpretrain.blocks.optim import make_optimizer, one_cycle_optimization
 from medpretrain.config import TrainingConfig
-from medpretrain.data.crops import PoolCases, read_crop
+from medpretrain.data.crops import PoolDataset, read_crop
 from medpretrain.data.sampling import choose_patch_start
 from medpretrain.engine.module import float32_loss, log_loss_parts
 from medpretrain.errors import ConfigError
@@ -235,7 +235,7 @@ class MAESample:
     flips: tuple[bool, bool, bool]
 
 
-class MAEDataset(Dataset):
+class MAEDataset(PoolDataset, Dataset):
     """Crops of a prepared pool with their block masks: sample ``i`` is a pure function of ``(seed, i)`` and the
     data (drawn from ``sample_rng(seed, i)``), so loader workers, DDP ranks and resumed runs agree.
 
@@ -251,13 +251,7 @@ class MAEDataset(Dataset):
     """
 
     def __init__(self, data, cfg: MAEConfig, length: int = 2**62):
-        self.data, self.cfg, self.length = data, cfg, length
-        self.patch: Int3 = tuple(int(p) for p in cfg.patch)  # type: ignore[assignment]
-        cases = PoolCases(data, cfg.in_channels)
-        self.case_ids, self._fill, self._shape = cases.case_ids, cases.fill, cases.shape
-
-    def __len__(self) -> int:
-        return self.length
+        super().__init__(data, cfg, length)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s = self.sample(index)

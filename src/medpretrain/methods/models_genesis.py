@@ -91,7 +91,7 @@ from torch.utils.data import Dataset
 
 from medpretrain.blocks.optim import make_optimizer, one_cycle_optimization
 from medpretrain.config import TrainingConfig
-from medpretrain.data.crops import PoolCases, read_crop
+from medpretrain.data.crops import PoolDataset, read_crop
 from medpretrain.data.sampling import choose_patch_start
 from medpretrain.engine.module import float32_loss, log_loss_parts
 from medpretrain.methods import PretrainMethod, register_method
@@ -446,7 +446,7 @@ class GenesisSample:
     stages: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-class ModelsGenesisDataset(Dataset):
+class ModelsGenesisDataset(PoolDataset, Dataset):
     """Corrupted/original cube pairs from a prepared pool: sample ``i`` is a pure function of ``(seed, i)`` and
     the data.
 
@@ -461,17 +461,9 @@ class ModelsGenesisDataset(Dataset):
     """
 
     def __init__(self, data, cfg: ModelsGenesisConfig, length: int = 2**62):
-        self.data = data
-        self.cfg = cfg
-        self.patch: Int3 = tuple(int(p) for p in cfg.patch)  # type: ignore[assignment]
-        self.length = length
-        cases = PoolCases(data, cfg.in_channels)
-        self.case_ids, self._fill, self._shape = cases.case_ids, cases.fill, cases.shape
+        super().__init__(data, cfg, length)
         self._window = {c: intensity_window(data.case(c), cfg.in_channels) if cfg.intensity == "volume" else None
                         for c in self.case_ids}
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s = self.synthesize(index)

@@ -91,7 +91,7 @@ from torch.utils.data import Dataset
 
 from medpretrain.blocks.optim import make_optimizer, scheduled_optimization
 from medpretrain.config import TrainingConfig
-from medpretrain.data.crops import PoolCases, read_crop
+from medpretrain.data.crops import PoolDataset, read_crop
 from medpretrain.data.sampling import choose_patch_start
 from medpretrain.engine.module import log_loss_parts
 from medpretrain.errors import ConfigError
@@ -333,7 +333,7 @@ class SSLSample:
     views: list[tuple[SSLView, SSLView]]
 
 
-class SwinSSLDataset(Dataset):
+class SwinSSLDataset(PoolDataset, Dataset):
     """Samples from a prepared pool: sample ``i`` is a pure function of ``(seed, i)`` and the data.
 
     Items are ``{"view": (K, 2, C, X, Y, Z) float32, "target": (K, 2, C, X, Y, Z) float32, "rot": (K, 2) int64}``
@@ -350,17 +350,8 @@ class SwinSSLDataset(Dataset):
     """
 
     def __init__(self, data, cfg: SwinSSLConfig, length: int = 2**62):
-        self.data, self.cfg, self.length = data, cfg, length
-        cases = PoolCases(data, cfg.in_channels)
-        self.case_ids, self._fill, self._shape = cases.case_ids, cases.fill, cases.shape
+        super().__init__(data, cfg, length)
         self._range = {c: intensity_range(data.case(c), cfg.in_channels) for c in self.case_ids}
-
-    @property
-    def cases_per_pass(self) -> int:
-        return len(self.case_ids)
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s = self.sample(index)

@@ -46,7 +46,7 @@ from pydantic import field_validator, model_validator
 from torch.utils.data import Dataset
 
 from medpretrain.config import TrainingConfig
-from medpretrain.data.crops import PoolCases, read_crop, resize_linear
+from medpretrain.data.crops import PoolDataset, read_crop, resize_linear
 from medpretrain.data.sampling import choose_patch_start
 from medpretrain.blocks.optim import make_optimizer, scheduled_optimization
 from medpretrain.engine.module import SegmentationModule
@@ -346,7 +346,7 @@ class FusionSample:
     grid: FusionGrid | None = None
 
 
-class VolumeFusionDataset(Dataset):
+class VolumeFusionDataset(PoolDataset, Dataset):
     """Volume Fusion samples synthesised on the fly from a prepared pool: sample ``i`` is a pure function of
     ``(seed, i)`` and the data.
 
@@ -361,12 +361,7 @@ class VolumeFusionDataset(Dataset):
     """
 
     def __init__(self, data, cfg: VolumeFusionConfig, length: int = 2**62):
-        self.data = data
-        self.cfg = cfg
-        self.patch: Int3 = tuple(int(p) for p in cfg.patch)  # type: ignore[assignment]
-        self.length = length
-        cases = PoolCases(data, cfg.in_channels)
-        self.case_ids, self._fill, self._shape = cases.case_ids, cases.fill, cases.shape
+        super().__init__(data, cfg, length)
         if cfg.variant == "paper" and len(self.case_ids) < 2:
             raise CacheError(
                 f"{data.root}: holds {len(self.case_ids)} scan; Volume Fusion (variant 'paper') fuses crops of two "
@@ -375,9 +370,6 @@ class VolumeFusionDataset(Dataset):
         self.k = cfg.k
         self.box_min, self.box_max = cfg.box_range()
         self.block_min, self.block_max = cfg.grid_block_range()
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s = self.synthesize(index)
