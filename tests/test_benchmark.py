@@ -234,9 +234,37 @@ def test_snapshot_arms_fine_tune_from_points_of_one_long_pretraining(tmp_path):
             cmd = j.commands[0]
             step = int(j.info["method"].split("@")[1])
             assert cmd[cmd.index("--init") + 1] == str(snapshot_path(run, step))
-            assert "pretrain-avsdb-unet" in j.needs
+            # it waits for its snapshot file, which the still-running pretraining writes, not for the pretraining
+            (wait,) = [jobs[[x.name for x in jobs].index(n)] for n in j.needs if n.startswith("snapshot-")]
+            assert wait.kind == "wait" and not wait.commands and wait.done_marker == snapshot_path(run, step)
+            assert wait.needs == ["pretrain-avsdb-unet"] and "pretrain-avsdb-unet" not in j.needs
     files = job_files(cfg, out, _methods(cfg))
     written = yaml.safe_load(files[out / "configs" / "pretrain-avsdb-unet.yaml"])
     assert written["export_steps"] == [2, 4] and written["steps"] == 8
     with pytest.raises(ConfigError, match="snapshot arms"):
         plan(_config(tmp_path / "ds", methods={"a@1": {"method": "avsdb"}}), tmp_path / "o2")
+
+
+@pytest.mark.slow
+def test_snapshot_arms_run_while_the_long_pretraining_goes_on(tmp_path):
+    """A snapshot's fine-tuning starts as soon as its file exists: here it is trained and evaluated before the
+    pretraining it comes from has finished."""
+    raw = make_demo_dataset(tmp_path / "raw", n_cases=4, size=(40, 36, 20), seed=2)
+    tiny = {"model_options": {"features": [4, 4, 8, 8, 16, 4]}}
+    cfg = _config(raw, seeds=[0], pool_add_downstream_train=False, curve_fractions=[],
+                  backbones={"unet": {"model": "unet", "steps": 1, "patch": [32, 32, 16], "batch": 1,
+                                      "precision": "32-true", "pretrain": tiny,
+                                      "finetune": {**tiny, "num_workers": 0, "augment": {"enabled": False}}}},
+                  methods={"avsdb": {"preset": None, "steps": 250, "snapshots": [1],
+                                     "config": {**TINY_AVSDB, "checkpoint_every": 250}}})
+    out = tmp_path / "bench"
+    run_benchmark(cfg, out)
+    snapshot_eval = out / "runs" / "avsdb@1-unet-n2-s0" / "eval" / "metrics.json"
+    final = out / "pretrain" / "avsdb-unet" / "model.pt"
+    assert snapshot_eval.stat().st_mtime < final.stat().st_mtime
+    assert (out / "runs" / "avsdb-unet-n2-s0" / "eval" / "metrics.json").is_file()
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["runs_finished"] == 3 and not summary["failed"]
+    with pytest.raises(ConfigError, match=r"snapshots \[1500\].*not below.*1500"):
+        run_benchmark(_config(raw, methods={"avsdb": {"preset": None, "steps": 1500, "snapshots": [1500],
+                                                      "config": TINY_AVSDB}}), tmp_path / "b2")

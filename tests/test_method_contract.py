@@ -97,6 +97,28 @@ def test_registration_refuses_a_record_that_breaks_the_contract():
     assert "x-test" not in METHODS and get_method("asa").config_cls is not TrainingConfig
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_warmup_constant_schedule_is_honoured(name):
+    """``lr_schedule: warmup-constant`` (snapshots of one long pretraining, issue 20): after the warm-up every
+    method trains at its peak lr to the end, whatever its own default schedule (MAE's poly decay, Models Genesis'
+    one-cycle), so that no snapshot is taken mid-decay and the run can be extended."""
+    m = get_method(name)
+    cfg = pretrain_config(name, preset="smoke", overrides={"steps": 100, "lr_schedule": "warmup-constant",
+                                                           "warmup_fraction": 0.1})
+    module = m.build_module(cfg)
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    peaks = [g["initial_lr"] for g in opt.param_groups]
+    lrs = []
+    for step in range(100):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert lrs[0][0] < peaks[0]  # warming up
+    for step in (10, 50, 99):
+        assert lrs[step] == pytest.approx(peaks), f"step {step}: lr {lrs[step]} != peak {peaks}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_method_trains_exports_and_loads_into_fine_tuning(name, pool, tmp_path):

@@ -262,6 +262,8 @@ def test_config_errors_name_the_fix():
         _cfg(lr_step_factor=0)
     with pytest.raises(ConfigError, match="flip_axes"):
         _cfg(flip_axes="z")
+    with pytest.raises(ConfigError, match="two schedules; keep one"):
+        _cfg(schedule="step", lr_schedule="warmup-constant")
 
 
 def test_presets():

@@ -181,6 +181,8 @@ def test_config_presets_and_schedule():
         pretrain_config("volume-fusion", overrides={"boxes": (40, 10)})
     with pytest.raises(ConfigError, match="variant"):
         pretrain_config("volume-fusion", overrides={"variant": "mixup"})
+    with pytest.raises(ConfigError, match="two schedules; keep one"):
+        pretrain_config("volume-fusion", preset="paper", overrides={"lr_schedule": "warmup-constant"})
 
 
 # ---------------------------------------------------------------------------------------- deep supervision

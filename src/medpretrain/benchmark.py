@@ -46,6 +46,7 @@ from medpretrain.errors import ConfigError, MedpretrainError
 log = logging.getLogger("medpretrain")
 
 SCRATCH = "scratch"
+WAIT = "wait"  # kind of a job without commands: done when its marker file appears (written by the job it needs)
 SNAPSHOT_SEP = "@"  # volume-fusion@2000: fine-tuned from the snapshot at pretraining step 2000
 
 
@@ -290,7 +291,9 @@ class Job:
 
     Attributes:
         name: unique name (also its log file name).
-        kind: ``prepare``, ``pretrain`` or ``finetune`` (fine-tuning then evaluation).
+        kind: ``prepare``, ``pretrain``, ``finetune`` (fine-tuning then evaluation), ``select`` (the validation
+            choice) or ``wait`` (no command: done when a file another job writes appears, e.g. a snapshot of a
+            pretraining that is still running).
         commands: the ``medpretrain`` argument lists, run in order.
         done_marker: the file whose existence means the job is finished.
         needs: names of the jobs that must finish first.
@@ -422,13 +425,24 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
             pretrain_jobs[(m_name, b_name)] = shared[key] = job
     from medpretrain.engine.snapshots import snapshot_path
 
+    snapshot_jobs: dict[Path, Job] = {}
+
     def init_args(m_name: str, b_name: str) -> tuple[list[str], list[str]]:
         if m_name == SCRATCH:
             return [], []
         entry, _, step = m_name.partition(SNAPSHOT_SEP)
         pre = pretrain_jobs[(entry, b_name)]
-        model = snapshot_path(pre.info["run"], int(step)) if step else Path(pre.info["run"]) / "model.pt"
-        return ["--init", str(model), "--init-part", cfg.backbones[b_name].init_part], [pre.name]
+        if not step:
+            return ["--init", str(Path(pre.info["run"]) / "model.pt"), "--init-part", cfg.backbones[b_name].init_part], \
+                [pre.name]
+        # A snapshot arm waits for its snapshot file only, not for the end of the long pretraining: its
+        # fine-tunings run beside the pretraining that is still going, and a session that ends mid-way keeps them.
+        model = snapshot_path(pre.info["run"], int(step))
+        if model not in snapshot_jobs:
+            snapshot_jobs[model] = Job(f"snapshot-{pre.name.removeprefix('pretrain-')}{SNAPSHOT_SEP}{step}", WAIT, [],
+                                       model, needs=[pre.name], info={"run": pre.info["run"], "step": int(step)})
+            jobs.append(snapshot_jobs[model])
+        return ["--init", str(model), "--init-part", cfg.backbones[b_name].init_part], [snapshot_jobs[model].name]
 
     arms = [(m_name, b_name) for b_name in cfg.backbones for m_name in [SCRATCH, *methods]
             if m_name == SCRATCH or (m_name, b_name) in pretrain_jobs]
@@ -752,8 +766,10 @@ class _Runner:
 
     def run(self) -> None:
         todo = [j for j in self.jobs.values() if not j.done]
-        total, finished = len(self.jobs), len(self.jobs) - len(todo)
-        log.info("benchmark: %d job(s), %d done already, %d to run, %d at a time", total, finished, len(todo),
+        total = sum(j.kind != WAIT for j in self.jobs.values())
+        finished = total - sum(j.kind != WAIT for j in todo)
+        todo_count = len(todo) - sum(j.kind == WAIT for j in todo)
+        log.info("benchmark: %d job(s), %d done already, %d to run, %d at a time", total, finished, todo_count,
                  self.parallel)
         pending = list(todo)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -780,11 +796,23 @@ class _Runner:
                     if name in self.trained:  # evaluate-only jobs would make the ETA optimistic
                         self.durations.setdefault((job.kind, job.info.get("backbone")), []).append(seconds)
                     finished += 1
-                    left = pending + [self.jobs[n] for n in self.running]
+                    left = [j for j in pending if j.kind != WAIT] + [self.jobs[n] for n in self.running]
                     log.info("[%d/%d] %s done in %s; %s", finished, total, name, _fmt_s(seconds), self._eta(left))
+                for job in [j for j in pending if j.kind == WAIT]:
+                    if job.done:
+                        pending.remove(job)
+                    elif any(n in self.failed for n in job.needs) or all(self.jobs[n].done for n in job.needs):
+                        pending.remove(job)  # its writer failed, or finished without writing it
+                        self.failed[job.name] = (f"{', '.join(job.needs)} finished without writing {job.done_marker}"
+                                                 if all(self.jobs[n].done for n in job.needs) else
+                                                 "skipped: " + ", ".join(n for n in job.needs if n in self.failed)
+                                                 + " failed")
+                        log.error("%s: %s", job.name, self.failed[job.name])
                 for job in list(pending):
                     if len(self.running) >= self.parallel:
                         break
+                    if job.kind == WAIT:
+                        continue
                     if any(n in self.failed for n in job.needs):
                         pending.remove(job)
                         self.failed[job.name] = "skipped: " + ", ".join(n for n in job.needs if n in self.failed) \
@@ -844,6 +872,10 @@ def _validate_job_settings(cfg: BenchmarkConfig, methods: dict[str, MethodSettin
                 pre = pretrain_config(_base(m_name, m), None, m.preset, {**b.pretrain, **m.config, "model": b.model,
                                                                 **({"steps": m.steps} if m.steps else {})})
                 get_spec(pre.model).check_patch(pre.patch, pre.model_options)
+                if late := [s for s in m.snapshots if s >= pre.steps]:
+                    raise ConfigError(f"benchmark method '{m_name}': snapshots {late} are not below its {pre.steps} "
+                                      "pretraining steps (the run's own model.pt is the arm of its last step); list "
+                                      "earlier steps or raise steps")
 
 
 def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, parallel: int | None = None,

@@ -62,7 +62,7 @@ from pydantic import field_validator, model_validator
 from torch.utils.data import Dataset
 
 from medpretrain.blocks.masking import masked_mse, patchify, random_token_mask
-from medpretrain.blocks.optim import make_optimizer, one_cycle_optimization
+from medpretrain.blocks.optim import make_optimizer, scheduled_optimization
 from medpretrain.config import TrainingConfig
 from medpretrain.data.crops import PoolDataset, read_crop
 from medpretrain.data.sampling import choose_patch_start
@@ -88,7 +88,9 @@ class MAEConfig(TrainingConfig):
         sgd_momentum, nesterov: SGD's momentum and whether it is Nesterov's (nnssl: 0.99, True).
         betas: Adam(W)'s betas.
         schedule: ``poly`` (nnssl: ``(1 - step / steps) ** poly_exponent`` after an optional linear warm-up of
-            ``warmup_fraction`` of the steps) or ``one-cycle`` (``blocks.optim``).
+            ``warmup_fraction`` of the steps) or ``one-cycle`` (``blocks.optim``). ``lr_schedule:
+            warmup-constant`` (``TrainingConfig``) replaces either: the warm-up, then the peak lr to the end, for
+            snapshots of one long run that no decay tied to its end has reached.
         poly_exponent: exponent of the polynomial decay (nnU-Net: 0.9).
         grad_clip: clip the gradient norm to this value (nnssl: 12); None = no clipping.
     """
@@ -334,8 +336,8 @@ class MAEModule(pl.LightningModule):
         else:
             opt = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay, betas=tuple(cfg.betas),
                                  sgd_momentum=cfg.sgd_momentum)
-        if cfg.schedule == "one-cycle":
-            return one_cycle_optimization(opt, cfg.steps, cfg.warmup_fraction)
+        if cfg.lr_schedule == "warmup-constant" or cfg.schedule == "one-cycle":
+            return scheduled_optimization(opt, cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: poly_factor(step, cfg.steps, cfg.warmup_fraction, cfg.poly_exponent))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -89,7 +89,7 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 from torch.utils.data import Dataset
 
-from medpretrain.blocks.optim import make_optimizer, one_cycle_optimization
+from medpretrain.blocks.optim import make_optimizer, scheduled_optimization
 from medpretrain.config import TrainingConfig
 from medpretrain.data.crops import PoolDataset, read_crop
 from medpretrain.data.sampling import choose_patch_start
@@ -133,8 +133,9 @@ class ModelsGenesisConfig(TrainingConfig):
         output: ``sigmoid`` (the official network's output activation) or ``linear`` (the raw output).
         optimizer: ``adamw`` (CPU recipe), ``adam`` or ``sgd`` (official, with ``sgd_momentum``).
         sgd_momentum: SGD momentum (official 0.9).
-        schedule: ``one-cycle`` (warm-up then cosine decay, see ``TrainingConfig``) or ``step`` (official: the
-            learning rate times ``lr_step_factor`` every ``lr_step_every`` steps).
+        schedule: ``one-cycle`` (the ``lr_schedule`` of ``TrainingConfig``: warm-up then cosine decay, or warm-up
+            then constant with ``lr_schedule: warmup-constant``) or ``step`` (official: the learning rate times
+            ``lr_step_factor`` every ``lr_step_every`` steps; not combined with ``warmup-constant``).
         lr_step_every, lr_step_factor: the step schedule (official: halved every 40 epochs, ~95k steps).
     """
 
@@ -201,6 +202,13 @@ class ModelsGenesisConfig(TrainingConfig):
         if any(s < 1 for s in v):
             raise ValueError("every side must be >= 1, e.g. (64, 64, 32) (official)")
         return v
+
+    @model_validator(mode="after")
+    def _one_schedule(self):
+        if self.schedule == "step" and self.lr_schedule == "warmup-constant":
+            raise ValueError("schedule 'step' and lr_schedule 'warmup-constant' are two schedules; keep one "
+                             "(schedule: one-cycle with lr_schedule: warmup-constant for snapshots of a long run)")
+        return self
 
     @model_validator(mode="after")
     def _cnn(self):
@@ -575,7 +583,7 @@ class ModelsGenesisModule(pl.LightningModule):
             every, factor = cfg.lr_step_every, cfg.lr_step_factor
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: step_factor(step, every, factor))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        return one_cycle_optimization(opt, cfg.steps, cfg.warmup_fraction)
+        return scheduled_optimization(opt, cfg)  # one-cycle, or warm-up then constant (lr_schedule)
 
 
 def _model_meta(cfg: ModelsGenesisConfig) -> dict:

@@ -78,8 +78,9 @@ class VolumeFusionConfig(TrainingConfig):
         grid_intensity: random percentile window, gamma and inversion of the two crops (grid variant).
         optimizer: ``adamw`` (the project's recipe) or ``adam`` (the paper's; ``weight_decay`` is then an L2
             term added to the gradient, as in ``torch.optim.Adam``).
-        schedule: ``one-cycle`` (warm-up then cosine decay, see ``TrainingConfig``) or ``step`` (the paper's:
-            the learning rate is multiplied by ``lr_step_factor`` every ``lr_step_every`` steps).
+        schedule: ``one-cycle`` (the ``lr_schedule`` of ``TrainingConfig``: warm-up then cosine decay, or warm-up
+            then constant with ``lr_schedule: warmup-constant``) or ``step`` (the paper's: the learning rate is
+            multiplied by ``lr_step_factor`` every ``lr_step_every`` steps; not combined with ``warmup-constant``).
         lr_step_every, lr_step_factor: the step schedule.
         target: ``real`` (the task) or ``shuffled``, a control: the network is trained to output the fusion
             map of another, independent draw, so the target carries no information about the image. If
@@ -147,6 +148,9 @@ class VolumeFusionConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _ranges(self):
+        if self.schedule == "step" and self.lr_schedule == "warmup-constant":
+            raise ValueError("schedule 'step' and lr_schedule 'warmup-constant' are two schedules; keep one "
+                             "(schedule: one-cycle with lr_schedule: warmup-constant for snapshots of a long run)")
         m0, m1 = self.boxes
         if not 0 <= m0 <= m1:
             raise ValueError(f"boxes {tuple(self.boxes)} must be (m0, m1) with 0 <= m0 <= m1, e.g. (10, 40)")
