@@ -91,6 +91,29 @@ def test_pretraining_killed_then_resumed_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(res[name], ref[name], rtol=0, atol=0, msg=name)
 
 
+def test_a_resumed_run_keeps_the_loss_curve_of_its_earlier_sessions(tmp_path):
+    """Lightning's CSV logger deletes metrics.csv when a run resumes; ours keeps the rows logged before the
+    checkpoint it resumes from and drops those the interrupted session logged after it (not the run's
+    trajectory), so a long pretraining resumed across sessions has one loss curve without repeated steps."""
+    import csv
+
+    cfg = pretrain_config("avsdb", overrides={**TINY, "steps": 6, "checkpoint_every": 2})
+    run = pretrain("avsdb", None, tmp_path / "run", cfg)
+    metrics = run / "logs" / "csv" / "metrics.csv"
+    first = [int(float(r["step"])) for r in csv.DictReader(open(metrics, encoding="utf-8"))]
+    assert first and min(first) < 4 and max(first) >= 4
+    # Interrupted after step 4's checkpoint: later checkpoints and the export never happened.
+    for path in [run / "model.pt", run / "checkpoints" / "last.ckpt", *run.glob("checkpoints/step000000[5-9].ckpt")]:
+        path.unlink(missing_ok=True)
+    assert [torch.load(p, weights_only=False)["global_step"] for p in run.glob("checkpoints/*.ckpt")] == [4]
+    pretrain("avsdb", None, run, cfg, resume=True)
+    rows = list(csv.DictReader(open(metrics, encoding="utf-8")))
+    steps = [int(float(r["step"])) for r in rows]
+    assert [s for s in steps if s < 4] == [s for s in first if s < 4]  # the first session's rows before step 4
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) and max(steps) >= 4
+    assert all(r["train/loss"] not in ("", None) for r in rows)
+
+
 def test_snapshots_of_a_long_pretraining_load_like_model_pt(tmp_path):
     """``export_steps`` writes the downstream network at those steps (``snapshots/``), in model.pt's format,
     and ``warmup-constant`` keeps the peak lr after the warm-up."""

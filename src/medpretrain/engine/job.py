@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from medpretrain.atomic import atomic_torch_save, check_writable_folder
 from medpretrain.config import TrainingConfig
 from medpretrain.data.sampling import StepSampler
+from medpretrain.engine.checkpointing import checkpoint_step
 from medpretrain.engine.trainer import (
     build_trainer, check_same_config, check_same_data, check_trainer_settings, configure_cuda_math, is_launcher_child,
     resolve_precision, resume_or_refuse, update_run_file,
@@ -168,6 +169,7 @@ def _run_training_locked(run_dir: Path, cfg: TrainingConfig, *, kind, build_modu
         strategy=cfg.strategy,
         deterministic=cfg.deterministic,
         callbacks=callbacks,
+        resume_step=checkpoint_step(ckpt) if ckpt is not None else None,
     )
     trainer.fit(module, datamodule=StepDataModule(dataset, cfg), ckpt_path=str(ckpt) if ckpt else None)
     if trainer.interrupted or trainer.global_step < cfg.steps:

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from medpretrain.atomic import atomic_write_json
 from medpretrain.engine.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
@@ -268,6 +269,50 @@ def check_same_data(run_file: Path, run_info: dict[str, Any], keys: Sequence[str
                           f"({described}); resume with the original --data or start a new --out")
 
 
+class _ResumedMetricsWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that a resumed run keeps the rows its earlier sessions logged before the
+    checkpoint it resumes from (Lightning's writer deletes ``metrics.csv``: a long pretraining resumed across
+    sessions would lose the loss curve its snapshots and pretext report are read from). Rows logged after that
+    checkpoint, by the session that was interrupted, are dropped: they are not the trajectory of the run."""
+
+    def __init__(self, log_dir: str, resume_step: int) -> None:
+        self._resume_step = resume_step
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        import csv
+
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < self._resume_step]
+        self.metrics_keys = sorted(keys)
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+
+
+class _ResumableCSVLogger(CSVLogger):
+    """``CSVLogger`` whose ``metrics.csv`` survives a resume (see ``_ResumedMetricsWriter``)."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._resume_step = resume_step
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None and self._resume_step is not None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumedMetricsWriter(self.log_dir, self._resume_step)
+        return super().experiment
+
+
 def build_trainer(
     run_dir: Path,
     *,
@@ -280,9 +325,12 @@ def build_trainer(
     strategy: str,
     deterministic: bool,
     callbacks: Sequence[Callback] = (),
+    resume_step: int | None = None,
 ) -> pl.Trainer:
     """A Lightning Trainer writing checkpoints to ``run_dir/checkpoints`` every ``epoch_steps`` steps
-    (atomically; the two newest plus ``last.ckpt``) and logs to ``run_dir/logs`` (CSV and TensorBoard)."""
+    (atomically; the two newest plus ``last.ckpt``) and logs to ``run_dir/logs`` (CSV and TensorBoard).
+    ``resume_step``: the global step of the checkpoint a resumed run continues from (its CSV log keeps the rows
+    before it)."""
     quiet_library_chatter()
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -297,7 +345,7 @@ def build_trainer(
     interactive = sys.stderr.isatty() and not is_launcher_child()
     progress: list[Callback] = [RichProgressBar()] if interactive else [StepLogger(max_steps)]
     loggers = [
-        CSVLogger(run_dir, name="logs", version="csv"),
+        _ResumableCSVLogger(run_dir, name="logs", version="csv", resume_step=resume_step),
         TensorBoardLogger(run_dir, name="logs", version="tensorboard", default_hp_metric=False),
     ]
     return pl.Trainer(
