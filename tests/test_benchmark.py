@@ -245,6 +245,33 @@ def test_snapshot_arms_fine_tune_from_points_of_one_long_pretraining(tmp_path):
         plan(_config(tmp_path / "ds", methods={"a@1": {"method": "avsdb"}}), tmp_path / "o2")
 
 
+def test_validation_grid_for_snapshot_arms_and_calibration_only(tmp_path):
+    """``validation.snapshots: method``: a budget curve's snapshot arms use the lr their method's final network
+    chose (no grid of their own); ``validation.only``: the grid and nothing else, for calibrating a recipe on
+    validation cases without a single test run."""
+    methods = {"avsdb": {"preset": None, "steps": 8, "snapshots": [2, 4], "config": TINY_AVSDB}}
+    grid = {"cases": 2, "lr": [0.001, 0.003]}
+    own = plan(_config(tmp_path / "ds", methods=methods, validation=grid), tmp_path / "own")
+    assert sorted(j.name for j in own if j.kind == "select") == [
+        "select-avsdb-unet", "select-avsdb@2-unet", "select-avsdb@4-unet", "select-scratch-unet"]
+    out = (tmp_path / "method").resolve()
+    jobs = {j.name: j for j in plan(_config(tmp_path / "ds", methods=methods,
+                                            validation={**grid, "snapshots": "method"}), out)}
+    assert sorted(n for n, j in jobs.items() if j.kind == "select") == ["select-avsdb-unet", "select-scratch-unet"]
+    assert not [n for n in jobs if n.startswith("val-avsdb@")]
+    for seed in (0, 1):
+        ft = jobs[f"avsdb@2-unet-n2-s{seed}"]
+        assert "select-avsdb-unet" in ft.needs
+        assert ft.commands[0][ft.commands[0].index("--config") + 1] == str(out / "configs" / "finetune-unet-avsdb.yaml")
+    calibration = plan(_config(tmp_path / "ds", only=[], methods={}, validation={**grid, "only": True},
+                               backbones={"short": {"model": "unet", "steps": 2, "patch": [32, 32, 16]},
+                                          "long": {"model": "unet", "steps": 4, "patch": [32, 32, 16]}}),
+                       tmp_path / "cal")
+    assert sorted(j.name for j in calibration if j.kind == "finetune") == [
+        "val-scratch-long-lr0.001", "val-scratch-long-lr0.003", "val-scratch-short-lr0.001", "val-scratch-short-lr0.003"]
+    assert all(j.info.get("validation") for j in calibration if j.kind == "finetune")
+
+
 @pytest.mark.slow
 def test_snapshot_arms_run_while_the_long_pretraining_goes_on(tmp_path):
     """A snapshot's fine-tuning starts as soon as its file exists: here it is trained and evaluated before the

@@ -123,6 +123,11 @@ class ValidationSettings(_Strict):
         seed: seed of that draw.
         n_labeled, run_seed: the labelled-set size and seed the grid runs at (one run per arm and grid point).
         lr: the learning rates tried; each arm then runs with the one of best validation Dice.
+        snapshots: ``own``: every snapshot arm (``<method>@<step>``) runs the grid too; ``method``: snapshot arms
+            use the lr their method's final network chose (a budget curve with many points at a fraction of the
+            cost; the earlier points may then be a little under-tuned).
+        only: run the grid and nothing else (no test runs): calibrating a recipe, e.g. backbones that differ in
+            patch or steps compared on validation Dice, never on test.
     """
 
     cases: int = 8
@@ -130,6 +135,8 @@ class ValidationSettings(_Strict):
     n_labeled: int = 4
     run_seed: int = 0
     lr: list[float] = [3e-4, 1e-3, 3e-3]
+    snapshots: Literal["own", "method"] = "own"
+    only: bool = False
 
     @field_validator("lr")
     @classmethod
@@ -455,6 +462,8 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
     if cfg.validation is not None:
         v = cfg.validation
         for m_name, b_name in arms:
+            if SNAPSHOT_SEP in m_name and v.snapshots == "method":
+                continue  # uses its method's choice (below)
             grid_runs, grid_jobs = [], []
             for lr in v.lr:
                 run = out / "validation" / f"{m_name}-{b_name}-lr{lr:g}"
@@ -478,6 +487,11 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                       target, needs=grid_jobs, info={"method": m_name, "backbone": b_name})
             jobs.append(sel)
             selected[(m_name, b_name)] = sel
+        for m_name, b_name in arms:
+            if (m_name, b_name) not in selected:
+                selected[(m_name, b_name)] = selected[(m_name.partition(SNAPSHOT_SEP)[0], b_name)]
+        if v.only:
+            return _checked(jobs)
     # Seeds outermost: a partial benchmark has complete seeds rather than one method at every seed.
     for seed in cfg.seeds:
         for n in cfg.n_labeled:
@@ -502,6 +516,10 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                                       "run": str(run)}))
             if cfg.nnunet_scratch is not None:
                 jobs.append(_nnunet_scratch_job(cfg, out, prepared, n, seed))
+    return _checked(jobs)
+
+
+def _checked(jobs: list[Job]) -> list[Job]:
     names = {j.name for j in jobs}
     assert all(n in names for j in jobs for n in j.needs), "a job needs a job that is not planned"
     return jobs
