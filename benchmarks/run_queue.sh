@@ -10,12 +10,14 @@ source .venv/bin/activate
 profiles=(
   asa-la2018-ema        # issue 19 (ASA with the EMA fix) + issue 23 (swinunetr-ssl)
   transfer-la2018       # issue 23: mae and models-genesis arms (the VF arms are done)
+  scaling-la2018:transfer-la2018  # issue 20: standard-resolution budget points, in transfer-la2018's folder
   scaling-la2018-proxy  # issue 20: budget curves, la2018 at 2.5 mm
   btcv-calibration      # issue 20: BTCV scratch recipe on validation only
   scaling-btcv-proxy    # issue 20: budget curves, BTCV at 4 mm
 )
-for p in "${profiles[@]}"; do
-  echo "$(date -u +%H:%M:%S) queue: $p"
-  medpretrain benchmark --config "benchmarks/$p.yaml" --out "runs/$p"
+for entry in "${profiles[@]}"; do
+  p=${entry%%:*} out=${entry#*:}  # profile[:folder]
+  echo "$(date -u +%H:%M:%S) queue: $p in runs/$out"
+  medpretrain benchmark --config "benchmarks/$p.yaml" --out "runs/$out"
 done
 echo "$(date -u +%H:%M:%S) queue: all done"
