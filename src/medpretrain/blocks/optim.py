@@ -67,6 +67,13 @@ def warmup_constant_factor(step: int, total_steps: int, warmup_fraction: float, 
     return 1.0
 
 
+def check_one_schedule(schedule: str, lr_schedule: str) -> None:
+    """Refuse a method's own ``step`` schedule beside ``lr_schedule: warmup-constant``: two schedules, one lr."""
+    if schedule == "step" and lr_schedule == "warmup-constant":
+        raise ValueError("schedule 'step' and lr_schedule 'warmup-constant' are two schedules; keep one "
+                         "(schedule: one-cycle with lr_schedule: warmup-constant for snapshots of a long run)")
+
+
 def scheduled_optimization(optimizer: torch.optim.Optimizer, cfg) -> dict:
     """What ``LightningModule.configure_optimizers`` returns for ``optimizer`` under the schedule a
     ``TrainingConfig`` names (``lr_schedule``: one-cycle or warm-up then constant, over ``cfg.steps`` with

@@ -89,7 +89,7 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 from torch.utils.data import Dataset
 
-from medpretrain.blocks.optim import make_optimizer, scheduled_optimization
+from medpretrain.blocks.optim import check_one_schedule, make_optimizer, scheduled_optimization
 from medpretrain.config import TrainingConfig
 from medpretrain.data.crops import PoolDataset, read_crop
 from medpretrain.data.sampling import choose_patch_start
@@ -205,9 +205,7 @@ class ModelsGenesisConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _one_schedule(self):
-        if self.schedule == "step" and self.lr_schedule == "warmup-constant":
-            raise ValueError("schedule 'step' and lr_schedule 'warmup-constant' are two schedules; keep one "
-                             "(schedule: one-cycle with lr_schedule: warmup-constant for snapshots of a long run)")
+        check_one_schedule(self.schedule, self.lr_schedule)
         return self
 
     @model_validator(mode="after")

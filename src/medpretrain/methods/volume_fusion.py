@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 from medpretrain.config import TrainingConfig
 from medpretrain.data.crops import PoolDataset, read_crop, resize_linear
 from medpretrain.data.sampling import choose_patch_start
-from medpretrain.blocks.optim import make_optimizer, scheduled_optimization
+from medpretrain.blocks.optim import check_one_schedule, make_optimizer, scheduled_optimization
 from medpretrain.engine.module import SegmentationModule
 from medpretrain.errors import CacheError
 from medpretrain.methods import PretrainMethod, register_method
@@ -148,9 +148,7 @@ class VolumeFusionConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _ranges(self):
-        if self.schedule == "step" and self.lr_schedule == "warmup-constant":
-            raise ValueError("schedule 'step' and lr_schedule 'warmup-constant' are two schedules; keep one "
-                             "(schedule: one-cycle with lr_schedule: warmup-constant for snapshots of a long run)")
+        check_one_schedule(self.schedule, self.lr_schedule)
         m0, m1 = self.boxes
         if not 0 <= m0 <= m1:
             raise ValueError(f"boxes {tuple(self.boxes)} must be (m0, m1) with 0 <= m0 <= m1, e.g. (10, 40)")
