@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
-# The measurement queue of the open issues (19, 20, 23), in order, each profile resumable: run it in the background
-# at the start of a session and stop it (Ctrl-C / kill -INT) before the session ends; the next run of this script
-# skips what is finished and continues where it stopped.
+# The measurement queue of the open issues (19, 20, 23), in order, each entry resumable and sized to finish within
+# one 3-hour session on the 2-core CPU (a session's runs/ does not survive it: only what is committed does).
 #   nohup bash benchmarks/run_queue.sh > runs/queue.log 2>&1 &
-# Stop cleanly:  pkill -INT -f "medpretrain benchmark"  (the driver stops its jobs at their last checkpoint)
+# Stop cleanly:  pkill -INT -f "medpretrain benchmark"  (the driver stops its jobs; this script then keeps the
+# finished jobs' results in docs/results/raw/FOLDER, to be committed: benchmarks/keep_runs.py)
+# Each entry: PROFILE FOLDER [JOB-GLOB ...] (no glob = the whole profile). Before it runs, what earlier sessions
+# kept of FOLDER is restored, so finished jobs are skipped and their pretrainings are not re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
-profiles=(
-  asa-la2018-ema        # issue 19 (ASA with the EMA fix) + issue 23 (swinunetr-ssl)
-  transfer-la2018       # issue 23: mae and models-genesis arms (the VF arms are done)
-  scaling-la2018:transfer-la2018  # issue 20: standard-resolution budget points, in transfer-la2018's folder
-  scaling-la2018-proxy  # issue 20: budget curves, la2018 at 2.5 mm
-  btcv-calibration      # issue 20: BTCV scratch recipe on validation only
-  scaling-btcv-proxy    # issue 20: budget curves, BTCV at 4 mm
+entries=(
+  # issue 20: la2018 budget curves at 2.5 mm, one method per session (~2 h each): scratch, null, Volume Fusion
+  "scaling-la2018-proxy scaling-la2018-proxy scratch-* *null* *volume-fusion*"
+  "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
+  "scaling-la2018-proxy scaling-la2018-proxy *mae*"
+  "btcv-calibration btcv-calibration"                # issue 20: BTCV scratch recipe on validation cases only
+  "scaling-btcv-proxy scaling-btcv-proxy"            # issue 20: BTCV budget curves at 4 mm
+  "asa-la2018-ema asa-la2018-ema"                    # issue 19 (ASA, EMA fixed) + 23 (swinunetr-ssl): ~10 h of Swin
 )
-for entry in "${profiles[@]}"; do
-  p=${entry%%:*} out=${entry#*:}  # profile[:folder]
-  echo "$(date -u +%H:%M:%S) queue: $p in runs/$out"
-  medpretrain benchmark --config "benchmarks/$p.yaml" --out "runs/$out"
+current=""
+keep() { [ -n "$current" ] && python benchmarks/keep_runs.py save "runs/$current" "docs/results/raw/$current" || true; }
+trap keep EXIT
+for entry in "${entries[@]}"; do
+  read -r profile folder globs <<< "$entry"
+  current=$folder
+  python benchmarks/keep_runs.py restore "docs/results/raw/$folder" "runs/$folder"
+  args=()
+  set -f  # the globs are medpretrain's, not the shell's
+  for g in $globs; do args+=(--jobs "$g"); done
+  set +f
+  echo "$(date -u +%H:%M:%S) queue: $profile in runs/$folder ${globs:-(all jobs)}"
+  medpretrain benchmark --config "benchmarks/$profile.yaml" --out "runs/$folder" "${args[@]}"
+  keep
 done
 echo "$(date -u +%H:%M:%S) queue: all done"

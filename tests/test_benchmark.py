@@ -23,6 +23,15 @@ TINY_AVSDB = {"patch": [32, 32, 32], "batch": 1, "num_workers": 0, "precision": 
               "generator": {"size": [32, 32, 32], "n_shapes": 4}}
 
 
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _config(dataset: Path, **kw) -> BenchmarkConfig:
     values = {
         "name": "tiny", "dataset": str(dataset), "preprocess": {"modality": "MR", "spacing": [1.5, 1.5, 2.0]},
@@ -273,25 +282,63 @@ def test_validation_grid_for_snapshot_arms_and_calibration_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_snapshot_arms_run_while_the_long_pretraining_goes_on(tmp_path):
-    """A snapshot's fine-tuning starts as soon as its file exists: here it is trained and evaluated before the
-    pretraining it comes from has finished."""
+def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new_folder(tmp_path):
+    """A snapshot's fine-tuning waits for its snapshot file, not for the end of the pretraining it comes from (so
+    it runs beside a long pretraining). A finished folder kept by benchmarks/keep_runs.py (small result files, no
+    checkpoints nor prepared arrays) and restored elsewhere gives the same report without re-running anything:
+    the pretraining and preparations nobody needs any more are not re-run."""
     raw = make_demo_dataset(tmp_path / "raw", n_cases=4, size=(40, 36, 20), seed=2)
     tiny = {"model_options": {"features": [4, 4, 8, 8, 16, 4]}}
     cfg = _config(raw, seeds=[0], pool_add_downstream_train=False, curve_fractions=[],
                   backbones={"unet": {"model": "unet", "steps": 1, "patch": [32, 32, 16], "batch": 1,
                                       "precision": "32-true", "pretrain": tiny,
                                       "finetune": {**tiny, "num_workers": 0, "augment": {"enabled": False}}}},
-                  methods={"avsdb": {"preset": None, "steps": 250, "snapshots": [1],
-                                     "config": {**TINY_AVSDB, "checkpoint_every": 250}}})
+                  methods={"avsdb": {"preset": None, "steps": 3, "snapshots": [1],
+                                     "config": {**TINY_AVSDB, "checkpoint_every": 3}}})
     out = tmp_path / "bench"
+    jobs = {j.name: j for j in plan(cfg, out)}
+    snap = jobs["avsdb@1-unet-n2-s0"]
+    assert "pretrain-avsdb-unet" not in snap.needs and "snapshot-avsdb-unet@1" in snap.needs
+    assert jobs["snapshot-avsdb-unet@1"].kind == "wait"
     run_benchmark(cfg, out)
-    snapshot_eval = out / "runs" / "avsdb@1-unet-n2-s0" / "eval" / "metrics.json"
-    final = out / "pretrain" / "avsdb-unet" / "model.pt"
-    assert snapshot_eval.stat().st_mtime < final.stat().st_mtime
-    assert (out / "runs" / "avsdb-unet-n2-s0" / "eval" / "metrics.json").is_file()
+    assert (out / "runs" / "avsdb@1-unet-n2-s0" / "eval" / "metrics.json").is_file()
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["runs_finished"] == 3 and not summary["failed"]
+
+    keep = _load_script("keep_runs")
+    kept, moved = tmp_path / "kept", tmp_path / "moved"
+    keep.save(out, kept, models=False)
+    assert not [p for p in kept.rglob("*") if p.suffix in (".pt", ".ckpt", ".npy", ".png")]
+    assert (kept / "runs" / "avsdb@1-unet-n2-s0" / "eval" / "metrics.json").is_file()
+    # the folder's absolute paths are part of the recorded commands: restore where it ran (a new session's
+    # checkout of the same path); here the original is moved away first
+    out.rename(moved)
+    keep.restore(kept, out)
+    restored = plan(cfg, out)
+    from medpretrain.benchmark import unneeded_jobs
+
+    assert unneeded_jobs(restored) == {"prepare-downstream", "pretrain-avsdb-unet", "snapshot-avsdb-unet@1"}
+    assert all(j.done for j in restored if j.kind in ("finetune", "select"))
+    run_benchmark(cfg, out)  # runs nothing (no prepared data, no checkpoint here) and rewrites the report
+    assert not (out / "prepared").exists() and not (out / "pretrain" / "avsdb-unet" / "model.pt").exists()
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8")) == summary
     with pytest.raises(ConfigError, match=r"snapshots \[1500\].*not below.*1500"):
         run_benchmark(_config(raw, methods={"avsdb": {"preset": None, "steps": 1500, "snapshots": [1500],
                                                       "config": TINY_AVSDB}}), tmp_path / "b2")
+
+
+def test_select_jobs_runs_one_part_of_a_profile_with_what_it_needs(tmp_path):
+    from medpretrain.benchmark import select_jobs
+
+    cfg = _config(tmp_path / "ds", methods={"avsdb": {"preset": None, "steps": 4, "snapshots": [2]}},
+                  validation={"cases": 1, "lr": [0.001, 0.01]}, seeds=[0])
+    jobs = plan(cfg, tmp_path / "out")
+    chosen = [j.name for j in select_jobs(jobs, ["avsdb@2-*"])]
+    assert chosen == ["prepare-downstream", "pretrain-avsdb-unet", "snapshot-avsdb-unet@2",  # AVS-DB: no pool
+                      "val-avsdb@2-unet-lr0.001", "val-avsdb@2-unet-lr0.01", "select-avsdb@2-unet",
+                      "avsdb@2-unet-n2-s0"]
+    assert {j.name for j in select_jobs(jobs, ["scratch-*"])} == {
+        "prepare-downstream", "val-scratch-unet-lr0.001", "val-scratch-unet-lr0.01", "select-scratch-unet",
+        "scratch-unet-n2-s0"}
+    with pytest.raises(ConfigError, match="--jobs nothing-\\*: matches none.*--dry-run"):
+        select_jobs(jobs, ["nothing-*"])

@@ -519,6 +519,45 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
     return _checked(jobs)
 
 
+def select_jobs(jobs: list[Job], patterns: list[str]) -> list[Job]:
+    """The jobs whose names match any of the glob ``patterns``, with every job they need (transitively), in plan
+    order: run one part of a profile now (e.g. one method's arms with ``'*volume-fusion*'``) and the rest later,
+    in the same folder."""
+    from fnmatch import fnmatchcase
+
+    by_name = {j.name: j for j in jobs}
+    chosen = {j.name for j in jobs if any(fnmatchcase(j.name, p) for p in patterns)}
+    if not chosen:
+        raise ConfigError(f"--jobs {' '.join(patterns)}: matches none of the benchmark's {len(jobs)} jobs (e.g. "
+                          f"{', '.join(j.name for j in jobs[-3:])}); list them with --dry-run")
+    stack = list(chosen)
+    while stack:
+        for need in by_name[stack.pop()].needs:
+            if need not in chosen:
+                chosen.add(need)
+                stack.append(need)
+    return [j for j in jobs if j.name in chosen]
+
+
+def unneeded_jobs(jobs: list[Job]) -> set[str]:
+    """Unfinished jobs whose every dependent is finished (or itself unneeded): their product is no longer needed.
+
+    A benchmark folder restored from kept results (``benchmarks/keep_runs.py``: metrics, curves and choices,
+    without checkpoints or prepared arrays) has its fine-tunings done but no ``model.pt`` of their pretrainings;
+    those pretrainings, snapshots and preparations are not re-run unless an unfinished job still needs them."""
+    dependents: dict[str, list[str]] = {j.name: [] for j in jobs}
+    for j in jobs:
+        for need in j.needs:
+            dependents[need].append(j.name)
+    settled = {j.name for j in jobs if j.done}  # finished, or not needed any more
+    unneeded: set[str] = set()
+    for j in reversed(jobs):  # plan order respects dependencies: a job's dependents are decided before it
+        if j.name not in settled and dependents[j.name] and all(d in settled for d in dependents[j.name]):
+            unneeded.add(j.name)
+            settled.add(j.name)
+    return unneeded
+
+
 def _checked(jobs: list[Job]) -> list[Job]:
     names = {j.name for j in jobs}
     assert all(n in names for j in jobs for n in j.needs), "a job needs a job that is not planned"
@@ -897,7 +936,7 @@ def _validate_job_settings(cfg: BenchmarkConfig, methods: dict[str, MethodSettin
 
 
 def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, parallel: int | None = None,
-                  dry_run: bool = False, report_only: bool = False) -> Path:
+                  dry_run: bool = False, report_only: bool = False, select: list[str] | None = None) -> Path:
     """Run (or continue) a benchmark and write its report.
 
     Args:
@@ -907,6 +946,8 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
         dry_run: print the jobs and their commands, run nothing.
         report_only: write the report of the runs finished so far (e.g. while the benchmark runs, or after
             stopping it), run nothing.
+        select: run only the jobs whose names match these globs, and the jobs they need (``select_jobs``); the
+            report still covers every finished job of the folder.
 
     Returns:
         The path of ``report.md``.
@@ -918,9 +959,14 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
     if not Path(cfg.dataset).exists():
         raise ConfigError(f"benchmark dataset {cfg.dataset} does not exist (paths are relative to the current folder)")
     jobs = plan(cfg, out)
+    unneeded = unneeded_jobs(jobs)
+    runnable = [j for j in jobs if j.name not in unneeded]
+    if select:
+        runnable = select_jobs(runnable, select)
     if dry_run:
         for j in jobs:
-            print(f"{'done' if j.done else 'todo'}  {j.name}")
+            state = "done" if j.done else "unneeded" if j.name in unneeded else "todo" if j in runnable else "-"
+            print(f"{state:8s}  {j.name}")
             for c in j.commands:
                 print("      medpretrain " + " ".join(c))
         return out / "report.md"
@@ -948,7 +994,10 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
             if path.name != "pool.json" or not (out / "prepared" / "pool" / "manifest.json").exists():
                 atomic_write_text(path, text)
         atomic_write_json(out / "benchmark.json", json.loads(cfg.model_dump_json()))
-        runner = _Runner(jobs, out, cfg.parallel, signatures)
+        if unneeded:
+            log.info("benchmark: %d unfinished job(s) not needed any more (every job that needs them is finished): "
+                     "%s", len(unneeded), ", ".join(sorted(unneeded)[:5]) + (" ..." if len(unneeded) > 5 else ""))
+        runner = _Runner(runnable, out, cfg.parallel, signatures)
         runner.run()
     report = _write_report(cfg, out, jobs, methods, runner.failed)
     if runner.failed:

@@ -358,13 +358,14 @@ def benchmark(
     parallel: Optional[int] = typer.Option(None, help="Jobs side by side, each with cores/parallel threads. (default: the config's)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs and their commands; run nothing."),
     report_only: bool = typer.Option(False, "--report-only", help="Write the report of the runs finished so far; run nothing."),
+    jobs: Optional[list[str]] = typer.Option(None, "--jobs", help="Run only the jobs whose names match this glob (repeatable), and what they need, e.g. --jobs 'scratch-*' --jobs '*volume-fusion*'; names: --dry-run."),
 ) -> None:
     """Pretrain every method, fine-tune at several labelled-set sizes and seeds, and report the label efficiency.
 
     Re-running the same command after a crash or Ctrl-C runs only what is missing."""
     from medpretrain.benchmark import run_benchmark
 
-    report = run_benchmark(config, out, parallel=parallel, dry_run=dry_run, report_only=report_only)
+    report = run_benchmark(config, out, parallel=parallel, dry_run=dry_run, report_only=report_only, select=jobs)
     if not dry_run:
         typer.echo(f"report: {report}")
 

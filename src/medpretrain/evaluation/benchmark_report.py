@@ -229,8 +229,12 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
     pretraining = {}
     for j in pretrain_jobs:
         run_file = Path(j.info["run"]) / "run.json"
-        if run_file.exists() and (Path(j.info["run"]) / "model.pt").exists():
-            info = json.loads(run_file.read_text(encoding="utf-8"))
+        info = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {}
+        # Finished: its model.pt is there or, in a folder restored from kept results (no checkpoints), its
+        # run.json says every step was done.
+        finished = (Path(j.info["run"]) / "model.pt").exists() or (
+            info.get("training", {}).get("steps_done", -1) >= info.get("config", {}).get("steps", 0) > 0)
+        if finished:
             t = info.get("training", {})
             cfg_used = info.get("config", {})
             pretraining[j.name] = {"method": j.info["method"], "backbone": j.info["backbone"],
