@@ -40,7 +40,7 @@ def _finished_run_dirs(bench: Path) -> tuple[set[Path], set[Path]]:
     by_name = {j.name: j for j in jobs}
     for j in jobs:
         run = j.info.get("run")
-        if run and j.done:
+        if run and j.done and j.kind != "wait":  # a snapshot's "run" is its pretraining's, maybe unfinished
             finished.add(Path(run).resolve())
         if j.kind == "select" and j.done:
             finished.add(Path(j.done_marker).resolve())

@@ -4,7 +4,7 @@
 #   nohup bash benchmarks/run_queue.sh > runs/queue.log 2>&1 &
 # Stop cleanly:  pkill -INT -f "medpretrain benchmark"  (the driver stops its jobs; this script then keeps the
 # finished jobs' results in docs/results/raw/FOLDER, to be committed: benchmarks/keep_runs.py)
-# Each entry: PROFILE FOLDER [JOB-GLOB ...] (no glob = the whole profile). Before it runs, what earlier sessions
+# Each entry: PROFILE FOLDER [--option=value ...] [--models] [JOB-GLOB ...] (no glob = the whole profile). Before it runs, what earlier sessions
 # kept of FOLDER is restored, so finished jobs are skipped and their pretrainings are not re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,20 +14,38 @@ entries=(
   "scaling-la2018-proxy scaling-la2018-proxy scratch-* *null* *volume-fusion*"
   "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
   "scaling-la2018-proxy scaling-la2018-proxy *mae*"
-  "btcv-calibration btcv-calibration"                # issue 20: BTCV scratch recipe on validation cases only
-  "scaling-btcv-proxy scaling-btcv-proxy"            # issue 20: BTCV budget curves at 4 mm
-  "asa-la2018-ema asa-la2018-ema"                    # issue 19 (ASA, EMA fixed) + 23 (swinunetr-ssl): ~10 h of Swin
+  # issue 20: BTCV scratch recipe on validation cases only, 3 budgets x 3 lr (~6 h of one thread): two sessions
+  "btcv-calibration btcv-calibration *-p80-500* *-p96-250*"
+  "btcv-calibration btcv-calibration *-p80-1000*"
+  # issue 20: BTCV budget curves at 4 mm, one method per session
+  "scaling-btcv-proxy scaling-btcv-proxy scratch-* *null* *volume-fusion*"
+  "scaling-btcv-proxy scaling-btcv-proxy *avsdb*"
+  # issue 19 (ASA with the EMA fixed) and 23 (swinunetr-ssl): ~12 h of Swin in session-sized parts. A pretraining
+  # (~3 h on one thread) runs alone with both threads and its model.pt is kept (--models) for the next sessions.
+  "asa-la2018-ema asa-la2018-ema --parallel=1 --models pretrain-asa-*"
+  "asa-la2018-ema asa-la2018-ema --models asa-*"       # 3 full (~64 min each) + 3 probe (~35 min) fine-tunings
+  "asa-la2018-ema asa-la2018-ema --models scratch-*"   # the same for scratch
+  "asa-la2018-ema asa-la2018-ema --parallel=1 --models pretrain-swinunetr-ssl-*"
+  "asa-la2018-ema asa-la2018-ema --models swinunetr-ssl-*"
 )
-current=""
-keep() { [ -n "$current" ] && python benchmarks/keep_runs.py save "runs/$current" "docs/results/raw/$current" || true; }
+current="" models=""
+keep() {
+  [ -n "$current" ] && python benchmarks/keep_runs.py save "runs/$current" "docs/results/raw/$current" $models || true
+}
 trap keep EXIT
 for entry in "${entries[@]}"; do
   read -r profile folder globs <<< "$entry"
   current=$folder
   python benchmarks/keep_runs.py restore "docs/results/raw/$folder" "runs/$folder"
-  args=()
+  args=() models=""
   set -f  # the globs are medpretrain's, not the shell's
-  for g in $globs; do args+=(--jobs "$g"); done
+  for g in $globs; do
+    case $g in
+      --models) models=--models ;;           # keep's option: keep pretrained models that later entries need
+      --*) args+=("${g%%=*}" "${g#*=}") ;;   # a benchmark option, --name=value
+      *) args+=(--jobs "$g") ;;
+    esac
+  done
   set +f
   echo "$(date -u +%H:%M:%S) queue: $profile in runs/$folder ${globs:-(all jobs)}"
   medpretrain benchmark --config "benchmarks/$profile.yaml" --out "runs/$folder" "${args[@]}"
