@@ -14,6 +14,9 @@ entries=(
   "scaling-la2018-proxy scaling-la2018-proxy scratch-* *null* *volume-fusion*"
   "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
   "scaling-la2018-proxy scaling-la2018-proxy *mae*"
+  # issue 20: la2018 at the standard resolution as far as the CPU allows (~3 h): transfer-la2018's protocol
+  "scaling-la2018 scaling-la2018 scratch-* *null* *volume-fusion-unet*"
+  "scaling-la2018 scaling-la2018 *-long*"
   # issue 20: BTCV scratch recipe on validation cases only, 3 budgets x 3 lr (~6 h of one thread): two sessions
   "btcv-calibration btcv-calibration *-p80-500* *-p96-250*"
   "btcv-calibration btcv-calibration *-p80-1000*"
