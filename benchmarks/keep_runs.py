@@ -12,9 +12,11 @@ loss CSVs, validation choices, the pretrainings' metadata (pretext fraction lear
 time); ``restore`` copies them back without overwriting anything. The benchmark then finds those jobs done and,
 since nothing unfinished needs them any more, does not re-run their pretrainings or preparations
 (``medpretrain.benchmark.unneeded_jobs``). Checkpoints (``*.pt``, ``*.ckpt``), arrays, images and TensorBoard
-files are never kept; ``--models`` also keeps the exported ``model.pt`` (and snapshots) of pretrainings that an
-unfinished job still needs, for pretrainings that take longer than a session (about 16 MB for a small
-SwinUNETR, 4 MB for the CPU U-Net).
+files are never kept; ``--models`` also keeps, for pretrainings that an unfinished job still needs, the exported
+``model.pt`` and snapshots (about 16 MB for a small SwinUNETR, 6 MB for the CPU U-Net) or, while the
+pretraining itself is unfinished, its ``checkpoints/last.ckpt`` (weights and optimizer, ~3x that), so the next
+session resumes it instead of starting again (a pretraining re-run from step 0 would hand later fine-tunings a
+different network than the earlier ones got).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ SKIPPED_DIRS = {"checkpoints", "lightning_logs", "tensorboard", "predictions", "
 
 def _finished_run_dirs(bench: Path) -> tuple[set[Path], set[Path]]:
     """(run folders of finished jobs, model files an unfinished job still needs) from the benchmark's plan."""
-    from medpretrain.benchmark import BenchmarkConfig, plan
+    from medpretrain.benchmark import BenchmarkConfig, plan, unneeded_jobs
 
     cfg = BenchmarkConfig.model_validate(json.loads((bench / "benchmark.json").read_text(encoding="utf-8")))
     jobs = plan(cfg, bench)
+    unneeded = unneeded_jobs(jobs)
     finished, needed_models = set(), set()
     by_name = {j.name: j for j in jobs}
     for j in jobs:
@@ -44,11 +47,14 @@ def _finished_run_dirs(bench: Path) -> tuple[set[Path], set[Path]]:
             finished.add(Path(run).resolve())
         if j.kind == "select" and j.done:
             finished.add(Path(j.done_marker).resolve())
-        if not j.done:
+        if not j.done and j.name not in unneeded:
             for need in j.needs:
                 n = by_name[need]
-                if n.kind in ("pretrain", "wait"):
+                if n.kind in ("pretrain", "wait") and n.done:
                     needed_models.add(Path(n.done_marker).resolve())
+                elif n.kind == "pretrain":  # unfinished: its newest checkpoint, so the next session resumes it
+                    last = Path(n.info["run"]) / "checkpoints" / "last.ckpt"
+                    needed_models.add(last.resolve())
     return finished, needed_models
 
 

@@ -294,7 +294,8 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
                                       "precision": "32-true", "pretrain": tiny,
                                       "finetune": {**tiny, "num_workers": 0, "augment": {"enabled": False}}}},
                   methods={"avsdb": {"preset": None, "steps": 3, "snapshots": [1],
-                                     "config": {**TINY_AVSDB, "checkpoint_every": 3}}})
+                                     "config": {**TINY_AVSDB, "checkpoint_every": 3}},
+                           "null": {"method": "avsdb", "untrained": True, "preset": None, "config": TINY_AVSDB}})
     out = tmp_path / "bench"
     jobs = {j.name: j for j in plan(cfg, out)}
     snap = jobs["avsdb@1-unet-n2-s0"]
@@ -303,7 +304,8 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     run_benchmark(cfg, out)
     assert (out / "runs" / "avsdb@1-unet-n2-s0" / "eval" / "metrics.json").is_file()
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    assert summary["runs_finished"] == 3 and not summary["failed"]
+    assert summary["runs_finished"] == 4 and not summary["failed"]
+    assert set(summary["pretraining"]) == {"pretrain-avsdb-unet", "pretrain-null-unet"}
 
     keep = _load_script("keep_runs")
     kept, moved = tmp_path / "kept", tmp_path / "moved"
@@ -317,11 +319,23 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     restored = plan(cfg, out)
     from medpretrain.benchmark import unneeded_jobs
 
-    assert unneeded_jobs(restored) == {"prepare-downstream", "pretrain-avsdb-unet", "snapshot-avsdb-unet@1"}
+    assert unneeded_jobs(restored) == {"prepare-downstream", "pretrain-avsdb-unet", "snapshot-avsdb-unet@1",
+                                       "pretrain-null-unet"}
     assert all(j.done for j in restored if j.kind in ("finetune", "select"))
+    # a part of the profile selected again: its finished jobs need unneeded ones, and nothing is left to run
+    run_benchmark(cfg, out, select=["avsdb*", "*null*"])
     run_benchmark(cfg, out)  # runs nothing (no prepared data, no checkpoint here) and rewrites the report
     assert not (out / "prepared").exists() and not (out / "pretrain" / "avsdb-unet" / "model.pt").exists()
     assert json.loads((out / "summary.json").read_text(encoding="utf-8")) == summary
+
+    # --models: what an unfinished job needs travels too; a pretraining that is itself unfinished travels as its
+    # last checkpoint, to be resumed rather than re-run with other weights
+    (moved / "runs" / "avsdb-unet-n2-s0" / "eval" / "metrics.json").unlink()
+    (moved / "pretrain" / "avsdb-unet" / "model.pt").unlink()
+    keep.save(moved, tmp_path / "kept2", models=True)
+    binaries = {str(p.relative_to(tmp_path / "kept2")) for p in (tmp_path / "kept2").rglob("*")
+                if p.suffix in (".pt", ".ckpt")}
+    assert binaries == {"pretrain/avsdb-unet/checkpoints/last.ckpt"}
     with pytest.raises(ConfigError, match=r"snapshots \[1500\].*not below.*1500"):
         run_benchmark(_config(raw, methods={"avsdb": {"preset": None, "steps": 1500, "snapshots": [1500],
                                                       "config": TINY_AVSDB}}), tmp_path / "b2")

@@ -960,9 +960,9 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
         raise ConfigError(f"benchmark dataset {cfg.dataset} does not exist (paths are relative to the current folder)")
     jobs = plan(cfg, out)
     unneeded = unneeded_jobs(jobs)
-    runnable = [j for j in jobs if j.name not in unneeded]
-    if select:
-        runnable = select_jobs(runnable, select)
+    # Select in the whole plan, then drop what is not needed: a selected job that is finished may need one that
+    # is not needed any more, and a still-needed unfinished job never needs an unneeded one.
+    runnable = [j for j in (select_jobs(jobs, select) if select else jobs) if j.name not in unneeded]
     if dry_run:
         for j in jobs:
             state = "done" if j.done else "unneeded" if j.name in unneeded else "todo" if j in runnable else "-"

@@ -231,8 +231,8 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
         run_file = Path(j.info["run"]) / "run.json"
         info = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else {}
         # Finished: its model.pt is there or, in a folder restored from kept results (no checkpoints), its
-        # run.json says every step was done.
-        finished = (Path(j.info["run"]) / "model.pt").exists() or (
+        # run.json says every step was done (or that it is the untrained null control, which trains none).
+        finished = (Path(j.info["run"]) / "model.pt").exists() or bool(info.get("untrained")) or (
             info.get("training", {}).get("steps_done", -1) >= info.get("config", {}).get("steps", 0) > 0)
         if finished:
             t = info.get("training", {})
