@@ -4,7 +4,7 @@
 #   nohup bash benchmarks/run_queue.sh > runs/queue.log 2>&1 &
 # Stop cleanly:  pkill -TERM -f "medpretrain benchmark"  (the driver stops its jobs at their last checkpoint; this
 # script then keeps the finished jobs' results in docs/results/raw/FOLDER: commit that folder before the session
-# ends, or run benchmarks/keep_runs.py save yourself). --models keeps pretrained models (and the last checkpoint
+# ends, or run benchmarks/keep_runs.py save yourself). keeps pretrained models (and the last checkpoint
 # of an unfinished pretraining) that later jobs need, so a pretraining is never re-run with other weights.
 # Each entry: PROFILE FOLDER [--option=value ...] [--models] [JOB-GLOB ...] (no glob = the whole profile). Before it runs, what earlier sessions
 # kept of FOLDER is restored, so finished jobs are skipped and their pretrainings are not re-run.
@@ -13,25 +13,25 @@ cd "$(dirname "$0")/.."
 source .venv/bin/activate
 entries=(
   # issue 20: la2018 budget curves at 2.5 mm, one method per session (~2 h each): scratch, null, Volume Fusion
-  "scaling-la2018-proxy scaling-la2018-proxy --models scratch-* *null* *volume-fusion*"
-  "scaling-la2018-proxy scaling-la2018-proxy --models *avsdb*"
-  "scaling-la2018-proxy scaling-la2018-proxy --models *mae*"
+  "scaling-la2018-proxy scaling-la2018-proxy scratch-* *null* *volume-fusion*"
+  "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
+  "scaling-la2018-proxy scaling-la2018-proxy *mae*"
   # issue 20: la2018 at the standard resolution as far as the CPU allows (~3 h): transfer-la2018's protocol
-  "scaling-la2018 scaling-la2018 --models scratch-* *null* *volume-fusion-unet*"
-  "scaling-la2018 scaling-la2018 --models *-long*"
+  "scaling-la2018 scaling-la2018 scratch-* *null* *volume-fusion-unet*"
+  "scaling-la2018 scaling-la2018 *-long*"
   # issue 20: BTCV scratch recipe on validation cases only, 3 budgets x 3 lr (~6 h of one thread): two sessions
-  "btcv-calibration btcv-calibration --models *-p80-500* *-p96-250*"
-  "btcv-calibration btcv-calibration --models *-p80-1000*"
+  "btcv-calibration btcv-calibration *-p80-500* *-p96-250*"
+  "btcv-calibration btcv-calibration *-p80-1000*"
   # issue 20: BTCV budget curves at 4 mm, one method per session
-  "scaling-btcv-proxy scaling-btcv-proxy --models scratch-* *null* *volume-fusion*"
-  "scaling-btcv-proxy scaling-btcv-proxy --models *avsdb*"
+  "scaling-btcv-proxy scaling-btcv-proxy scratch-* *null* *volume-fusion*"
+  "scaling-btcv-proxy scaling-btcv-proxy *avsdb*"
   # issue 19 (ASA with the EMA fixed) and 23 (swinunetr-ssl): ~12 h of Swin in session-sized parts. A pretraining
   # (~3 h on one thread) runs alone with both threads and its model.pt is kept (--models) for the next sessions.
-  "asa-la2018-ema asa-la2018-ema --parallel=1 --models pretrain-asa-*"
-  "asa-la2018-ema asa-la2018-ema --models asa-*"       # 3 full (~64 min each) + 3 probe (~35 min) fine-tunings
-  "asa-la2018-ema asa-la2018-ema --models scratch-*"   # the same for scratch
-  "asa-la2018-ema asa-la2018-ema --parallel=1 --models pretrain-swinunetr-ssl-*"
-  "asa-la2018-ema asa-la2018-ema --models swinunetr-ssl-*"
+  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-asa-*"
+  "asa-la2018-ema asa-la2018-ema asa-*"       # 3 full (~64 min each) + 3 probe (~35 min) fine-tunings
+  "asa-la2018-ema asa-la2018-ema scratch-*"   # the same for scratch
+  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-swinunetr-ssl-*"
+  "asa-la2018-ema asa-la2018-ema swinunetr-ssl-*"
 )
 current="" models=""
 keep() {
