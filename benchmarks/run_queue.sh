@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The measurement queue of the open issues (19, 20, 23), in order, each entry resumable and sized to finish within
-# one 3-hour session on the 2-core CPU (a session's runs/ does not survive it: only what is committed does).
+# one 3-hour session on the 2-core CPU (a session's runs/ may not survive it: only what is committed surely does).
 #   nohup bash benchmarks/run_queue.sh > runs/queue.log 2>&1 &
 # Stop cleanly:  pkill -TERM -f "medpretrain benchmark"  (the driver stops its jobs at their last checkpoint; this
 # script then keeps the finished jobs' results in docs/results/raw/FOLDER: commit that folder before the session
@@ -14,6 +14,14 @@ source .venv/bin/activate
 entries=(
   # issue 20: la2018 budget curves at 2.5 mm, one method per session (~2 h each): scratch, null, Volume Fusion
   "scaling-la2018-proxy scaling-la2018-proxy scratch-* *null* *volume-fusion*"
+  # issue 19 (ASA with the EMA fixed) and 23 (swinunetr-ssl): ~8 h of Swin in session-sized parts. A pretraining
+  # runs alone with both threads, then the fine-tunings that need it, in the same session where possible: weights
+  # are not kept in git, so a pretraining whose runs/ folder was lost is re-run with its seed (pretrain_seed).
+  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-asa-*"
+  "asa-la2018-ema asa-la2018-ema asa-*"       # 3 full (~64 min each) + 3 probe (~35 min) fine-tunings
+  "asa-la2018-ema asa-la2018-ema scratch-*"   # the same for scratch
+  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-swinunetr-ssl-*"
+  "asa-la2018-ema asa-la2018-ema swinunetr-ssl-*"
   "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
   "scaling-la2018-proxy scaling-la2018-proxy *mae*"
   # issue 20: la2018 at the standard resolution as far as the CPU allows (~3 h): transfer-la2018's protocol
@@ -25,13 +33,6 @@ entries=(
   # issue 20: BTCV budget curves at 4 mm, one method per session
   "scaling-btcv-proxy scaling-btcv-proxy scratch-* *null* *volume-fusion*"
   "scaling-btcv-proxy scaling-btcv-proxy *avsdb*"
-  # issue 19 (ASA with the EMA fixed) and 23 (swinunetr-ssl): ~12 h of Swin in session-sized parts. A pretraining
-  # (~3 h on one thread) runs alone with both threads and its model.pt is kept (--models) for the next sessions.
-  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-asa-*"
-  "asa-la2018-ema asa-la2018-ema asa-*"       # 3 full (~64 min each) + 3 probe (~35 min) fine-tunings
-  "asa-la2018-ema asa-la2018-ema scratch-*"   # the same for scratch
-  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-swinunetr-ssl-*"
-  "asa-la2018-ema asa-la2018-ema swinunetr-ssl-*"
 )
 current="" models=""
 keep() {
