@@ -15,13 +15,11 @@ entries=(
   # issue 20: la2018 budget curves at 2.5 mm, one method per session (~2 h each): scratch, null, Volume Fusion
   "scaling-la2018-proxy scaling-la2018-proxy scratch-* *null* *volume-fusion*"
   # issue 19 (ASA with the EMA fixed) and 23 (swinunetr-ssl): ~8 h of Swin in session-sized parts. A pretraining
-  # runs alone with both threads, then the fine-tunings that need it, in the same session where possible: weights
-  # are not kept in git, so a pretraining whose runs/ folder was lost is re-run with its seed (pretrain_seed).
-  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-asa-*"
-  "asa-la2018-ema asa-la2018-ema asa-*"       # 3 full (~64 min each) + 3 probe (~35 min) fine-tunings
-  "asa-la2018-ema asa-la2018-ema scratch-*"   # the same for scratch
-  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-swinunetr-ssl-*"
-  "asa-la2018-ema asa-la2018-ema swinunetr-ssl-*"
+  # (600 steps, ~12 s/step with one thread or two: two threads barely help Swin here) runs in one lane while the
+  # other fine-tunes scratch; its fine-tunings follow. Weights are not kept in git, so a pretraining whose runs/
+  # folder was lost is re-run with its seed (pretrain_seed).
+  "asa-la2018-ema asa-la2018-ema pretrain-asa-* scratch-* asa-*"
+  "asa-la2018-ema asa-la2018-ema pretrain-swinunetr-ssl-* swinunetr-ssl-*"
   "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
   "scaling-la2018-proxy scaling-la2018-proxy *mae*"
   # issue 20: la2018 at the standard resolution as far as the CPU allows (~3 h): transfer-la2018's protocol

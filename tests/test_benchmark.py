@@ -279,6 +279,21 @@ def test_validation_grid_for_snapshot_arms_and_calibration_only(tmp_path):
     assert sorted(j.name for j in calibration if j.kind == "finetune") == [
         "val-scratch-long-lr0.001", "val-scratch-long-lr0.003", "val-scratch-short-lr0.001", "val-scratch-short-lr0.003"]
     assert all(j.info.get("validation") for j in calibration if j.kind == "finetune")
+    # validation.extend: the selection may step beyond the grid with the grid's own command (minus --out, --lr);
+    # without it the selection's command is what it was, so folders run before it are not "other settings"
+    plain = {j.name: j for j in plan(_config(tmp_path / "ds", methods=methods, validation=grid), tmp_path / "p")}
+    assert "--extend" not in plain["select-avsdb-unet"].commands[0]
+    ext = {j.name: j for j in plan(_config(tmp_path / "ds", methods=methods, validation={**grid, "extend": 2}),
+                                   tmp_path / "e")}
+    for arm in ("scratch", "avsdb"):
+        cmd = ext[f"select-{arm}-unet"].commands[0]
+        assert cmd[cmd.index("--extend") + 1] == "2"
+        args = json.loads(cmd[cmd.index("--finetune-args") + 1])
+        grid_cmd = ext[f"val-{arm}-unet-lr0.001"].commands[0]
+        assert "--out" not in args and "--lr" not in args
+        assert args == [a for i, a in enumerate(grid_cmd[1:]) if a not in ("--out", "--lr")
+                        and grid_cmd[i] not in ("--out", "--lr")]
+        assert ("--init" in args) == (arm == "avsdb")
 
 
 @pytest.mark.slow

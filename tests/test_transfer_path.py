@@ -280,6 +280,65 @@ def test_validation_cases_curves_and_selection(prepared, tmp_path):
                                                                                              overlays=0))
 
 
+def test_selection_extends_the_grid_while_the_best_lr_is_at_its_end(prepared, tmp_path):
+    """``validation.extend``: a best lr at the grid's end is followed by one grid step beyond it (the grid's own
+    fine-tuning command, a real child process), scored on the validation cases and chosen from again; re-running
+    the selection reuses the extra run. The grid runs' scores are set here so that each end wins in turn."""
+    from medpretrain.api import evaluate, finetune
+    from medpretrain.benchmark import select_hyperparameters
+
+    values = dict(model="unet", steps=2, patch=[32, 32, 16], batch=1, num_workers=0, precision="32-true",
+                  validation_cases=2, validation_seed=0, curve_fractions=[], checkpoint_every=1)
+    base_yaml = tmp_path / "finetune.yaml"
+    base_yaml.write_text(yaml.safe_dump(values), encoding="utf-8")
+    grid = tmp_path / "validation"
+    runs = []
+    for lr in (1e-3, 3e-3):
+        run = finetune(prepared.root, grid / f"scratch-unet-lr{lr:g}", FinetuneConfig(**values, lr=lr, n_labeled=2))
+        evaluate(run, prepared.root, EvaluateConfig(split="validation", overlays=0))
+        runs.append(run)
+
+    def set_dice(run, dice):
+        path = run / "eval" / "metrics.json"
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        metrics["overall"]["dice"]["mean"] = dice
+        path.write_text(json.dumps(metrics), encoding="utf-8")
+
+    ft_args = ["--data", str(prepared.root), "--seed", "0", "--config", str(base_yaml), "--n-labeled", "2"]
+    # the largest lr is best: one step up (3e-3 * 3e-3 / 1e-3 = 9e-3), a real run on the validation cases
+    set_dice(runs[0], -1.0)
+    set_dice(runs[1], -0.5)
+    up = select_hyperparameters(base_yaml, runs, tmp_path / "up.yaml", extend=1, finetune_args=ft_args)
+    extra = grid / "scratch-unet-lr0.009"
+    assert [r["lr"] for r in up["runs"]] == [1e-3, 3e-3, 9e-3] and up["runs"][2]["extended"]
+    assert (extra / "model.pt").is_file() and up["runs"][2]["run"] == str(extra)
+    info = json.loads((extra / "run.json").read_text(encoding="utf-8"))
+    assert info["config"]["lr"] == 9e-3 and info["validation_cases"] == up["runs"][0]["validation_cases"]
+    dice = up["runs"][2]["validation_dice"]
+    assert 0.0 <= dice <= 1.0 and up["chosen"]["lr"] == 9e-3  # any real Dice beats the scores set above
+    assert up["extend"] == {"allowed": 1, "made": 1, "edge": True}
+    assert yaml.safe_load((tmp_path / "up.yaml").read_text(encoding="utf-8"))["lr"] == 9e-3
+    # a re-run selection reuses the finished extra run instead of training again
+    mtime = (extra / "model.pt").stat().st_mtime_ns
+    again = select_hyperparameters(base_yaml, runs, tmp_path / "up.yaml", extend=1, finetune_args=ft_args)
+    assert again["runs"] == up["runs"] and (extra / "model.pt").stat().st_mtime_ns == mtime
+    # the smallest lr is best: one step down (1e-3 * 1e-3 / 3e-3), stopping once the best is inside
+    set_dice(runs[0], 2.0)
+    down = select_hyperparameters(base_yaml, runs, tmp_path / "down.yaml", extend=3, finetune_args=ft_args)
+    assert [r["lr"] for r in down["runs"]] == [1e-3, 3e-3, 0.000333]
+    assert down["chosen"]["lr"] == 1e-3 and down["extend"] == {"allowed": 3, "made": 1, "edge": False}
+    # the best inside the grid: nothing more is run
+    set_dice(runs[0], 0.1)
+    set_dice(runs[1], 0.2)
+    set_dice(extra, 0.15)
+    inside = select_hyperparameters(base_yaml, [runs[0], runs[1], extra], tmp_path / "in.yaml", extend=2,
+                                    finetune_args=ft_args)
+    assert len(inside["runs"]) == 3 and inside["chosen"]["lr"] == 3e-3
+    assert inside["extend"] == {"allowed": 2, "made": 0, "edge": False}
+    with pytest.raises(ConfigError, match="at least 2"):
+        select_hyperparameters(base_yaml, runs[:1], tmp_path / "one.yaml", extend=1, finetune_args=ft_args)
+
+
 def _run_without_validation(prepared, tmp_path):
     from medpretrain.api import finetune
 

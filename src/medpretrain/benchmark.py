@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medpretrain.atomic import atomic_write_json, atomic_write_text
 from medpretrain.config import curve_file_name, make_config, read_yaml_mapping
@@ -128,6 +128,11 @@ class ValidationSettings(_Strict):
             cost; the earlier points may then be a little under-tuned).
         only: run the grid and nothing else (no test runs): calibrating a recipe, e.g. backbones that differ in
             patch or steps compared on validation Dice, never on test.
+        extend: when an arm's best lr is the grid's largest (or smallest), try up to this many more beyond that
+            end, each one grid step further (the ratio of the grid's two outermost values on that side), until the
+            best is inside: a search that stops at its edge may leave an arm, scratch above all, under-tuned. Every
+            arm gets the same rule; the extra runs sit beside the grid's in ``validation/`` and the selection's
+            JSON lists them.
     """
 
     cases: int = 8
@@ -137,6 +142,7 @@ class ValidationSettings(_Strict):
     lr: list[float] = [3e-4, 1e-3, 3e-3]
     snapshots: Literal["own", "method"] = "own"
     only: bool = False
+    extend: int = Field(0, ge=0, le=4)
 
     @field_validator("lr")
     @classmethod
@@ -481,10 +487,15 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                 grid_runs.append(str(run))
                 grid_jobs.append(job.name)
             target = cfg_dir / f"finetune-{b_name}-{m_name}.yaml"
-            sel = Job(f"select-{m_name}-{b_name}", "select",
-                      [["select-hparams", "--base", str(cfg_dir / f"finetune-{b_name}.yaml"), "--out", str(target),
-                        *[a for r in grid_runs for a in ("--runs", r)]]],
-                      target, needs=grid_jobs, info={"method": m_name, "backbone": b_name})
+            select = ["select-hparams", "--base", str(cfg_dir / f"finetune-{b_name}.yaml"), "--out", str(target),
+                      *[a for r in grid_runs for a in ("--runs", r)]]
+            if v.extend:
+                # The grid's own fine-tuning command minus --out and --lr, which the selection sets per extra run.
+                ft_args = [a for i, a in enumerate(ft[1:]) if a not in ("--out", "--lr")
+                           and ft[i] not in ("--out", "--lr")]
+                select += ["--extend", str(v.extend), "--finetune-args", json.dumps(ft_args)]
+            sel = Job(f"select-{m_name}-{b_name}", "select", [select], target, needs=grid_jobs,
+                      info={"method": m_name, "backbone": b_name})
             jobs.append(sel)
             selected[(m_name, b_name)] = sel
         for m_name, b_name in arms:
@@ -616,28 +627,75 @@ def _finetune_keys(cfg: BenchmarkConfig, b: BackboneBudget) -> dict[str, Any]:
     return keys
 
 
-def select_hyperparameters(base: Path, runs: list[Path], out: Path) -> dict[str, Any]:
+def select_hyperparameters(base: Path, runs: list[Path], out: Path, extend: int = 0,
+                           finetune_args: list[str] | None = None) -> dict[str, Any]:
     """Choose among validation runs the one of best mean validation Dice (ties: the first listed) and write
     ``out``: the ``base`` fine-tuning config with that run's learning rate; ``out`` with ``.json`` beside it
-    records every run's validation Dice, the validation cases and the choice."""
+    records every run's validation Dice, the validation cases and the choice.
+
+    ``extend`` > 0: while the best lr is the largest (smallest) tried and fewer than ``extend`` extra runs were
+    made, fine-tune once more at that lr times (divided by) the grid's outermost ratio on that side, with
+    ``medpretrain finetune FINETUNE_ARGS --out ... --lr ...`` (the grid's own command), evaluate it on the
+    validation cases, and choose again. An extra run already finished (an interrupted selection re-run) is
+    reused; an interrupted one resumes from its checkpoint."""
     from medpretrain.engine.job import read_run
 
-    scores = []
-    for run in runs:
+    def score(run: Path) -> dict[str, Any]:
         metrics_path = Path(run) / "eval" / "metrics.json"
         if not metrics_path.is_file():
             raise ConfigError(f"validation run {run} has no eval/metrics.json; finish it (evaluate --split validation)")
         metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
         info = read_run(run)
-        scores.append({"run": str(run), "lr": info["config"]["lr"],
-                       "validation_dice": metrics["overall"]["dice"]["mean"],
-                       "validation_cases": info.get("validation_cases", [])})
-    best = max(scores, key=lambda s: (s["validation_dice"], -scores.index(s)))
+        return {"run": str(run), "lr": info["config"]["lr"], "validation_dice": metrics["overall"]["dice"]["mean"],
+                "validation_cases": info.get("validation_cases", [])}
+
+    scores = [score(Path(r)) for r in runs]
+    if extend and len(scores) < 2:
+        raise ConfigError(f"select-hparams --extend {extend}: needs a grid of at least 2 learning rates to step "
+                          f"beyond its ends, got {len(scores)} run(s)")
+    if extend and finetune_args is None:
+        raise ConfigError("select-hparams --extend needs --finetune-args (the grid's fine-tuning command)")
+    extra = 0
+    while True:
+        best = max(scores, key=lambda s: (s["validation_dice"], -scores.index(s)))
+        lrs = sorted(s["lr"] for s in scores)
+        if extra >= extend or best["lr"] not in (lrs[0], lrs[-1]):
+            break
+        next_lr = lrs[-1] ** 2 / lrs[-2] if best["lr"] == lrs[-1] else lrs[0] ** 2 / lrs[1]
+        next_lr = float(f"{next_lr:.3g}")
+        stem = Path(best["run"]).name.rsplit("-lr", 1)[0]
+        run = Path(best["run"]).parent / f"{stem}-lr{next_lr:g}"
+        _extra_validation_run(run, next_lr, finetune_args)
+        scores.append({**score(run), "extended": True})
+        extra += 1
     values = read_yaml_mapping(base, "fine-tuning config")
     values["lr"] = best["lr"]
-    atomic_write_json(Path(out).with_suffix(".json"), {"chosen": {"lr": best["lr"]}, "runs": scores})
+    chosen = {"chosen": {"lr": best["lr"]}, "runs": scores}
+    if extend:
+        chosen["extend"] = {"allowed": extend, "made": extra,
+                            "edge": best["lr"] in (min(s["lr"] for s in scores), max(s["lr"] for s in scores))}
+    atomic_write_json(Path(out).with_suffix(".json"), chosen)
     atomic_write_text(Path(out), yaml.safe_dump(values, sort_keys=True))
-    return {"chosen": {"lr": best["lr"]}, "runs": scores}
+    return chosen
+
+
+def _extra_validation_run(run: Path, lr: float, finetune_args: list[str]) -> None:
+    """One more validation run of the grid at ``lr``: the grid's fine-tuning command, then its evaluation on the
+    validation cases, each in a child process like the benchmark's own jobs (skipped when already done)."""
+    if (run / "eval" / "metrics.json").is_file():
+        return
+    data = finetune_args[finetune_args.index("--data") + 1]
+    commands = []
+    if not (run / "model.pt").is_file():
+        resume = ["--resume"] if any((run / "checkpoints").glob("*.ckpt")) else []
+        commands.append(["finetune", *finetune_args, "--out", str(run), "--lr", f"{lr:g}", *resume])
+    commands.append(["evaluate", "--run", str(run), "--data", data, "--split", "validation", "--overlays", "0"])
+    for cmd in commands:
+        log.info("validation grid extended: medpretrain %s", " ".join(cmd))
+        proc = subprocess.run([sys.executable, "-m", "medpretrain", *cmd], stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise ConfigError(f"validation run {run} at lr {lr:g} failed (exit {proc.returncode}): "
+                              f"medpretrain {' '.join(cmd)}")
 
 
 def job_files(cfg: BenchmarkConfig, out: Path, methods: dict[str, MethodSettings]) -> dict[Path, str]:

@@ -399,11 +399,27 @@ def select_hparams(
     base: Path = typer.Option(..., help="The fine-tuning config (YAML) the validation runs started from."),
     runs: list[Path] = typer.Option(..., help="Validation runs, each evaluated with `evaluate --split validation`."),
     out: Path = typer.Option(..., help="Config to write: BASE with the learning rate of the best run (OUT.json: every score)."),
+    extend: int = typer.Option(0, help="While the best lr is the grid's largest (smallest), try up to this many "
+                               "more, one grid step beyond (needs --finetune-args)."),
+    finetune_args: Optional[str] = typer.Option(None, help="JSON list: the grid's `medpretrain finetune` arguments "
+                                                "without --out and --lr, for the extra runs of --extend."),
 ) -> None:
     """Choose the learning rate of best validation Dice among runs (the benchmark's validation grid)."""
-    from medpretrain.benchmark import select_hyperparameters
+    import json
 
-    chosen = select_hyperparameters(base, runs, out)
+    from medpretrain.benchmark import select_hyperparameters
+    from medpretrain.errors import ConfigError
+
+    args = None
+    if finetune_args is not None:
+        try:
+            args = json.loads(finetune_args)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--finetune-args {finetune_args[:80]!r}: not JSON ({err}); give a JSON list of "
+                              "strings, e.g. '[\"--data\", \"prepared\"]'") from err
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise ConfigError(f"--finetune-args {finetune_args[:80]!r}: give a JSON list of strings")
+    chosen = select_hyperparameters(base, runs, out, extend=extend, finetune_args=args)
     typer.echo(f"chosen lr {chosen['chosen']['lr']:g}: {out}")
 
 
