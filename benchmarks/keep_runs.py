@@ -48,8 +48,10 @@ def _finished_run_dirs(bench: Path) -> tuple[set[Path], set[Path]]:
         if j.kind == "select" and j.done:
             finished.add(Path(j.done_marker).resolve())
             record = Path(j.done_marker).with_suffix(".json")  # with the runs beyond the grid (validation.extend)
-            if record.is_file():
-                finished |= {Path(r["run"]).resolve() for r in json.loads(record.read_text(encoding="utf-8"))["runs"]}
+            if record.is_file():  # only run folders inside the benchmark's validation/ (a path is data, not trust)
+                validation = (bench / "validation").resolve()
+                finished |= {p for r in json.loads(record.read_text(encoding="utf-8"))["runs"]
+                             if validation in (p := Path(r["run"]).resolve()).parents}
         if not j.done and j.name not in unneeded:
             for need in j.needs:
                 n = by_name[need]

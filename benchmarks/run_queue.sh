@@ -14,23 +14,28 @@ source .venv/bin/activate
 entries=(
   # issue 20: la2018 budget curves at 2.5 mm, one method per session (~2 h each): scratch, null, Volume Fusion
   "scaling-la2018-proxy scaling-la2018-proxy scratch-* *null* *volume-fusion*"
-  # issue 19 (ASA with the EMA fixed) and 23 (swinunetr-ssl): ~8 h of Swin in session-sized parts. A pretraining
-  # (600 steps, ~12 s/step with one thread or two: two threads barely help Swin here) runs in one lane while the
-  # other fine-tunes scratch; its fine-tunings follow. Weights are not kept in git, so a pretraining whose runs/
-  # folder was lost is re-run with its seed (pretrain_seed).
-  "asa-la2018-ema asa-la2018-ema pretrain-asa-* scratch-* asa-*"
-  "asa-la2018-ema asa-la2018-ema pretrain-swinunetr-ssl-* swinunetr-ssl-*"
-  "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
-  "scaling-la2018-proxy scaling-la2018-proxy *mae*"
-  # issue 20: la2018 at the standard resolution as far as the CPU allows (~3 h): transfer-la2018's protocol
-  "scaling-la2018 scaling-la2018 scratch-* *null* *volume-fusion-unet*"
-  "scaling-la2018 scaling-la2018 *-long*"
+  # issue 19 (ASA with the EMA fixed) and 23 (swinunetr-ssl): ~8 h of Swin in session-sized parts. Scratch first
+  # (6 fine-tunings, ~1.5 h on two lanes). Then each pretraining alone with both threads (600 steps; 6 s/step on
+  # an idle machine, 2-3x that beside another Swin job), directly followed by its 6 fine-tunings (~80 min on two
+  # lanes): started at a session's beginning, a pretraining and the runs that need its weights end in that
+  # session (weights are not kept in git; a pretraining whose runs/ folder was lost is re-run with its seed).
+  "asa-la2018-ema asa-la2018-ema scratch-*"
+  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-asa-*"
+  "asa-la2018-ema asa-la2018-ema asa-*"
+  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-swinunetr-ssl-*"
+  "asa-la2018-ema asa-la2018-ema swinunetr-ssl-*"
   # issue 20: BTCV scratch recipe on validation cases only, 3 budgets x 3 lr (~6 h of one thread): two sessions
   "btcv-calibration btcv-calibration *-p80-500* *-p96-250*"
   "btcv-calibration btcv-calibration *-p80-1000*"
   # issue 20: BTCV budget curves at 4 mm, one method per session
   "scaling-btcv-proxy scaling-btcv-proxy scratch-* *null* *volume-fusion*"
   "scaling-btcv-proxy scaling-btcv-proxy *avsdb*"
+  # issue 20: the la2018 proxy curves of AVS-DB and MAE (~2 h each)
+  "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
+  "scaling-la2018-proxy scaling-la2018-proxy *mae*"
+  # issue 20: la2018 at the standard resolution as far as the CPU allows (~3 h): transfer-la2018's protocol
+  "scaling-la2018 scaling-la2018 scratch-* *null* *volume-fusion-unet*"
+  "scaling-la2018 scaling-la2018 *-long*"
 )
 current="" models=""
 keep() {

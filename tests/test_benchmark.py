@@ -281,8 +281,12 @@ def test_validation_grid_for_snapshot_arms_and_calibration_only(tmp_path):
     assert all(j.info.get("validation") for j in calibration if j.kind == "finetune")
     # validation.extend: the selection may step beyond the grid with the grid's own command (minus --out, --lr);
     # without it the selection's command is what it was, so folders run before it are not "other settings"
-    plain = {j.name: j for j in plan(_config(tmp_path / "ds", methods=methods, validation=grid), tmp_path / "p")}
-    assert "--extend" not in plain["select-avsdb-unet"].commands[0]
+    p = (tmp_path / "p").resolve()
+    plain = {j.name: j for j in plan(_config(tmp_path / "ds", methods=methods, validation=grid), p)}
+    assert plain["select-avsdb-unet"].commands == [[
+        "select-hparams", "--base", str(p / "configs" / "finetune-unet.yaml"),
+        "--out", str(p / "configs" / "finetune-unet-avsdb.yaml"),
+        "--runs", str(p / "validation" / "avsdb-unet-lr0.001"), "--runs", str(p / "validation" / "avsdb-unet-lr0.003")]]
     ext = {j.name: j for j in plan(_config(tmp_path / "ds", methods=methods, validation={**grid, "extend": 2}),
                                    tmp_path / "e")}
     for arm in ("scratch", "avsdb"):
@@ -291,9 +295,12 @@ def test_validation_grid_for_snapshot_arms_and_calibration_only(tmp_path):
         args = json.loads(cmd[cmd.index("--finetune-args") + 1])
         grid_cmd = ext[f"val-{arm}-unet-lr0.001"].commands[0]
         assert "--out" not in args and "--lr" not in args
-        assert args == [a for i, a in enumerate(grid_cmd[1:]) if a not in ("--out", "--lr")
-                        and grid_cmd[i] not in ("--out", "--lr")]
+        out_at, lr_at = grid_cmd.index("--out"), grid_cmd.index("--lr")
+        assert args == [a for i, a in enumerate(grid_cmd) if i not in (0, out_at, out_at + 1, lr_at, lr_at + 1)]
+        assert args[:2] == ["--data", str((tmp_path / "e").resolve() / "prepared" / "downstream")]
         assert ("--init" in args) == (arm == "avsdb")
+    with pytest.raises(ValueError, match="at least 2"):  # refused when the config is read, before any run
+        _config(tmp_path / "ds", methods=methods, validation={**grid, "lr": [0.001], "extend": 1})
 
 
 @pytest.mark.slow

@@ -280,6 +280,7 @@ def test_validation_cases_curves_and_selection(prepared, tmp_path):
                                                                                              overlays=0))
 
 
+@pytest.mark.slow
 def test_selection_extends_the_grid_while_the_best_lr_is_at_its_end(prepared, tmp_path):
     """``validation.extend``: a best lr at the grid's end is followed by one grid step beyond it (the grid's own
     fine-tuning command, a real child process), scored on the validation cases and chosen from again; re-running
@@ -337,6 +338,22 @@ def test_selection_extends_the_grid_while_the_best_lr_is_at_its_end(prepared, tm
     assert inside["extend"] == {"allowed": 2, "made": 0, "edge": False}
     with pytest.raises(ConfigError, match="at least 2"):
         select_hyperparameters(base_yaml, runs[:1], tmp_path / "one.yaml", extend=1, finetune_args=ft_args)
+    # an extra run that cannot train (here: more labelled cases than there are) is the worst score, recorded, not
+    # chosen and not re-tried; the selection is written all the same
+    import shutil
+
+    runs2 = [tmp_path / "grid2" / r.name for r in runs]
+    for src, dst in zip(runs, runs2):
+        shutil.copytree(src, dst)
+    set_dice(runs2[0], 0.1)
+    set_dice(runs2[1], 0.2)
+    bad_args = ["--data", str(prepared.root), "--seed", "0", "--config", str(base_yaml), "--n-labeled", "999"]
+    failed = select_hyperparameters(base_yaml, runs2, tmp_path / "f.yaml", extend=2, finetune_args=bad_args)
+    assert failed["chosen"]["lr"] == 3e-3 and failed["extend"]["made"] == 1
+    assert failed["runs"][2]["lr"] == 9e-3 and failed["runs"][2]["validation_dice"] is None
+    assert "exit" in failed["runs"][2]["failed"] and (tmp_path / "grid2" / "scratch-unet-lr0.009" /
+                                                        "extra_run_failed.json").is_file()
+    assert select_hyperparameters(base_yaml, runs2, tmp_path / "f.yaml", extend=2, finetune_args=bad_args) == failed
 
 
 def _run_without_validation(prepared, tmp_path):

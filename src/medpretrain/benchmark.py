@@ -151,6 +151,13 @@ class ValidationSettings(_Strict):
             raise ValueError(f"lr must list distinct learning rates > 0, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _extend_needs_a_step(self):
+        if self.extend and len(self.lr) < 2:
+            raise ValueError(f"extend: {self.extend} steps one grid ratio beyond an end of lr, which needs at least "
+                             f"2 learning rates; got lr {self.lr}")
+        return self
+
 
 class NnunetScratchSettings(_Strict):
     """nnU-Net v2's own scratch training as an arm of the benchmark, ``nnunet-scratch`` (``medpretrain
@@ -642,6 +649,9 @@ def select_hyperparameters(base: Path, runs: list[Path], out: Path, extend: int 
 
     def score(run: Path) -> dict[str, Any]:
         metrics_path = Path(run) / "eval" / "metrics.json"
+        failed = Path(run) / FAILED_EXTRA
+        if failed.is_file():  # an extra run that did not train (e.g. diverged): the worst score, never chosen
+            return {"run": str(run), **json.loads(failed.read_text(encoding="utf-8")), "validation_dice": None}
         if not metrics_path.is_file():
             raise ConfigError(f"validation run {run} has no eval/metrics.json; finish it (evaluate --split validation)")
         metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
@@ -655,14 +665,20 @@ def select_hyperparameters(base: Path, runs: list[Path], out: Path, extend: int 
                           f"beyond its ends, got {len(scores)} run(s)")
     if extend and finetune_args is None:
         raise ConfigError("select-hparams --extend needs --finetune-args (the grid's fine-tuning command)")
+    if extend and "--data" not in finetune_args:
+        raise ConfigError(f"select-hparams --finetune-args {finetune_args}: has no --data (the prepared folder the "
+                          "grid fine-tuned on)")
     extra = 0
     while True:
-        best = max(scores, key=lambda s: (s["validation_dice"], -scores.index(s)))
+        scored = [s for s in scores if s["validation_dice"] is not None]
+        best = max(scored, key=lambda s: (s["validation_dice"], -scores.index(s)))
         lrs = sorted(s["lr"] for s in scores)
-        if extra >= extend or best["lr"] not in (lrs[0], lrs[-1]):
-            break
+        if extra >= extend or best["lr"] not in (lrs[0], lrs[-1]) or scored[-1] is not scores[-1]:
+            break  # inside the grid, out of extensions, or the last step beyond failed: no further that way
         next_lr = lrs[-1] ** 2 / lrs[-2] if best["lr"] == lrs[-1] else lrs[0] ** 2 / lrs[1]
         next_lr = float(f"{next_lr:.3g}")
+        if not (next_lr > lrs[-1] or next_lr < lrs[0]):
+            break  # grid values so close that the rounded step lands inside: nothing new to try
         stem = Path(best["run"]).name.rsplit("-lr", 1)[0]
         run = Path(best["run"]).parent / f"{stem}-lr{next_lr:g}"
         _extra_validation_run(run, next_lr, finetune_args)
@@ -679,10 +695,18 @@ def select_hyperparameters(base: Path, runs: list[Path], out: Path, extend: int 
     return chosen
 
 
+FAILED_EXTRA = "extra_run_failed.json"  # an extra validation run that could not train: worst score, not re-tried
+
+
 def _extra_validation_run(run: Path, lr: float, finetune_args: list[str]) -> None:
     """One more validation run of the grid at ``lr``: the grid's fine-tuning command, then its evaluation on the
-    validation cases, each in a child process like the benchmark's own jobs (skipped when already done)."""
-    if (run / "eval" / "metrics.json").is_file():
+    validation cases, each in a child process like the benchmark's own jobs (skipped when already done).
+
+    A fine-tuning that fails (a larger lr diverging, most likely) is recorded in ``RUN/extra_run_failed.json`` and
+    scored as the worst run rather than failing the selection: re-trying it would only diverge again. An interrupt
+    (the driver stopping its jobs: SIGINT to the process group, which the fine-tuning child receives too) waits for
+    the child to stop cleanly before passing on."""
+    if (run / "eval" / "metrics.json").is_file() or (run / FAILED_EXTRA).is_file():
         return
     data = finetune_args[finetune_args.index("--data") + 1]
     commands = []
@@ -692,9 +716,22 @@ def _extra_validation_run(run: Path, lr: float, finetune_args: list[str]) -> Non
     commands.append(["evaluate", "--run", str(run), "--data", data, "--split", "validation", "--overlays", "0"])
     for cmd in commands:
         log.info("validation grid extended: medpretrain %s", " ".join(cmd))
-        proc = subprocess.run([sys.executable, "-m", "medpretrain", *cmd], stdin=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            raise ConfigError(f"validation run {run} at lr {lr:g} failed (exit {proc.returncode}): "
+        proc = subprocess.Popen([sys.executable, "-m", "medpretrain", *cmd], stdin=subprocess.DEVNULL)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            try:
+                proc.wait(timeout=50)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+        if code != 0 and cmd[0] == "finetune":
+            log.warning("validation run %s at lr %g failed (exit %d): scored as the worst, not chosen", run, lr, code)
+            atomic_write_json(run / FAILED_EXTRA, {"lr": lr, "failed": f"exit {code}: medpretrain {' '.join(cmd)}"})
+            return
+        if code != 0:
+            raise ConfigError(f"validation run {run} at lr {lr:g}: evaluation failed (exit {code}): "
                               f"medpretrain {' '.join(cmd)}")
 
 

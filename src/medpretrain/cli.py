@@ -399,17 +399,20 @@ def select_hparams(
     base: Path = typer.Option(..., help="The fine-tuning config (YAML) the validation runs started from."),
     runs: list[Path] = typer.Option(..., help="Validation runs, each evaluated with `evaluate --split validation`."),
     out: Path = typer.Option(..., help="Config to write: BASE with the learning rate of the best run (OUT.json: every score)."),
-    extend: int = typer.Option(0, help="While the best lr is the grid's largest (smallest), try up to this many "
-                               "more, one grid step beyond (needs --finetune-args)."),
+    extend: int = typer.Option(0, min=0, max=4, help="While the best lr is the grid's largest (smallest), try up "
+                               "to this many more, one grid step beyond (needs --finetune-args)."),
     finetune_args: Optional[str] = typer.Option(None, help="JSON list: the grid's `medpretrain finetune` arguments "
                                                 "without --out and --lr, for the extra runs of --extend."),
 ) -> None:
     """Choose the learning rate of best validation Dice among runs (the benchmark's validation grid)."""
     import json
+    import signal
 
-    from medpretrain.benchmark import select_hyperparameters
+    from medpretrain.benchmark import _raise_interrupt, select_hyperparameters
     from medpretrain.errors import ConfigError
 
+    # SIGTERM like Ctrl-C: an extra validation run (--extend) in a child process is then stopped cleanly, not orphaned.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     args = None
     if finetune_args is not None:
         try:

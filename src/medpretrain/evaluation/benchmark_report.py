@@ -298,14 +298,16 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
         md += ["", "## Learning rate chosen on validation cases (never test)", "",
                "| arm | chosen lr | validation Dice per lr | validation cases |", "|---|---|---|---|"]
         for arm, sel in selection.items():
-            scores = ", ".join(f"{r['lr']:g}{'+' if r.get('extended') else ''}: {r['validation_dice']:.3f}"
+            scores = ", ".join(f"{r['lr']:g}{'+' if r.get('extended') else ''}: "
+                               + ("failed" if r["validation_dice"] is None else f"{r['validation_dice']:.3f}")
                                for r in sel["runs"])
             cases = sel["runs"][0].get("validation_cases", []) if sel["runs"] else []
             edge = " (edge of the search)" if sel.get("extend", {}).get("edge") else ""
             md.append(f"| {arm} | {sel['chosen']['lr']:g}{edge} | {scores} | {', '.join(cases)} |")
         if any(sel.get("extend") for sel in selection.values()):
             md += ["", "+: an lr beyond the grid, tried because the best was at the grid's end (`validation.extend`); "
-                   "\"edge of the search\": still the best after every extension allowed."]
+                   "\"edge of the search\": still the best after every extension allowed; \"failed\": the run did "
+                   "not train (e.g. diverged) and counts as the worst."]
     md += ["", f"Seeds: {', '.join(map(str, cfg.seeds))}. Each cell: mean ± sample std over seeds of the mean over "
            "the test cases.", "", "## Results", "",
            "| backbone | n labelled | method | seeds | Dice | NSD | ASSD (mm) | HD95 (mm) | fine-tune wall (s) |",
