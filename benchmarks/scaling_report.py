@@ -81,6 +81,25 @@ def pretraining_facts(job_run: Path, steps: list[int]) -> dict[int, dict]:
     return out
 
 
+def compute_hours(bench: Path) -> list[dict]:
+    """Training core-hours of everything the folder ran, by kind: seconds per step x steps done x threads, from each
+    run's run.json (the seconds per step of its last session; evaluation is not timed there and not counted)."""
+    rows = []
+    for kind, folder in (("pretraining", "pretrain"), ("validation fine-tuning", "validation"),
+                         ("test fine-tuning", "runs")):
+        hours, count = 0.0, 0
+        for path in sorted((bench / folder).glob("*/run.json")):
+            info = json.loads(path.read_text(encoding="utf-8"))
+            t = info.get("training", {})
+            if info.get("untrained") or not t.get("s_per_step"):
+                continue
+            threads = int(info.get("threads") or 1) * int(t.get("world_size") or 1)
+            hours += float(t["s_per_step"]) * int(t.get("steps_done") or 0) * threads / 3600
+            count += 1
+        rows.append({"kind": kind, "runs": count, "core_hours": hours})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bench", type=Path, required=True, help="benchmark output folder")
@@ -153,6 +172,11 @@ def main(argv=None) -> int:
         md.append(f"| {r['backbone']} | {r['method']} | {r['pretrain_steps']} | {hours} | {fr} | {r['n_labeled']} | "
                   f"{r['group']} | {r['gain_mean']:+.3f}{std} | {r['seeds_improved']}/{r['seeds']} | {p} | "
                   f"{vs_null} |")
+    compute = compute_hours(args.bench)
+    md += ["", "## Compute (training core-hours, from each run's seconds per step; evaluation not counted)", "",
+           "| kind | runs | core-hours |", "|---|---|---|",
+           *[f"| {c['kind']} | {c['runs']} | {c['core_hours']:.2f} |" for c in compute],
+           f"| all | {sum(c['runs'] for c in compute)} | {sum(c['core_hours'] for c in compute):.2f} |"]
     (args.out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     _plot(rows, groups, args.out / "gain_vs_budget.png")
     print("\n".join(md))

@@ -328,6 +328,17 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["runs_finished"] == 4 and not summary["failed"]
     assert set(summary["pretraining"]) == {"pretrain-avsdb-unet", "pretrain-null-unet"}
+    # the budget-curve report (issue 20): one row per budget point and reference, and the compute it took
+    scaling = _load_script("scaling_report")
+    assert scaling.main(["--bench", str(out), "--out", str(tmp_path / "scaling")]) == 0
+    with open(tmp_path / "scaling" / "results.csv", encoding="utf-8") as fh:
+        curve = list(csv.DictReader(fh))
+    assert sorted((r["pretrain_steps"], r["reference"]) for r in curve) == [("1", "null"), ("1", "scratch"),
+                                                                            ("3", "null"), ("3", "scratch")]
+    assert all(r["seeds"] == "1" and -1.0 <= float(r["gain_mean"]) <= 1.0 for r in curve)
+    scaling_md = (tmp_path / "scaling" / "report.md").read_text(encoding="utf-8")
+    assert "| pretraining | 1 |" in scaling_md and "| test fine-tuning | 4 |" in scaling_md
+    assert (tmp_path / "scaling" / "gain_vs_budget.png").stat().st_size > 1000
 
     keep = _load_script("keep_runs")
     kept, moved = tmp_path / "kept", tmp_path / "moved"
