@@ -8,6 +8,10 @@
 # of an unfinished pretraining) that later jobs need, so a pretraining is never re-run with other weights.
 # Each entry: PROFILE FOLDER [--option=value ...] [--models] [JOB-GLOB ...] (no glob = the whole profile). Before it runs, what earlier sessions
 # kept of FOLDER is restored, so finished jobs are skipped and their pretrainings are not re-run.
+# STOP_AT=HH:MM (the clock `date` shows): every entry runs with --time-limit of what is left, so no job starts that
+# would not end before then (by the durations of finished jobs of its kind, OUT/timings.json) and running ones stop
+# at their last checkpoint at that time; the queue then keeps the results and ends:
+#   STOP_AT=15:00 nohup bash benchmarks/run_queue.sh > runs/queue.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
@@ -56,6 +60,14 @@ for entry in "${entries[@]}"; do
     esac
   done
   set +f
+  if [ -n "${STOP_AT:-}" ]; then
+    left=$(( $(date -d "$STOP_AT" +%s) - $(date +%s) ))
+    if [ "$left" -le 60 ]; then
+      echo "$(date -u +%H:%M:%S) queue: STOP_AT $STOP_AT reached"
+      break
+    fi
+    args+=(--time-limit "$left")
+  fi
   echo "$(date -u +%H:%M:%S) queue: $profile in runs/$folder ${globs:-(all jobs)}"
   medpretrain benchmark --config "benchmarks/$profile.yaml" --out "runs/$folder" "${args[@]}"
   keep

@@ -46,6 +46,7 @@ from medpretrain.errors import ConfigError, MedpretrainError
 log = logging.getLogger("medpretrain")
 
 SCRATCH = "scratch"
+TIMINGS = "timings.json"  # OUT/timings.json: seconds each finished job took (ETA and --time-limit of later runs)
 WAIT = "wait"  # kind of a job without commands: done when its marker file appears (written by the job it needs)
 SNAPSHOT_SEP = "@"  # volume-fusion@2000: fine-tuned from the snapshot at pretraining step 2000
 
@@ -844,7 +845,8 @@ class _Runner:
     them in order); any exit of the driver, an error or a signal included, stops and reaps them first.
     """
 
-    def __init__(self, jobs: list[Job], out: Path, parallel: int, signatures: dict[str, list]):
+    def __init__(self, jobs: list[Job], out: Path, parallel: int, signatures: dict[str, list],
+                 time_limit: float | None = None):
         self.jobs = {j.name: j for j in jobs}
         self.out = out
         self.parallel = parallel
@@ -853,6 +855,41 @@ class _Runner:
         self.durations: dict[tuple[str, str | None], list[float]] = {}  # by (kind, backbone)
         self.trained: set[str] = set()  # jobs whose run includes their first command (not evaluate-only)
         self.running: dict[str, tuple[subprocess.Popen, float, int, Any]] = {}
+        self.deadline = None if time_limit is None else time.monotonic() + time_limit
+        self.deferred: list[str] = []  # left for the next run by the time limit
+        # Jobs of this folder finished by earlier runs (OUT/timings.json: start to end, evaluation included) time
+        # the rest from the start: the ETA, and what fits in a time limit.
+        self.timings: dict[str, float] = {}
+        with contextlib.suppress(OSError, ValueError):
+            self.timings = {k: float(v) for k, v in
+                            json.loads((out / TIMINGS).read_text(encoding="utf-8")).items()}
+        for j in jobs:
+            if j.done and j.name in self.timings:
+                self.durations.setdefault((j.kind, j.info.get("backbone")), []).append(self.timings[j.name])
+
+    def _expected_seconds(self, job: Job) -> float | None:
+        known = self.durations.get((job.kind, job.info.get("backbone")))
+        return sum(known) / len(known) if known else None
+
+    def _defer(self, pending: list[Job]) -> None:
+        """Under a time limit: leave for the next run every pending job that would not end before the deadline
+        (by the mean duration of its kind and backbone so far; a job of a kind not timed yet is started), and
+        every job that needs a deferred one."""
+        if self.deadline is None:
+            return
+        left = self.deadline - time.monotonic()
+        changed = True
+        while changed:
+            changed = False
+            for job in list(pending):
+                expected = self._expected_seconds(job) if job.kind != WAIT else None
+                waits_on_deferred = any(n in self.deferred for n in job.needs)
+                ready = all(self.jobs[n].done for n in job.needs)
+                if waits_on_deferred or (job.kind != WAIT and ready and (
+                        left <= 0 or (expected is not None and expected > left))):
+                    pending.remove(job)
+                    self.deferred.append(job.name)
+                    changed = True
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -927,6 +964,14 @@ class _Runner:
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             while pending or self.running:
+                if self.deadline is not None and time.monotonic() >= self.deadline and self.running:
+                    log.warning("time limit reached: stopping %d running job(s) at their last checkpoint (%s)",
+                                len(self.running), ", ".join(self.running))
+                    self.deferred += list(self.running)
+                    self._stop_children()
+                    self.deferred += [j.name for j in pending]
+                    pending.clear()
+                    break
                 for name in list(self.running):
                     proc, start, step, fh = self.running[name]
                     if proc.poll() is None:
@@ -947,6 +992,8 @@ class _Runner:
                     seconds = time.perf_counter() - start
                     if name in self.trained:  # evaluate-only jobs would make the ETA optimistic
                         self.durations.setdefault((job.kind, job.info.get("backbone")), []).append(seconds)
+                        self.timings[name] = round(seconds, 1)
+                        atomic_write_json(self.out / TIMINGS, self.timings)
                     finished += 1
                     left = [j for j in pending if j.kind != WAIT] + [self.jobs[n] for n in self.running]
                     log.info("[%d/%d] %s done in %s; %s", finished, total, name, _fmt_s(seconds), self._eta(left))
@@ -960,6 +1007,8 @@ class _Runner:
                                                  "skipped: " + ", ".join(n for n in job.needs if n in self.failed)
                                                  + " failed")
                         log.error("%s: %s", job.name, self.failed[job.name])
+                if len(self.running) < self.parallel:
+                    self._defer(pending)
                 for job in list(pending):
                     if len(self.running) >= self.parallel:
                         break
@@ -990,6 +1039,9 @@ class _Runner:
         finally:
             self._stop_children()
             signal.signal(signal.SIGTERM, previous)
+        if self.deferred:
+            log.warning("time limit: %d job(s) left for the next run (%s); re-run the same command to continue",
+                        len(self.deferred), ", ".join(self.deferred[:5]) + (" ..." if len(self.deferred) > 5 else ""))
 
 
 def _default_sigint() -> None:
@@ -1030,8 +1082,23 @@ def _validate_job_settings(cfg: BenchmarkConfig, methods: dict[str, MethodSettin
                                       "earlier steps or raise steps")
 
 
+def parse_duration(text: str) -> float:
+    """Seconds from ``3600``, ``90s``, ``170m``, ``2h50m`` or ``1h30m15s``."""
+    import re
+
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    m = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", t)
+    if not t or not m:
+        raise ConfigError(f"time limit {text!r}: give seconds (3600) or hours/minutes/seconds (2h50m, 170m, 90s)")
+    h, mi, se = (int(g) if g else 0 for g in m.groups())
+    return float(h * 3600 + mi * 60 + se)
+
+
 def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, parallel: int | None = None,
-                  dry_run: bool = False, report_only: bool = False, select: list[str] | None = None) -> Path:
+                  dry_run: bool = False, report_only: bool = False, select: list[str] | None = None,
+                  time_limit: float | None = None) -> Path:
     """Run (or continue) a benchmark and write its report.
 
     Args:
@@ -1043,6 +1110,10 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
             stopping it), run nothing.
         select: run only the jobs whose names match these globs, and the jobs they need (``select_jobs``); the
             report still covers every finished job of the folder.
+        time_limit: seconds this run may take (a session, a cluster job's walltime): a job is not started when
+            the mean duration of finished jobs of its kind and backbone says it would end after the limit (a kind
+            not timed yet is started), and at the limit the running jobs stop at their last checkpoint. What is
+            left runs on the next call of the same command; the report covers what finished.
 
     Returns:
         The path of ``report.md``.
@@ -1092,7 +1163,7 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
         if unneeded:
             log.info("benchmark: %d unfinished job(s) not needed any more (every job that needs them is finished): "
                      "%s", len(unneeded), ", ".join(sorted(unneeded)[:5]) + (" ..." if len(unneeded) > 5 else ""))
-        runner = _Runner(runnable, out, cfg.parallel, signatures)
+        runner = _Runner(runnable, out, cfg.parallel, signatures, time_limit=time_limit)
         runner.run()
     report = _write_report(cfg, out, jobs, methods, runner.failed)
     if runner.failed:

@@ -359,13 +359,16 @@ def benchmark(
     dry_run: bool = typer.Option(False, "--dry-run", help="List the jobs and their commands; run nothing."),
     report_only: bool = typer.Option(False, "--report-only", help="Write the report of the runs finished so far; run nothing."),
     jobs: Optional[list[str]] = typer.Option(None, "--jobs", help="Run only the jobs whose names match this glob (repeatable), and what they need, e.g. --jobs 'scratch-*' --jobs '*volume-fusion*'; names: --dry-run."),
+    time_limit: Optional[str] = typer.Option(None, "--time-limit", help="Stop within this time (3600, 170m, 2h50m: a session or a cluster job's walltime): jobs that would not end in time are not started, running ones stop at their last checkpoint; re-run to continue."),
 ) -> None:
     """Pretrain every method, fine-tune at several labelled-set sizes and seeds, and report the label efficiency.
 
     Re-running the same command after a crash or Ctrl-C runs only what is missing."""
-    from medpretrain.benchmark import run_benchmark
+    from medpretrain.benchmark import parse_duration, run_benchmark
 
-    report = run_benchmark(config, out, parallel=parallel, dry_run=dry_run, report_only=report_only, select=jobs)
+    limit = None if time_limit is None else parse_duration(time_limit)
+    report = run_benchmark(config, out, parallel=parallel, dry_run=dry_run, report_only=report_only, select=jobs,
+                           time_limit=limit)
     if not dry_run:
         typer.echo(f"report: {report}")
 
