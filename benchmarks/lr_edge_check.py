@@ -22,7 +22,8 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    from medpretrain.benchmark import select_hyperparameters
+    from medpretrain.benchmark import grid_finetune_args, select_hyperparameters
+    from medpretrain.evaluation.benchmark_report import format_grid_scores
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bench", type=Path, required=True, help="a benchmark folder with a validation grid")
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
         if args.arms is None and record["chosen"]["lr"] not in (min(lrs), max(lrs)):
             continue
         val = jobs[f"val-{name.removeprefix('select-')}-lr{lrs[0]:g}"][0][0]
-        ft_args = [a for i, a in enumerate(val[1:]) if a not in ("--out", "--lr") and val[i] not in ("--out", "--lr")]
+        ft_args = grid_finetune_args(val)
         print(f"{name}: chosen {record['chosen']['lr']:g} at the grid's edge; stepping beyond it", flush=True)
         check = select_hyperparameters(base, runs, args.out / f"{name}.yaml", extend=args.extend, finetune_args=ft_args)
         rows.append((name, record, check))
@@ -58,9 +59,7 @@ def main(argv=None) -> int:
              "| arm | chosen in the benchmark | validation Dice per lr (+: beyond the grid) | best with the extension |",
              "|---|---|---|---|"]
     for name, record, check in rows:
-        scores = ", ".join(f"{r['lr']:g}{'+' if r.get('extended') else ''}: "
-                           + ("failed" if r["validation_dice"] is None else f"{r['validation_dice']:.3f}")
-                           for r in check["runs"])
+        scores = format_grid_scores(check["runs"])
         lines.append(f"| {name.removeprefix('select-')} | {record['chosen']['lr']:g} | {scores} | "
                      f"{check['chosen']['lr']:g}{' (still the edge)' if check['extend']['edge'] else ''} |")
     (args.out / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -62,22 +62,27 @@ def loss_near(csv_path: Path, term: str, step: int, rows: int = 20) -> float | N
     return float(np.mean(values[-rows:])) if values else None
 
 
+def core_seconds_per_step(info: dict) -> float:
+    """Core-seconds per optimizer step of a run (its run.json): seconds per step of its last session (a resumed
+    run's earlier sessions are not summed in run.json) x threads (one per benchmark lane on the 2-core machine)
+    x the processes of a DDP run; 0 when not recorded."""
+    training = info.get("training", {})
+    threads = int(info.get("threads") or 1) * int(training.get("world_size") or 1)
+    return float(training.get("s_per_step") or 0.0) * threads
+
+
 def pretraining_facts(job_run: Path, steps: list[int]) -> dict[int, dict]:
     """Per budget: fraction learnt of each pretext term (from the run's baselines and its logged loss near that
     step) and CPU core-hours to that step (seconds per step x steps x threads)."""
     info = json.loads((job_run / "run.json").read_text(encoding="utf-8"))
     pretext = info.get("pretext", {})
-    training = info.get("training", {})
-    # Seconds per step of the run's last session (a resumed run's earlier sessions are not summed in run.json);
-    # one thread per benchmark lane on the 2-core machine, times the processes of a DDP run.
-    s_per_step = float(training.get("s_per_step") or 0.0)
-    threads = int(info.get("threads") or 1) * int(training.get("world_size") or 1)
+    core_s = core_seconds_per_step(info)
     out = {}
     for s in steps:
         fracs = {term: fraction_learnt(r["trivial"], r["perfect"],
                                        loss_near(job_run / "logs" / "csv" / "metrics.csv", term, s))
                  for term, r in pretext.items()}
-        out[s] = {"fraction_learnt": fracs, "cpu_hours": s_per_step * threads * s / 3600 if s_per_step else None}
+        out[s] = {"fraction_learnt": fracs, "cpu_hours": core_s * s / 3600 if core_s else None}
     return out
 
 
@@ -90,11 +95,10 @@ def compute_hours(bench: Path) -> list[dict]:
         hours, count = 0.0, 0
         for path in sorted((bench / folder).glob("*/run.json")):
             info = json.loads(path.read_text(encoding="utf-8"))
-            t = info.get("training", {})
-            if info.get("untrained") or not t.get("s_per_step"):
+            core_s = core_seconds_per_step(info)
+            if info.get("untrained") or not core_s:
                 continue
-            threads = int(info.get("threads") or 1) * int(t.get("world_size") or 1)
-            hours += float(t["s_per_step"]) * int(t.get("steps_done") or 0) * threads / 3600
+            hours += core_s * int(info["training"].get("steps_done") or 0) / 3600
             count += 1
         rows.append({"kind": kind, "runs": count, "core_hours": hours})
     return rows

@@ -46,6 +46,7 @@ from medpretrain.errors import ConfigError, MedpretrainError
 log = logging.getLogger("medpretrain")
 
 SCRATCH = "scratch"
+FAILED_EXTRA = "extra_run_failed.json"  # an extra validation run that could not train: worst score, not re-tried
 TIMINGS = "timings.json"  # OUT/timings.json: seconds each finished job took (ETA and --time-limit of later runs)
 WAIT = "wait"  # kind of a job without commands: done when its marker file appears (written by the job it needs)
 SNAPSHOT_SEP = "@"  # volume-fusion@2000: fine-tuned from the snapshot at pretraining step 2000
@@ -498,10 +499,7 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
             select = ["select-hparams", "--base", str(cfg_dir / f"finetune-{b_name}.yaml"), "--out", str(target),
                       *[a for r in grid_runs for a in ("--runs", r)]]
             if v.extend:
-                # The grid's own fine-tuning command minus --out and --lr, which the selection sets per extra run.
-                ft_args = [a for i, a in enumerate(ft[1:]) if a not in ("--out", "--lr")
-                           and ft[i] not in ("--out", "--lr")]
-                select += ["--extend", str(v.extend), "--finetune-args", json.dumps(ft_args)]
+                select += ["--extend", str(v.extend), "--finetune-args", json.dumps(grid_finetune_args(ft))]
             sel = Job(f"select-{m_name}-{b_name}", "select", [select], target, needs=grid_jobs,
                       info={"method": m_name, "backbone": b_name})
             jobs.append(sel)
@@ -635,6 +633,12 @@ def _finetune_keys(cfg: BenchmarkConfig, b: BackboneBudget) -> dict[str, Any]:
     return keys
 
 
+def grid_finetune_args(command: list[str]) -> list[str]:
+    """A validation grid run's ``finetune`` command without the verb, ``--out`` and ``--lr``: what a selection
+    with ``extend`` runs again at another lr in another folder."""
+    return [a for i, a in enumerate(command[1:]) if a not in ("--out", "--lr") and command[i] not in ("--out", "--lr")]
+
+
 def select_hyperparameters(base: Path, runs: list[Path], out: Path, extend: int = 0,
                            finetune_args: list[str] | None = None) -> dict[str, Any]:
     """Choose among validation runs the one of best mean validation Dice (ties: the first listed) and write
@@ -661,14 +665,15 @@ def select_hyperparameters(base: Path, runs: list[Path], out: Path, extend: int 
                 "validation_cases": info.get("validation_cases", [])}
 
     scores = [score(Path(r)) for r in runs]
-    if extend and len(scores) < 2:
-        raise ConfigError(f"select-hparams --extend {extend}: needs a grid of at least 2 learning rates to step "
-                          f"beyond its ends, got {len(scores)} run(s)")
-    if extend and finetune_args is None:
-        raise ConfigError("select-hparams --extend needs --finetune-args (the grid's fine-tuning command)")
-    if extend and "--data" not in finetune_args:
-        raise ConfigError(f"select-hparams --finetune-args {finetune_args}: has no --data (the prepared folder the "
-                          "grid fine-tuned on)")
+    if extend:
+        if len(scores) < 2:
+            raise ConfigError(f"select-hparams --extend {extend}: needs a grid of at least 2 learning rates to step "
+                              f"beyond its ends, got {len(scores)} run(s)")
+        if finetune_args is None:
+            raise ConfigError("select-hparams --extend needs --finetune-args (the grid's fine-tuning command)")
+        if "--data" not in finetune_args:
+            raise ConfigError(f"select-hparams --finetune-args {finetune_args}: has no --data (the prepared folder "
+                              "the grid fine-tuned on)")
     extra = 0
     while True:
         scored = [s for s in scores if s["validation_dice"] is not None]
@@ -694,9 +699,6 @@ def select_hyperparameters(base: Path, runs: list[Path], out: Path, extend: int 
     atomic_write_json(Path(out).with_suffix(".json"), chosen)
     atomic_write_text(Path(out), yaml.safe_dump(values, sort_keys=True))
     return chosen
-
-
-FAILED_EXTRA = "extra_run_failed.json"  # an extra validation run that could not train: worst score, not re-tried
 
 
 def _extra_validation_run(run: Path, lr: float, finetune_args: list[str]) -> None:
@@ -928,14 +930,12 @@ class _Runner:
     def _eta(self, remaining: list[Job]) -> str:
         # Per (kind, backbone): a PCT-Net fine-tuning takes several times a U-Net's; a backbone not timed yet
         # borrows the mean of its kind.
-        known = {k: sum(v) / len(v) for k, v in self.durations.items()}
         by_kind: dict[str, list[float]] = {}
         for (kind, _), v in self.durations.items():
             by_kind.setdefault(kind, []).extend(v)
         if not all(j.kind in by_kind for j in remaining):
             return "ETA after the first job of each kind"
-        seconds = sum(known.get((j.kind, j.info.get("backbone")), sum(by_kind[j.kind]) / len(by_kind[j.kind]))
-                      for j in remaining)
+        seconds = sum(self._expected_seconds(j) or sum(by_kind[j.kind]) / len(by_kind[j.kind]) for j in remaining)
         return "ETA " + _fmt_s(seconds / self.parallel)
 
     def _stop_children(self) -> None:

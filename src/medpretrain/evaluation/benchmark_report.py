@@ -219,6 +219,13 @@ def _best_worst_overlays(rows: list[dict], out: Path) -> list[str]:
     return lines
 
 
+def format_grid_scores(runs: list[dict]) -> str:
+    """``lr: validation Dice`` of a selection's runs (``select-hparams`` JSON); ``+`` marks an lr beyond the grid
+    (``validation.extend``), ``failed`` a run that did not train."""
+    return ", ".join(f"{r['lr']:g}{'+' if r.get('extended') else ''}: "
+                     + ("failed" if r["validation_dice"] is None else f"{r['validation_dice']:.3f}") for r in runs)
+
+
 def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: list["Job"],
                            pretrain_jobs: list["Job"], failed: dict[str, str], notes: list[str] = ()) -> Path:
     """Collect every finished run of the benchmark and write its four outputs; returns ``report.md``."""
@@ -298,9 +305,7 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
         md += ["", "## Learning rate chosen on validation cases (never test)", "",
                "| arm | chosen lr | validation Dice per lr | validation cases |", "|---|---|---|---|"]
         for arm, sel in selection.items():
-            scores = ", ".join(f"{r['lr']:g}{'+' if r.get('extended') else ''}: "
-                               + ("failed" if r["validation_dice"] is None else f"{r['validation_dice']:.3f}")
-                               for r in sel["runs"])
+            scores = format_grid_scores(sel["runs"])
             cases = sel["runs"][0].get("validation_cases", []) if sel["runs"] else []
             edge = " (edge of the search)" if sel.get("extend", {}).get("edge") else ""
             md.append(f"| {arm} | {sel['chosen']['lr']:g}{edge} | {scores} | {', '.join(cases)} |")
