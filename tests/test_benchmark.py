@@ -192,6 +192,9 @@ def test_tiny_benchmark_runs_caches_and_resumes(tmp_path):
     assert summary["runs_finished"] == 4 and not summary["failed"]
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "Gain over scratch" in report and "label_efficiency.png" in report
+    for title in ("Dice", "NSD", "HD95, mm"):  # per-organ tables of every reported metric but ASSD
+        table = report.split(f"## Per class ({title})")[1].split("##")[0]
+        assert len(re.findall(r"^\| unet \| 2 \| (scratch|avsdb) \| [0-9.]+ ± [0-9.]+ \|", table, re.M)) == 2, table
     assert (out / "label_efficiency.png").stat().st_size > 1000
     assert list((out / "overlays").glob("*.png"))
 

@@ -332,12 +332,14 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
                       f"{gain['dice_std']:.3f} | {gain['seeds_improved']}/{gain['seeds_paired']} | "
                       f"{gain['cases_improved']}/{gain['cases']} | {p} |")
     classes = sorted({c for g in summary["groups"] for c in g["classes"]})
-    if classes:
-        md += ["", "## Per class (Dice)", "", "| backbone | n labelled | method | " + " | ".join(classes) + " |",
+    # Per-organ Dice, NSD and HD95: a multi-organ task (BTCV) is read organ by organ, and boundary quality (NSD,
+    # HD95) can move where Dice does not.
+    for metric, title in (("dice", "Dice"), ("nsd", "NSD"), ("hd95", "HD95, mm")) if classes else ():
+        md += ["", f"## Per class ({title})", "", "| backbone | n labelled | method | " + " | ".join(classes) + " |",
                "|---|---|---|" + "---|" * len(classes)]
         for g in summary["groups"]:
             md.append(f"| {g['backbone']} | {g['n_labeled']} | {g['method']} | " + " | ".join(
-                _fmt(g["classes"][c]["dice"], "dice") if c in g["classes"] else "–" for c in classes) + " |")
+                _fmt(g["classes"][c][metric], metric) if c in g["classes"] else "–" for c in classes) + " |")
     curve_groups = [c for c in summary["curves"] if len(c["points"]) > 1]
     if curve_groups:
         panels: dict[str, dict[str, list]] = {}
