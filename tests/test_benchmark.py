@@ -310,6 +310,15 @@ def test_validation_grid_for_snapshot_arms_and_calibration_only(tmp_path):
         assert args == [a for i, a in enumerate(grid_cmd) if i not in (0, out_at, out_at + 1, lr_at, lr_at + 1)]
         assert args[:2] == ["--data", str((tmp_path / "e").resolve() / "prepared" / "downstream")]
         assert ("--init" in args) == (arm == "avsdb")
+    # validation.all_includes_validation: the `all` runs (only they) train on the validation cases too
+    for flag in (False, True):
+        jobs = {j.name: j for j in plan(_config(tmp_path / "ds", methods=methods, n_labeled=[2, "all"],
+                                                validation={**grid, "all_includes_validation": flag}),
+                                        tmp_path / f"all-{flag}")}
+        for arm in ("scratch", "avsdb"):
+            assert ("--validation-cases" in jobs[f"{arm}-unet-all-s0"].commands[0]) == flag
+            assert "--validation-cases" not in jobs[f"{arm}-unet-n2-s0"].commands[0]
+    assert jobs["scratch-unet-all-s0"].commands[0][-2:] == ["--validation-cases", "0"]
     with pytest.raises(ValueError, match="at least 2"):  # refused when the config is read, before any run
         _config(tmp_path / "ds", methods=methods, validation={**grid, "lr": [0.001], "extend": 1})
 

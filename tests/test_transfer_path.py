@@ -261,6 +261,17 @@ def test_validation_cases_curves_and_selection(prepared, tmp_path):
     other = finetune(prepared.root, tmp_path / "seed1", FinetuneConfig(**{**base, "steps": 1, "curve_fractions": []},
                                                                      seed=1))
     assert json.loads((other / "run.json").read_text(encoding="utf-8"))["validation_cases"] == val
+    # `--validation-cases 0` over a config that sets cases aside: the benchmark's `all` run with
+    # validation.all_includes_validation trains on every training case (the command line, as the benchmark runs it)
+    cfg_yaml = tmp_path / "with-validation.yaml"
+    cfg_yaml.write_text(yaml.safe_dump({**base, "patch": list(base["patch"]), "n_labeled": None, "steps": 1,
+                                        "curve_fractions": []}), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "medpretrain", "finetune", "--data", str(prepared.root), "--out",
+                           str(tmp_path / "all"), "--config", str(cfg_yaml), "--fraction", "1.0",
+                           "--validation-cases", "0"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads((tmp_path / "all" / "run.json").read_text(encoding="utf-8"))
+    assert info["validation_cases"] == [] and info["labeled_cases"] == sorted(prepared.split("train"))
     # a learning-curve point evaluates its own export
     curve = evaluate(runs[0], prepared.root, EvaluateConfig(overlays=0), out=runs[0] / "curve" / "eval-step0000002",
                      model_file=runs[0] / "curve" / "model_step0000002.pt")

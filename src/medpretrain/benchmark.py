@@ -135,6 +135,10 @@ class ValidationSettings(_Strict):
             best is inside: a search that stops at its edge may leave an arm, scratch above all, under-tuned. Every
             arm gets the same rule; the extra runs sit beside the grid's in ``validation/`` and the selection's
             JSON lists them.
+        all_includes_validation: the ``all`` labelled-set size trains on every training case, the validation cases
+            too (as nnU-Net's final training does): they chose the lr before and are not scored again, and the
+            test cases stay unseen. Off: ``all`` is every case outside the validation set. The labelled subsets
+            of the other sizes never hold a validation case either way.
     """
 
     cases: int = 8
@@ -145,6 +149,7 @@ class ValidationSettings(_Strict):
     snapshots: Literal["own", "method"] = "own"
     only: bool = False
     extend: int = Field(0, ge=0, le=4)
+    all_includes_validation: bool = False
 
     @field_validator("lr")
     @classmethod
@@ -520,6 +525,8 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                 ft = ["finetune", "--data", str(prepared), "--out", str(run), "--seed", str(seed),
                       "--config", str(config)]
                 ft += ["--fraction", "1.0"] if n == "all" else ["--n-labeled", str(n)]
+                if n == "all" and cfg.validation is not None and cfg.validation.all_includes_validation:
+                    ft += ["--validation-cases", "0"]
                 init, init_needs = init_args(m_name, b_name)
                 ft += init
                 needs = ["prepare-downstream", *init_needs, *([sel.name] if sel else [])]

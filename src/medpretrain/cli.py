@@ -127,6 +127,8 @@ def finetune(
     init_part: Optional[str] = typer.Option(None, help="encoder or all. (default: encoder)"),
     n_labeled: Optional[int] = typer.Option(None, help="Number of labelled training cases (seeded draw)."),
     fraction: Optional[float] = typer.Option(None, help="Or a fraction of the labelled training cases."),
+    validation_cases: Optional[int] = typer.Option(None, help="Training cases set aside for validation, never "
+                                                   "trained on (0: train on all). (default: 0)"),
     freeze_encoder: Optional[bool] = typer.Option(None, "--freeze-encoder", help="Train decoder and head only."),
     allow_padding: Optional[bool] = typer.Option(None, "--allow-padding", help="Train even if patches are mostly padding."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps. (default: 600)"),
@@ -150,7 +152,7 @@ def finetune(
 
     options = {
         "model": model, "init": init, "init_part": init_part, "n_labeled": n_labeled, "fraction": fraction,
-        "freeze_encoder": freeze_encoder, "steps": steps, "patch": patch, "batch": batch, "lr": lr, "seed": seed,
+        "validation_cases": validation_cases, "freeze_encoder": freeze_encoder, "steps": steps, "patch": patch, "batch": batch, "lr": lr, "seed": seed,
         "checkpoint_every": checkpoint_every, "precision": precision, "accelerator": accelerator,
         "devices": int(devices) if devices and devices.isdigit() else devices, "num_nodes": num_nodes,
         "strategy": strategy, "num_workers": num_workers, "deterministic": deterministic,
