@@ -18,7 +18,7 @@ source .venv/bin/activate
 entries=(
   # issue 20: la2018 budget curves at 2.5 mm, one method per session (~2 h each): scratch, null, Volume Fusion
   "scaling-la2018-proxy scaling-la2018-proxy scratch-* *null* *volume-fusion*"
-  # issue 19 (ASA with the EMA fixed) and 23 (swinunetr-ssl): ~8 h of Swin in session-sized parts. Scratch first
+  # issue 19 (ASA with the EMA fixed) and 23 (swinunetr-ssl, below): ~8 h of Swin in session-sized parts. Scratch first
   # (6 fine-tunings, ~1.5 h on two lanes). Then each pretraining alone with both threads (600 steps; 6 s/step on
   # an idle machine, 2-3x that beside another Swin job), directly followed by its 6 fine-tunings (~80 min on two
   # lanes): started at a session's beginning, a pretraining and the runs that need its weights end in that
@@ -26,13 +26,14 @@ entries=(
   "asa-la2018-ema asa-la2018-ema scratch-*"
   "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-asa-*"
   "asa-la2018-ema asa-la2018-ema asa-*"
-  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-swinunetr-ssl-*"
-  "asa-la2018-ema asa-la2018-ema swinunetr-ssl-*"
   # issue 20: BTCV scratch recipe on validation cases only, 3 budgets x 3 lr (~6 h of one thread): two sessions
   "btcv-calibration btcv-calibration *-p80-500* *-p96-250*"
   "btcv-calibration btcv-calibration *-p80-1000*"
   # issue 20: BTCV budget curves at 4 mm, one method per session
   "scaling-btcv-proxy scaling-btcv-proxy scratch-* *null* *volume-fusion*"
+  # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task)
+  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-swinunetr-ssl-*"
+  "asa-la2018-ema asa-la2018-ema swinunetr-ssl-*"
   "scaling-btcv-proxy scaling-btcv-proxy *avsdb*"
   # issue 20: the la2018 proxy curves of AVS-DB and MAE (~2 h each)
   "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
