@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -409,3 +410,20 @@ def test_select_jobs_runs_one_part_of_a_profile_with_what_it_needs(tmp_path):
         "scratch-unet-n2-s0"}
     with pytest.raises(ConfigError, match="--jobs nothing-\\*: matches none.*--dry-run"):
         select_jobs(jobs, ["nothing-*"])
+
+
+def test_kept_results_are_not_ignored_by_git():
+    """What benchmarks/keep_runs.py keeps under docs/results/raw/ (run folders included) must reach git, and the
+    models it may keep must not: a `runs/` pattern that matched at any depth once kept every run folder out."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: the repository's ignore rules cannot be read")
+
+    def ignored(path: str) -> bool:
+        proc = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO)
+        assert proc.returncode in (0, 1), f"git check-ignore failed on {path}"
+        return proc.returncode == 0
+
+    kept = "docs/results/raw/some-bench/runs/scratch-unet-n4-s0/"
+    assert not any(ignored(kept + f) for f in ("run.json", "eval/metrics.json", "eval/per_case.csv",
+                                               "curve/eval-step0000075/metrics.json", "logs/csv/metrics.csv"))
+    assert ignored("docs/results/raw/some-bench/pretrain/vf-unet/model.pt") and ignored("runs/x/run.json")
