@@ -377,6 +377,13 @@ def test_benchmark_profile_key_adds_the_nnunet_scratch_arm(tmp_path):
         assert job.info["backbone"] == "unet" and job.done_marker == out / "runs" / name / "eval" / "metrics.json"
     assert len([j for j in jobs if j.kind == "finetune" and j.info["method"] == "scratch"
                 and not j.info.get("validation")]) == 6
+    # the `all` size with validation.all_includes_validation: nnU-Net trains on the validation cases too, like ours
+    cfg = BenchmarkConfig.model_validate({**base, "n_labeled": [4, "all"], "seeds": [0], "nnunet_scratch": {"iterations": 10},
+                                          "validation": {**base["validation"], "all_includes_validation": True}})
+    cmds = {j.name: j.commands[0] for j in plan(cfg, tmp_path / "all")}
+    assert cmds["nnunet-scratch-all-s0"][cmds["nnunet-scratch-all-s0"].index("--validation-cases") + 1] == "0"
+    assert cmds["nnunet-scratch-n4-s0"][cmds["nnunet-scratch-n4-s0"].index("--validation-cases") + 1] == "8"
+    assert cmds["scratch-unet-all-s0"][-2:] == ["--validation-cases", "0"]
 
     fixed = plan(BenchmarkConfig.model_validate({**base, "nnunet_scratch": {"iterations": 40}}), out)
     cmd = next(j for j in fixed if j.name == "nnunet-scratch-n4-s1").commands[0]

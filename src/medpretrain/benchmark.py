@@ -525,7 +525,7 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                 ft = ["finetune", "--data", str(prepared), "--out", str(run), "--seed", str(seed),
                       "--config", str(config)]
                 ft += ["--fraction", "1.0"] if n == "all" else ["--n-labeled", str(n)]
-                if n == "all" and cfg.validation is not None and cfg.validation.all_includes_validation:
+                if _cases_set_aside(cfg, n) == 0:  # else the fine-tuning config sets the validation cases aside
                     ft += ["--validation-cases", "0"]
                 init, init_needs = init_args(m_name, b_name)
                 ft += init
@@ -604,8 +604,9 @@ def _nnunet_scratch_job(cfg: BenchmarkConfig, out: Path, prepared: Path, n: int 
     run = out / "runs" / f"{ARM}-{_n_label(n)}-s{seed}"
     cmd = ["nnunet-scratch", "--data", str(prepared), "--out", str(run), "--seed", str(seed)]
     cmd += ["--fraction", "1.0"] if n == "all" else ["--n-labeled", str(n)]
-    if cfg.validation is not None:  # the cases every fine-tuning run sets aside
-        cmd += ["--validation-cases", str(cfg.validation.cases), "--validation-seed", str(cfg.validation.seed)]
+    aside = _cases_set_aside(cfg, n)
+    if aside is not None:  # the cases the fine-tuning runs of this size set aside
+        cmd += ["--validation-cases", str(aside), "--validation-seed", str(cfg.validation.seed)]
     needs = ["prepare-downstream"]
     if ns.iterations is not None:
         cmd += ["--iterations", str(ns.iterations)]
@@ -621,6 +622,14 @@ def _nnunet_scratch_job(cfg: BenchmarkConfig, out: Path, prepared: Path, n: int 
     return Job(run.name, "finetune", [cmd, ev], run / "eval" / "metrics.json", needs=needs,
                info={"method": ARM, "backbone": b_name, "n_labeled": n, "seed": seed, "run": str(run),
                      "nnunet": True})
+
+
+def _cases_set_aside(cfg: BenchmarkConfig, n: int | str) -> int | None:
+    """Training cases the runs of labelled-set size ``n`` set aside for validation: None without a validation
+    grid, 0 for the ``all`` size with ``validation.all_includes_validation``."""
+    if cfg.validation is None:
+        return None
+    return 0 if n == "all" and cfg.validation.all_includes_validation else cfg.validation.cases
 
 
 def _curve_steps(cfg: BenchmarkConfig, b: BackboneBudget) -> list[int]:

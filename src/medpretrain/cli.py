@@ -152,7 +152,8 @@ def finetune(
 
     options = {
         "model": model, "init": init, "init_part": init_part, "n_labeled": n_labeled, "fraction": fraction,
-        "validation_cases": validation_cases, "freeze_encoder": freeze_encoder, "steps": steps, "patch": patch, "batch": batch, "lr": lr, "seed": seed,
+        "validation_cases": validation_cases, "freeze_encoder": freeze_encoder, "steps": steps, "patch": patch,
+        "batch": batch, "lr": lr, "seed": seed,
         "checkpoint_every": checkpoint_every, "precision": precision, "accelerator": accelerator,
         "devices": int(devices) if devices and devices.isdigit() else devices, "num_nodes": num_nodes,
         "strategy": strategy, "num_workers": num_workers, "deterministic": deterministic,
