@@ -291,6 +291,15 @@ def test_validation_grid_for_snapshot_arms_and_calibration_only(tmp_path):
     assert sorted(j.name for j in calibration if j.kind == "finetune") == [
         "val-scratch-long-lr0.001", "val-scratch-long-lr0.003", "val-scratch-short-lr0.001", "val-scratch-short-lr0.003"]
     assert all(j.info.get("validation") for j in calibration if j.kind == "finetune")
+    # validation.curves: each grid run also scores its learning-curve exports on the validation cases
+    curved = {j.name: j for j in plan(_config(tmp_path / "ds", only=[], methods={}, curve_fractions=[0.5],
+                                              validation={**grid, "only": True, "curves": True}), tmp_path / "cv")}
+    run = (tmp_path / "cv").resolve() / "validation" / "scratch-unet-lr0.001"
+    cmds = curved["val-scratch-unet-lr0.001"].commands
+    assert [c[0] for c in cmds] == ["finetune", "evaluate", "evaluate"]
+    assert cmds[1][cmds[1].index("--split") + 1] == "validation"
+    assert cmds[1][-4:] == ["--model-file", str(run / "curve" / "model_step0000001.pt"),
+                            "--out", str(run / "curve" / "eval-step0000001")]
     # validation.extend: the selection may step beyond the grid with the grid's own command (minus --out, --lr);
     # without it the selection's command is what it was, so folders run before it are not "other settings"
     p = (tmp_path / "p").resolve()

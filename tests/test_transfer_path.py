@@ -295,12 +295,15 @@ def test_validation_cases_curves_and_selection(prepared, tmp_path):
 def test_selection_extends_the_grid_while_the_best_lr_is_at_its_end(prepared, tmp_path):
     """``validation.extend``: a best lr at the grid's end is followed by one grid step beyond it (the grid's own
     fine-tuning command, a real child process), scored on the validation cases and chosen from again; re-running
-    the selection reuses the extra run. The grid runs' scores are set here so that each end wins in turn."""
+    the selection reuses the extra run. The grid runs' scores are set here so that each end wins in turn. The grid
+    scored its learning curve on the validation cases (``validation.curves``), so the extra run scores its own, and
+    the report's validation learning-curve table has every run at every step."""
     from medpretrain.api import evaluate, finetune
     from medpretrain.benchmark import select_hyperparameters
+    from medpretrain.evaluation.benchmark_report import validation_curve_lines
 
     values = dict(model="unet", steps=2, patch=[32, 32, 16], batch=1, num_workers=0, precision="32-true",
-                  validation_cases=2, validation_seed=0, curve_fractions=[], checkpoint_every=1)
+                  validation_cases=2, validation_seed=0, curve_fractions=[0.5], checkpoint_every=1)
     base_yaml = tmp_path / "finetune.yaml"
     base_yaml.write_text(yaml.safe_dump(values), encoding="utf-8")
     grid = tmp_path / "validation"
@@ -308,6 +311,8 @@ def test_selection_extends_the_grid_while_the_best_lr_is_at_its_end(prepared, tm
     for lr in (1e-3, 3e-3):
         run = finetune(prepared.root, grid / f"scratch-unet-lr{lr:g}", FinetuneConfig(**values, lr=lr, n_labeled=2))
         evaluate(run, prepared.root, EvaluateConfig(split="validation", overlays=0))
+        evaluate(run, prepared.root, EvaluateConfig(split="validation", overlays=0), out=run / "curve" /
+                 "eval-step0000001", model_file=run / "curve" / "model_step0000001.pt")
         runs.append(run)
 
     def set_dice(run, dice):
@@ -330,6 +335,13 @@ def test_selection_extends_the_grid_while_the_best_lr_is_at_its_end(prepared, tm
     assert 0.0 <= dice <= 1.0 and up["chosen"]["lr"] == 9e-3  # any real Dice beats the scores set above
     assert up["extend"] == {"allowed": 1, "made": 1, "edge": True}
     assert yaml.safe_load((tmp_path / "up.yaml").read_text(encoding="utf-8"))["lr"] == 9e-3
+    curve = json.loads((extra / "curve" / "eval-step0000001" / "metrics.json").read_text(encoding="utf-8"))
+    assert curve["n_cases"] == 2  # the validation cases, scored with the export of step 1
+    lines = validation_curve_lines({"scratch-unet": up})
+    table = [line for line in lines if line.startswith("| scratch-unet | ")]
+    assert lines[3] == "| arm | lr | step 1 | step 2 |" and len(table) == 4  # 3 runs, then the chosen run's classes
+    assert table[2].startswith("| scratch-unet | 0.009 | ") and table[2].count("|") == 5
+    assert validation_curve_lines({"scratch-unet": {**up, "runs": up["runs"][:0]}}) == []
     # a re-run selection reuses the finished extra run instead of training again
     mtime = (extra / "model.pt").stat().st_mtime_ns
     again = select_hyperparameters(base_yaml, runs, tmp_path / "up.yaml", extend=1, finetune_args=ft_args)

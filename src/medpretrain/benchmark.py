@@ -139,6 +139,9 @@ class ValidationSettings(_Strict):
             too (as nnU-Net's final training does): they chose the lr before and are not scored again, and the
             test cases stay unseen. Off: ``all`` is every case outside the validation set. The labelled subsets
             of the other sizes never hold a validation case either way.
+        curves: also score every grid run's learning-curve exports (``curve_fractions``) on the validation cases:
+            validation Dice vs fine-tuning step per arm and lr, in the report, so that a calibration can choose the
+            step budget too (where the curve flattens), still without touching test.
     """
 
     cases: int = 8
@@ -150,6 +153,7 @@ class ValidationSettings(_Strict):
     only: bool = False
     extend: int = Field(0, ge=0, le=4)
     all_includes_validation: bool = False
+    curves: bool = False
 
     @field_validator("lr")
     @classmethod
@@ -493,7 +497,10 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                       "--lr", f"{lr:g}", *init]
                 ev = ["evaluate", "--run", str(run), "--data", str(prepared), "--split", "validation",
                       "--overlays", "0"]
-                job = Job(f"val-{m_name}-{b_name}-lr{lr:g}", "finetune", [ft, ev], run / "eval" / "metrics.json",
+                curve = [[*ev, "--model-file", str(run / "curve" / curve_file_name(step)),
+                          "--out", str(run / "curve" / f"eval-step{step:07d}")]
+                         for step in (_curve_steps(cfg, cfg.backbones[b_name]) if v.curves else [])]
+                job = Job(f"val-{m_name}-{b_name}-lr{lr:g}", "finetune", [ft, *curve, ev], run / "eval" / "metrics.json",
                           needs=["prepare-downstream", *init_needs],
                           info={"method": m_name, "backbone": b_name, "n_labeled": v.n_labeled, "seed": v.run_seed,
                                 "run": str(run), "validation": True, "lr": lr})
@@ -703,7 +710,9 @@ def select_hyperparameters(base: Path, runs: list[Path], out: Path, extend: int 
             break  # grid values so close that the rounded step lands inside: nothing new to try
         stem = Path(best["run"]).name.rsplit("-lr", 1)[0]
         run = Path(best["run"]).parent / f"{stem}-lr{next_lr:g}"
-        _extra_validation_run(run, next_lr, finetune_args)
+        # The grid's runs scored their learning-curve exports (validation.curves): so does the extra run.
+        curves = any(any((Path(s["run"]) / "curve").glob("eval-step*/metrics.json")) for s in scores)
+        _extra_validation_run(run, next_lr, finetune_args, curves=curves)
         scores.append({**score(run), "extended": True})
         extra += 1
     values = read_yaml_mapping(base, "fine-tuning config")
@@ -717,9 +726,10 @@ def select_hyperparameters(base: Path, runs: list[Path], out: Path, extend: int 
     return chosen
 
 
-def _extra_validation_run(run: Path, lr: float, finetune_args: list[str]) -> None:
+def _extra_validation_run(run: Path, lr: float, finetune_args: list[str], curves: bool = False) -> None:
     """One more validation run of the grid at ``lr``: the grid's fine-tuning command, then its evaluation on the
-    validation cases, each in a child process like the benchmark's own jobs (skipped when already done).
+    validation cases (and, with ``curves``, of each learning-curve export), each in a child process like the
+    benchmark's own jobs (skipped when already done).
 
     A fine-tuning that fails (a larger lr diverging, most likely) is recorded in ``RUN/extra_run_failed.json`` and
     scored as the worst run rather than failing the selection: re-trying it would only diverge again. An interrupt
@@ -728,16 +738,12 @@ def _extra_validation_run(run: Path, lr: float, finetune_args: list[str]) -> Non
     if (run / "eval" / "metrics.json").is_file() or (run / FAILED_EXTRA).is_file():
         return
     data = finetune_args[finetune_args.index("--data") + 1]
-    commands = []
-    if not (run / "model.pt").is_file():
-        resume = ["--resume"] if any((run / "checkpoints").glob("*.ckpt")) else []
-        commands.append(["finetune", *finetune_args, "--out", str(run), "--lr", f"{lr:g}", *resume])
-    commands.append(["evaluate", "--run", str(run), "--data", data, "--split", "validation", "--overlays", "0"])
-    for cmd in commands:
+
+    def child(cmd: list[str]) -> int:
         log.info("validation grid extended: medpretrain %s", " ".join(cmd))
         proc = subprocess.Popen([sys.executable, "-m", "medpretrain", *cmd], stdin=subprocess.DEVNULL)
         try:
-            code = proc.wait()
+            return proc.wait()
         except KeyboardInterrupt:
             try:
                 proc.wait(timeout=50)
@@ -745,10 +751,24 @@ def _extra_validation_run(run: Path, lr: float, finetune_args: list[str]) -> Non
                 proc.kill()
                 proc.wait()
             raise
-        if code != 0 and cmd[0] == "finetune":
+
+    if not (run / "model.pt").is_file():
+        resume = ["--resume"] if any((run / "checkpoints").glob("*.ckpt")) else []
+        cmd = ["finetune", *finetune_args, "--out", str(run), "--lr", f"{lr:g}", *resume]
+        code = child(cmd)
+        if code != 0:
             log.warning("validation run %s at lr %g failed (exit %d): scored as the worst, not chosen", run, lr, code)
             atomic_write_json(run / FAILED_EXTRA, {"lr": lr, "failed": f"exit {code}: medpretrain {' '.join(cmd)}"})
             return
+    ev = ["evaluate", "--run", str(run), "--data", data, "--split", "validation", "--overlays", "0"]
+    evaluations = []
+    if curves:  # the learning-curve exports, scored like the grid's own (validation.curves)
+        for model in sorted((run / "curve").glob("model_step*.pt")):
+            eval_dir = run / "curve" / f"eval-step{int(model.stem.removeprefix('model_step')):07d}"
+            if not (eval_dir / "metrics.json").is_file():
+                evaluations.append([*ev, "--model-file", str(model), "--out", str(eval_dir)])
+    for cmd in [*evaluations, ev]:
+        code = child(cmd)
         if code != 0:
             raise ConfigError(f"validation run {run} at lr {lr:g}: evaluation failed (exit {code}): "
                               f"medpretrain {' '.join(cmd)}")

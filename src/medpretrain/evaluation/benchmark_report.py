@@ -226,6 +226,48 @@ def format_grid_scores(runs: list[dict]) -> str:
                      + ("failed" if r["validation_dice"] is None else f"{r['validation_dice']:.3f}") for r in runs)
 
 
+def validation_curve(run: Path) -> dict[int, float]:
+    """Validation Dice of a grid run at each learning-curve step it scored (``validation.curves``) and at its
+    final step; empty when it scored no curve."""
+    run = Path(run)
+    curve = {int(p.parent.name.removeprefix("eval-step")):
+             _num(json.loads(p.read_text(encoding="utf-8")).get("overall", {}).get("dice", {}).get("mean"))
+             for p in sorted((run / "curve").glob("eval-step*/metrics.json"))}
+    final, info = run / "eval" / "metrics.json", run / "run.json"
+    if curve and final.is_file() and info.is_file():
+        steps = json.loads(info.read_text(encoding="utf-8")).get("training", {}).get("steps_done")
+        if steps:
+            curve[int(steps)] = _num(json.loads(final.read_text(encoding="utf-8"))["overall"]["dice"]["mean"])
+    return curve
+
+
+def validation_curve_lines(selection: dict[str, dict]) -> list[str]:
+    """Markdown: validation Dice vs fine-tuning step of every grid run that scored its curve, then the chosen
+    run's validation Dice per class (which structures the recipe learns at all)."""
+    rows = [(arm, r, validation_curve(Path(r["run"]))) for arm, sel in selection.items() for r in sel["runs"]]
+    rows = [(arm, r, c) for arm, r, c in rows if c]
+    if not rows:
+        return []
+    steps = sorted({s for _, _, c in rows for s in c})
+    md = ["", "### Validation learning curves (mean validation Dice at each fine-tuning step)", "",
+          "| arm | lr | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for arm, r, c in rows:
+        md.append(f"| {arm} | {r['lr']:g} | " + " | ".join(f"{c[s]:.3f}" if s in c else "" for s in steps) + " |")
+    classes: dict[str, dict[str, float]] = {}
+    for arm, sel in selection.items():
+        path = Path(next((r["run"] for r in sel["runs"] if r["lr"] == sel["chosen"]["lr"]), "")) / "eval" / "metrics.json"
+        if path.is_file():
+            per = json.loads(path.read_text(encoding="utf-8")).get("classes", {})
+            classes[arm] = {c: _num(v.get("dice", {}).get("mean")) for c, v in per.items()}
+    names = list(dict.fromkeys(c for v in classes.values() for c in v))  # the dataset's label order
+    if names:
+        md += ["", "Validation Dice per class of each arm's chosen run:", "",
+               "| arm | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        md += [f"| {arm} | " + " | ".join(f"{v[c]:.3f}" if c in v else "" for c in names) + " |"
+               for arm, v in classes.items()]
+    return md
+
+
 def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: list["Job"],
                            pretrain_jobs: list["Job"], failed: dict[str, str], notes: list[str] = ()) -> Path:
     """Collect every finished run of the benchmark and write its four outputs; returns ``report.md``."""
@@ -309,6 +351,7 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
             cases = sel["runs"][0].get("validation_cases", []) if sel["runs"] else []
             edge = " (edge of the search)" if sel.get("extend", {}).get("edge") else ""
             md.append(f"| {arm} | {sel['chosen']['lr']:g}{edge} | {scores} | {', '.join(cases)} |")
+        md += validation_curve_lines(selection)
         if any(sel.get("extend") for sel in selection.values()):
             md += ["", "+: an lr beyond the grid, tried because the best was at the grid's end (`validation.extend`); "
                    "\"edge of the search\": still the best after every extension allowed; \"failed\": the run did "
