@@ -161,7 +161,9 @@ def test_summary_pairs_by_seed_and_case():
 def test_tiny_benchmark_runs_caches_and_resumes(tmp_path):
     raw = make_demo_dataset(tmp_path / "raw", n_cases=5, size=(40, 36, 20), seed=2)
     cfg_file = tmp_path / "tiny.yaml"
-    cfg_file.write_text(yaml.safe_dump(json.loads(_config(raw).model_dump_json())), encoding="utf-8")
+    # original_space: every test evaluation also scores the source geometry, and the report has its tables
+    cfg_file.write_text(yaml.safe_dump(json.loads(_config(raw, original_space=True).model_dump_json())),
+                        encoding="utf-8")
     out = tmp_path / "bench"
     # --time-limit: with one fine-tuning timed, the others (as long) do not fit in 3 s and are left for the next
     # run; the pretraining, of a kind not timed yet, starts and is stopped at the limit
@@ -198,6 +200,10 @@ def test_tiny_benchmark_runs_caches_and_resumes(tmp_path):
         assert len(re.findall(r"^\| unet \| 2 \| (scratch|avsdb) \| [0-9.]+ ± [0-9.]+ \|", table, re.M)) == 2, table
     assert (out / "label_efficiency.png").stat().st_size > 1000
     assert list((out / "overlays").glob("*.png"))
+    original = report.split("## In the source files' geometry")[1]
+    assert len(re.findall(r"^\| unet \| 2 \(2\) \| (scratch|avsdb) \| 2 \| [0-9.]+ ± [0-9.]+ \|", original, re.M)) == 2
+    assert "### Per class in the source geometry (HD95, mm)" in original
+    assert all(g["original"]["seeds"] == 2 for g in summary["groups"])
 
     # re-running runs nothing; a lost evaluation is redone alone, without training again
     model = out / "runs" / "scratch-unet-n2-s1" / "model.pt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -118,6 +119,35 @@ def test_finetune_evaluate_predict(prepared, tmp_path):
         pred = nib.load(path)
         assert pred.shape == src.shape
         np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
+
+
+
+def test_original_space_scores_what_predict_writes(prepared, tmp_path):
+    """``original_space``: data prepared coarser than distributed (here 2.25x2.25x3 mm from 1.5x1.5x2 mm) are also
+    scored in each case's source geometry: the label maps `predict` writes, against the label files as distributed
+    (Dice computed by hand here), beside the unchanged prepared-grid metrics."""
+    raw = Path(prepared.manifest["source"])
+    coarse = prepare_dataset(raw, tmp_path / "coarse", PreprocessConfig(modality="MR", spacing=(2.25, 2.25, 3.0)),
+                             workers=1, seed=0, progress=False)
+    run = finetune(coarse.root, tmp_path / "run", tiny_config(n_labeled=2, steps=2))
+    plain = evaluate(run, coarse.root, EvaluateConfig(overlays=0), out=tmp_path / "ev1")
+    both = evaluate(run, coarse.root, EvaluateConfig(overlays=0, original_space=True), out=tmp_path / "ev2")
+    assert both["overall"] == plain["overall"]
+    test_ids = coarse.split("test")
+    assert json.loads((tmp_path / "ev2" / "original" / "metrics.json").read_text(encoding="utf-8"))["n_cases"] == len(
+        test_ids)
+    rows = list(csv.DictReader(open(tmp_path / "ev2" / "original" / "per_case.csv", encoding="utf-8")))
+    assert {r["case_id"] for r in rows} == set(test_ids)
+    predict(run, raw / "imagesTr", tmp_path / "pred")
+    for r in rows:
+        pred_file = nib.load(tmp_path / "pred" / f"{r['case_id']}.nii.gz")
+        truth_file = nib.load(raw / "labelsTr" / f"{r['case_id']}.nii.gz")
+        assert pred_file.shape == truth_file.shape != coarse.case(r["case_id"])["shape"][1:]
+        pred = np.asarray(pred_file.dataobj) == int(r["class_id"])
+        truth = np.asarray(truth_file.dataobj) == int(r["class_id"])
+        assert int(r["label_voxels"]) == truth.sum() and int(r["pred_voxels"]) == pred.sum()
+        dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) if truth.any() or pred.any() else 1.0
+        assert float(r["dice"]) == pytest.approx(dice, abs=1e-4)
 
 
 def test_resume_without_flag_is_refused_and_config_change_detected(prepared, tmp_path):

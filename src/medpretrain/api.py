@@ -81,10 +81,16 @@ def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = Non
     labels = model.labels
     case_ids = _evaluation_cases(run_dir, prepared, cfg, out_dir)
 
+    original: dict[str, dict] = {}
+
     def segment(cid: str) -> np.ndarray:
         image = np.asarray(prepared.image(cid))
         fill = background_fill(prepared.case(cid), prepared.in_channels)
-        return predict_probabilities(model, image, inference, fill).argmax(0).astype(np.uint8)
+        probs = predict_probabilities(model, image, inference, fill)
+        if cfg.original_space:
+            original[cid] = _original_space_metrics(cid, probs, prepared, model.meta.get("label_values"), labels,
+                                                    cfg.nsd_tolerance_mm)
+        return probs.argmax(0).astype(np.uint8)
 
     per_case, overlays, seconds_per_case = _score_cases(case_ids, segment, prepared, labels, cfg, out_dir)
     curve = save_training_curve(run_dir / "logs" / "csv" / "metrics.csv", out_dir / "training_curve.png")
@@ -106,7 +112,42 @@ def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = Non
         "training": run_info.get("training", {}),
         "inference_seconds_per_case": round(seconds_per_case, 2),
     }
+    if original:
+        write_evaluation(out_dir / "original", original, labels, {
+            **context, "space": "each case's source file geometry: probabilities mapped back as `predict` writes "
+                                "them, scored against the source label file at its own spacing",
+            "spacing_mm": "the source file's, per case"})
     return write_evaluation(out_dir, per_case, labels, context, overlays=overlays, training_curve=curve)
+
+
+def _original_space_metrics(cid: str, probs: np.ndarray, prepared: PreparedData, label_values: list[int] | None,
+                            labels: dict[int, str], tolerance_mm: float) -> dict:
+    """Metrics of one case in its source file's geometry (``EvaluateConfig.original_space``): the prepared-grid
+    probabilities mapped back with ``restore_to_original`` (what ``predict`` writes), against the source label file
+    read as ``prepare`` read it, with the source spacing."""
+    from medpretrain.data.preprocess import renumber_labels
+
+    record = prepared.case(cid)
+    source = record.get("source_label")
+    if not source or not Path(source).is_file():
+        raise DataError(f"case {cid} of {prepared.root}: its source label file {source!r} is not there, so it cannot "
+                        "be scored in its original geometry; evaluate without original_space, or prepare the data "
+                        "again from where the files are now")
+    truth = read_image(source)
+    geometry = prepared.geometry(cid)
+    if list(truth.spatial_shape) != list(geometry.original_shape) or not np.allclose(
+            truth.affine, geometry.original_affine, rtol=1e-4, atol=1e-2):
+        raise DataError(f"{source}: the label's grid {tuple(truth.spatial_shape)} is not the grid {cid} was prepared "
+                        f"from ({tuple(geometry.original_shape)}); was {prepared.root} prepared from these files?")
+    pred = restore_to_original(probs, geometry, is_probability=True)
+    gt = np.rint(np.asarray(truth.array[0])).astype(np.int64)
+    if label_values is not None:
+        gt = renumber_labels(gt, label_values)
+    spacing = tuple(float(v) for v in np.linalg.norm(np.asarray(truth.affine)[:3, :3], axis=0))
+    metrics = case_metrics(pred, gt, [c for c in sorted(labels) if c != 0], spacing, tolerance_mm)
+    log.info("%s in its original geometry (%s voxels): Dice %s", cid, "x".join(map(str, pred.shape)),
+             ", ".join(f"{m['dice']:.3f}" for m in metrics.values()))
+    return metrics
 
 
 def _evaluation_cases(run_dir: Path, prepared: PreparedData, cfg: EvaluateConfig, out_dir: Path) -> list[str]:
@@ -181,6 +222,9 @@ def _evaluate_nnunet_run(run_dir: Path, info: dict, prepared: PreparedData, cfg:
     if model_file is not None:
         raise ConfigError(f"--model-file: {run_dir} is an nnunet-scratch run (nnU-Net's predictions, no model "
                           "exports); evaluate it without --model-file")
+    if cfg.original_space:
+        raise ConfigError(f"--original-space: {run_dir} is an nnunet-scratch run, scored on the prepared grid only; "
+                          f"its predictions in the original geometry are in {run_dir / info.get('predictions', 'predictions')}")
     if not info.get("finished"):
         raise CheckpointError(f"the nnunet-scratch run in {run_dir} has not finished (no predictions yet); re-run its "
                               "`medpretrain nnunet-scratch` command")

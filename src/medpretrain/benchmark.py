@@ -246,6 +246,9 @@ class BenchmarkConfig(_Strict):
             curves, and the steps a pretrained arm needs to reach scratch's final Dice).
         nnunet_scratch: add the arm ``nnunet-scratch``, nnU-Net v2's own training from scratch at a stated budget
             (see ``NnunetScratchSettings``); None = not run.
+        original_space: every run's test evaluation (the final model; learning-curve points stay on the prepared
+            grid) also scores each case in its source file's geometry (``EvaluateConfig.original_space``); the
+            report adds per-class tables there. For data prepared coarser than distributed.
     """
 
     name: str
@@ -268,6 +271,7 @@ class BenchmarkConfig(_Strict):
     validation: ValidationSettings | None = None
     curve_fractions: list[float] = [0.25, 0.5]
     nnunet_scratch: NnunetScratchSettings | None = None
+    original_space: bool = False
 
     @field_validator("n_labeled")
     @classmethod
@@ -541,7 +545,8 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                           "--model-file", str(run / "curve" / curve_file_name(step)),
                           "--out", str(run / "curve" / f"eval-step{step:07d}")]
                          for step in _curve_steps(cfg, b)]
-                ev = ["evaluate", "--run", str(run), "--data", str(prepared), "--overlays", str(cfg.overlays)]
+                ev = ["evaluate", "--run", str(run), "--data", str(prepared), "--overlays", str(cfg.overlays),
+                      *(["--original-space"] if cfg.original_space else [])]
                 jobs.append(Job(run.name, "finetune", [ft, *curve, ev], run / "eval" / "metrics.json", needs=needs,
                                 info={"method": m_name, "backbone": b_name, "n_labeled": n, "seed": seed,
                                       "run": str(run)}))

@@ -302,6 +302,8 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Output folder. (default: RUN/eval)"),
     model_file: Optional[Path] = typer.Option(None, help="Evaluate this export of the run instead of RUN/model.pt "
                                               "(a learning-curve point, RUN/curve/model_stepN.pt)."),
+    original_space: bool = typer.Option(False, help="Also score each case in its source file's geometry against "
+                                        "the label file as distributed, in OUT/original/ (as `predict` writes)."),
 ) -> None:
     """Evaluate a run: metrics.json, per_case.csv, report.md and overlays/ in RUN/eval."""
     from medpretrain.config import EvaluateConfig, InferenceConfig, make_config
@@ -309,7 +311,7 @@ def evaluate(
     # Bad settings fail before the seconds-long torch import.
     inference = make_config(InferenceConfig, {"overlap": overlap}) if overlap is not None else None
     cfg = make_config(EvaluateConfig, {"split": split, "nsd_tolerance_mm": nsd_tolerance, "overlays": overlays,
-                                       "inference": inference})
+                                       "inference": inference, "original_space": original_space})
     from medpretrain.api import evaluate as run_evaluate
 
     metrics = run_evaluate(run, data, cfg, out, model_file=model_file)

@@ -342,12 +342,18 @@ class EvaluateConfig(_Strict):
         nsd_tolerance_mm: tolerance of the normalised surface Dice.
         overlays: number of overlay PNGs (half best, half worst cases by Dice); 0 = none, -1 = all.
         inference: overrides of the run's inference settings.
+        original_space: also score every case in its source file's geometry, in ``OUT/original/``: the predicted
+            probabilities mapped back onto the source image's grid as ``predict`` writes them, against the label
+            file as distributed (the manifest's ``source_label``), distances at the source spacing. The main
+            metrics stay on the prepared grid. For data prepared coarser than distributed (BTCV at 4 mm), where
+            small structures are a few prepared voxels wide: the numbers a user of the predictions would get.
     """
 
     split: str = "test"
     nsd_tolerance_mm: float = 2.0
     overlays: int = 4
     inference: InferenceConfig | None = None
+    original_space: bool = False
 
     @field_validator("nsd_tolerance_mm")
     @classmethod

@@ -52,6 +52,13 @@ def _read_run(job: "Job") -> dict[str, Any] | None:
         curve[step] = _num(json.loads(path.read_text(encoding="utf-8")).get("overall", {}).get("dice", {}).get("mean"))
     if training.get("steps_done") and info.get("kind") != "nnunet-scratch":  # nnU-Net's iterations are not our steps
         curve[int(training["steps_done"])] = _num(metrics.get("overall", {}).get("dice", {}).get("mean"))
+    original_path = run / "eval" / "original" / "metrics.json"  # scored in the source geometry too (original_space)
+    original = None
+    if original_path.is_file():
+        om = json.loads(original_path.read_text(encoding="utf-8"))
+        original = {"overall": {m: _num(om.get("overall", {}).get(m, {}).get("mean")) for m in METRICS},
+                    "classes": {c: {m: _num(v.get(m, {}).get("mean")) for m in METRICS}
+                                for c, v in om.get("classes", {}).items()}}
     return {
         "method": job.info["method"], "backbone": job.info["backbone"], "model": info.get("config", {}).get("model"),
         "n_labeled": job.info["n_labeled"], "n_cases": len(info.get("labeled_cases", [])), "seed": job.info["seed"],
@@ -61,7 +68,7 @@ def _read_run(job: "Job") -> dict[str, Any] | None:
         "wall_s": training.get("wall_time_s"), "steps": training.get("steps_done"),
         "precision": training.get("precision", info.get("config", {}).get("precision")),
         "case_dice": case_dice, "run": str(run), "curve": curve,
-        "lr": info.get("config", {}).get("lr"),
+        "lr": info.get("config", {}).get("lr"), "original": original,
     }
 
 
@@ -122,6 +129,14 @@ def summarize_runs(rows: list[dict]) -> dict[str, Any]:
                                                                           if c in r["classes"]])))
                                 for m in METRICS} for c in classes}
         entry["wall_s"] = _mean_std([r["wall_s"] for r in sel if r["wall_s"] is not None])[0]
+        orig = [r["original"] for r in sel if r.get("original")]
+        if orig:  # the runs scored in their source geometry too (original_space)
+            entry["original"] = {
+                "seeds": len(orig),
+                **{m: dict(zip(("mean", "std"), _mean_std([o["overall"][m] for o in orig]))) for m in METRICS},
+                "classes": {c: {m: dict(zip(("mean", "std"), _mean_std([o["classes"][c][m] for o in orig
+                                                                         if c in o["classes"]]))) for m in METRICS}
+                            for c in dict.fromkeys(c for o in orig for c in o["classes"])}}
         if method != SCRATCH:
             scratch = {r["seed"]: r for r in groups.get((backbone, SCRATCH, n), [])}
             paired = [(r, scratch[r["seed"]]) for r in sel if r["seed"] in scratch]
@@ -268,6 +283,30 @@ def validation_curve_lines(selection: dict[str, dict]) -> list[str]:
     return md
 
 
+def original_space_lines(groups: list[dict]) -> list[str]:
+    """Markdown: the groups' test metrics in the source files' geometry (``original_space``), overall and per class
+    (Dice, NSD, HD95); empty when no run was scored there."""
+    groups = [g for g in groups if g.get("original")]
+    if not groups:
+        return []
+    md = ["", "## In the source files' geometry (test predictions mapped back as `predict` writes them, scored "
+          "against the label files as distributed, at their spacing)", "",
+          "| backbone | n labelled | method | seeds | Dice | NSD | ASSD (mm) | HD95 (mm) |", "|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        o = g["original"]
+        md.append(f"| {g['backbone']} | {g['n_labeled']} ({g['n_cases']}) | {g['method']} | {o['seeds']} | "
+                  + " | ".join(_fmt(o[m], m) for m in METRICS) + " |")
+    classes = list(dict.fromkeys(c for g in groups for c in g["original"]["classes"]))
+    for metric, title in (("dice", "Dice"), ("nsd", "NSD"), ("hd95", "HD95, mm")) if classes else ():
+        md += ["", f"### Per class in the source geometry ({title})", "",
+               "| backbone | n labelled | method | " + " | ".join(classes) + " |", "|---|---|---|" + "---|" * len(classes)]
+        for g in groups:
+            per = g["original"]["classes"]
+            md.append(f"| {g['backbone']} | {g['n_labeled']} | {g['method']} | " + " | ".join(
+                _fmt(per[c][metric], metric) if c in per else "–" for c in classes) + " |")
+    return md
+
+
 def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: list["Job"],
                            pretrain_jobs: list["Job"], failed: dict[str, str], notes: list[str] = ()) -> Path:
     """Collect every finished run of the benchmark and write its four outputs; returns ``report.md``."""
@@ -383,6 +422,7 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
         for g in summary["groups"]:
             md.append(f"| {g['backbone']} | {g['n_labeled']} | {g['method']} | " + " | ".join(
                 _fmt(g["classes"][c][metric], metric) if c in g["classes"] else "–" for c in classes) + " |")
+    md += original_space_lines(summary["groups"])
     curve_groups = [c for c in summary["curves"] if len(c["points"]) > 1]
     if curve_groups:
         panels: dict[str, dict[str, list]] = {}
