@@ -34,9 +34,11 @@ BTCV_GROUPS = {"large": (1, 2, 3, 6, 7), "small": (4, 5, 9, 10, 11, 12, 13)}
 BTCV_AORTA = 8  # neither group in the issue; counted in "all"
 
 
-def case_dice(run: Path, classes: set[int] | None = None) -> dict[str, float] | None:
-    """Each test case's Dice averaged over its classes (or over ``classes``); None if the run is unfinished."""
-    path = run / "eval" / "per_case.csv"
+def case_dice(run: Path, classes: set[int] | None = None, space: str = "prepared") -> dict[str, float] | None:
+    """Each test case's Dice averaged over its classes (or over ``classes``); None if the run is unfinished.
+    ``space``: ``original`` reads the scores in the source files' geometry (``eval/original/``, the profile's
+    ``original_space``)."""
+    path = run / "eval" / ("original" if space == "original" else "") / "per_case.csv"
     if not path.is_file():
         return None
     rows: dict[str, list[float]] = defaultdict(list)
@@ -109,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bench", type=Path, required=True, help="benchmark output folder")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--control", default="null", help="second reference arm (skipped when absent)")
+    ap.add_argument("--space", choices=("prepared", "original"), default="prepared",
+                    help="score on the prepared grid or in the source files' geometry (profiles with original_space)")
     args = ap.parse_args(argv)
     cfg = json.loads((args.bench / "benchmark.json").read_text(encoding="utf-8"))
     runs = args.bench / "runs"
@@ -133,8 +137,9 @@ def main(argv=None) -> int:
                     label = "all" if n == "all" else f"n{n}"
                     for ref in ("scratch", args.control):
                         for g, classes in groups.items():
-                            pairs = [(case_dice(runs / f"{arm}-{b_name}-{label}-s{s}", classes),
-                                      case_dice(runs / f"{ref}-{b_name}-{label}-s{s}", classes)) for s in seeds]
+                            pairs = [(case_dice(runs / f"{arm}-{b_name}-{label}-s{s}", classes, args.space),
+                                      case_dice(runs / f"{ref}-{b_name}-{label}-s{s}", classes, args.space))
+                                     for s in seeds]
                             pairs = [p for p in pairs if p[0] is not None and p[1] is not None]
                             if not pairs:
                                 continue
@@ -158,7 +163,10 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(rows)
     md = [f"# Pretraining-budget scaling: {cfg['name']}", "",
-          f"`python benchmarks/scaling_report.py --bench {args.bench} --out {args.out}`", "",
+          f"`python benchmarks/scaling_report.py --bench {args.bench} --out {args.out}"
+          + (" --space original`" if args.space == "original" else "`"), "",
+          *(["Scored in the source files' geometry (each test case's label file as distributed).", ""]
+            if args.space == "original" else []),
           "| backbone | method | pretraining steps | CPU h | fraction learnt | n | group | gain vs scratch "
           "(mean ± std) | seeds improved | Wilcoxon p | gain vs null |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     by_key = {(r["backbone"], r["method"], r["pretrain_steps"], r["n_labeled"], r["group"], r["reference"]): r

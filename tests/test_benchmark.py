@@ -92,6 +92,17 @@ def test_a_variant_runs_beside_its_method_with_its_own_config(tmp_path):
             ft.index("--config") + 1]
 
 
+def test_a_method_may_run_at_some_labelled_set_sizes_only(tmp_path):
+    """``methods.<name>.n_labeled``: a costly pretrained arm (and its snapshot arms) runs at the sizes given,
+    scratch at every size of the profile; sizes outside the profile's are refused when the config is read."""
+    methods = {"avsdb": {"preset": None, "steps": 4, "snapshots": [2], "config": TINY_AVSDB, "n_labeled": [4]}}
+    jobs = {j.name for j in plan(_config(tmp_path / "ds", methods=methods, n_labeled=[2, 4], seeds=[0]),
+                                 tmp_path / "out") if j.kind == "finetune"}
+    assert jobs == {"scratch-unet-n2-s0", "scratch-unet-n4-s0", "avsdb-unet-n4-s0", "avsdb@2-unet-n4-s0"}
+    with pytest.raises(ValueError, match=r"methods.avsdb.n_labeled \[8\].*some of the profile's"):
+        _config(tmp_path / "ds", methods={"avsdb": {**methods["avsdb"], "n_labeled": [8]}}, n_labeled=[2, 4])
+
+
 def test_a_linear_probing_twin_shares_the_pretraining(tmp_path):
     unet = _config(tmp_path).backbones["unet"].model_dump()
     probe = {**unet, "init_part": "encoder", "finetune": {**unet["finetune"], "freeze_encoder": True}}
@@ -347,7 +358,7 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     the pretraining and preparations nobody needs any more are not re-run."""
     raw = make_demo_dataset(tmp_path / "raw", n_cases=4, size=(40, 36, 20), seed=2)
     tiny = {"model_options": {"features": [4, 4, 8, 8, 16, 4]}}
-    cfg = _config(raw, seeds=[0], pool_add_downstream_train=False, curve_fractions=[],
+    cfg = _config(raw, seeds=[0], pool_add_downstream_train=False, curve_fractions=[], original_space=True,
                   backbones={"unet": {"model": "unet", "steps": 1, "patch": [32, 32, 16], "batch": 1,
                                       "precision": "32-true", "pretrain": tiny,
                                       "finetune": {**tiny, "num_workers": 0, "augment": {"enabled": False}}}},
@@ -375,6 +386,11 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     scaling_md = (tmp_path / "scaling" / "report.md").read_text(encoding="utf-8")
     assert "| pretraining | 1 |" in scaling_md and "| test fine-tuning | 4 |" in scaling_md
     assert (tmp_path / "scaling" / "gain_vs_budget.png").stat().st_size > 1000
+    # the same curve scored in the source files' geometry (the profile's original_space)
+    assert scaling.main(["--bench", str(out), "--out", str(tmp_path / "scaling-orig"), "--space", "original"]) == 0
+    with open(tmp_path / "scaling-orig" / "results.csv", encoding="utf-8") as fh:
+        assert len(list(csv.DictReader(fh))) == len(curve)
+    assert "source files' geometry" in (tmp_path / "scaling-orig" / "report.md").read_text(encoding="utf-8")
 
     keep = _load_script("keep_runs")
     kept, moved = tmp_path / "kept", tmp_path / "moved"

@@ -97,6 +97,10 @@ class MethodSettings(_Strict):
         snapshots: pretraining steps (below the run's length) at which the pretraining also writes the network
             (``export_steps``); each is fine-tuned as an arm of its own, ``<entry>@<step>`` (the run's final
             ``model.pt`` is the entry's own arm): the points of a pretraining-budget curve from one long run.
+        n_labeled: the labelled-set sizes its arms (snapshots included) are fine-tuned at, a subset of the
+            profile's (None = all of them): scratch runs every size, a costly pretrained arm the ones that matter
+            (e.g. a budget curve at n = 4 beside scratch's full label-efficiency curve). Its runs stay paired
+            with scratch's at the same size and seed.
     """
 
     preset: str | None = "default"
@@ -106,6 +110,7 @@ class MethodSettings(_Strict):
     backbones: list[str] | None = None
     untrained: bool = False
     snapshots: list[int] = []
+    n_labeled: list[int | Literal["all"]] | None = None
 
     @field_validator("snapshots")
     @classmethod
@@ -303,6 +308,10 @@ class BenchmarkConfig(_Strict):
         if self.pretrain_seed in self.seeds or (self.validation and self.pretrain_seed == self.validation.run_seed):
             raise ValueError(f"pretrain_seed {self.pretrain_seed} is also a fine-tuning seed; give the pretrainings "
                              f"a seed of their own (e.g. 1000)")
+        for name, m in self.methods.items():
+            if m.n_labeled is not None and (not m.n_labeled or not set(m.n_labeled) <= set(self.n_labeled)):
+                raise ValueError(f"methods.{name}.n_labeled {m.n_labeled}: must be some of the profile's n_labeled "
+                                 f"{self.n_labeled} (its runs pair with scratch's at the same size)")
         ns = self.nnunet_scratch
         if ns is not None and ns.backbone is not None and ns.backbone not in self.backbones:
             raise ValueError(f"nnunet_scratch backbone '{ns.backbone}' is not a backbone of the profile "
@@ -529,6 +538,9 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
     for seed in cfg.seeds:
         for n in cfg.n_labeled:
             for m_name, b_name in sorted(arms, key=lambda a: list(cfg.backbones).index(a[1])):
+                sizes = methods[m_name.partition(SNAPSHOT_SEP)[0]].n_labeled if m_name != SCRATCH else None
+                if sizes is not None and n not in sizes:
+                    continue  # the arm runs at other labelled-set sizes only (MethodSettings.n_labeled)
                 b = cfg.backbones[b_name]
                 run = out / "runs" / f"{m_name}-{b_name}-{_n_label(n)}-s{seed}"
                 sel = selected.get((m_name, b_name))
