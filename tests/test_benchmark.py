@@ -308,6 +308,14 @@ def test_validation_grid_for_snapshot_arms_and_calibration_only(tmp_path):
     assert sorted(j.name for j in calibration if j.kind == "finetune") == [
         "val-scratch-long-lr0.001", "val-scratch-long-lr0.003", "val-scratch-short-lr0.001", "val-scratch-short-lr0.003"]
     assert all(j.info.get("validation") for j in calibration if j.kind == "finetune")
+    # validation.controls: scratch: the null control takes scratch's lr, no grid of its own
+    ctl = {j.name: j for j in plan(_config(tmp_path / "ds", only=["avsdb"], methods={
+        "avsdb": methods["avsdb"], "null": {"method": "avsdb", "untrained": True, "config": TINY_AVSDB}},
+        validation={**grid, "controls": "scratch"}), tmp_path / "ctl")}
+    assert not [n for n in ctl if n.startswith("val-null-")] and "select-null-unet" not in ctl
+    assert "select-scratch-unet" in ctl["null-unet-n2-s0"].needs and "select-avsdb-unet" in ctl["avsdb-unet-n2-s0"].needs
+    cmd = ctl["null-unet-n2-s0"].commands[0]
+    assert cmd[cmd.index("--config") + 1].endswith("finetune-unet-scratch.yaml")
     # validation.curves: each grid run also scores its learning-curve exports on the validation cases
     curved = {j.name: j for j in plan(_config(tmp_path / "ds", only=[], methods={}, curve_fractions=[0.5],
                                               validation={**grid, "only": True, "curves": True}), tmp_path / "cv")}

@@ -144,6 +144,9 @@ class ValidationSettings(_Strict):
             too (as nnU-Net's final training does): they chose the lr before and are not scored again, and the
             test cases stay unseen. Off: ``all`` is every case outside the validation set. The labelled subsets
             of the other sizes never hold a validation case either way.
+        controls: ``own``: the null control (``untrained: true``) runs the grid like any arm; ``scratch``: it uses
+            the lr scratch chose, so that null vs scratch differs by the ``--init`` path alone (the control's
+            question) and the grid's cost goes to the arms that compete.
         curves: also score every grid run's learning-curve exports (``curve_fractions``) on the validation cases:
             validation Dice vs fine-tuning step per arm and lr, in the report, so that a calibration can choose the
             step budget too (where the curve flattens), still without touching test.
@@ -158,6 +161,7 @@ class ValidationSettings(_Strict):
     only: bool = False
     extend: int = Field(0, ge=0, le=4)
     all_includes_validation: bool = False
+    controls: Literal["own", "scratch"] = "own"
     curves: bool = False
 
     @field_validator("lr")
@@ -501,6 +505,8 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
         for m_name, b_name in arms:
             if SNAPSHOT_SEP in m_name and v.snapshots == "method":
                 continue  # uses its method's choice (below)
+            if m_name != SCRATCH and methods[m_name.partition(SNAPSHOT_SEP)[0]].untrained and v.controls == SCRATCH:
+                continue  # the null control uses scratch's choice (below)
             grid_runs, grid_jobs = [], []
             for lr in v.lr:
                 run = out / "validation" / f"{m_name}-{b_name}-lr{lr:g}"
@@ -531,7 +537,8 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
             selected[(m_name, b_name)] = sel
         for m_name, b_name in arms:
             if (m_name, b_name) not in selected:
-                selected[(m_name, b_name)] = selected[(m_name.partition(SNAPSHOT_SEP)[0], b_name)]
+                base = m_name.partition(SNAPSHOT_SEP)[0]
+                selected[(m_name, b_name)] = selected[(base if (base, b_name) in selected else SCRATCH, b_name)]
         if v.only:
             return _checked(jobs)
     # Seeds outermost: a partial benchmark has complete seeds rather than one method at every seed.
