@@ -325,6 +325,18 @@ def test_validation_grid_for_snapshot_arms_and_calibration_only(tmp_path):
     assert cmds[1][cmds[1].index("--split") + 1] == "validation"
     assert cmds[1][-4:] == ["--model-file", str(run / "curve" / "model_step0000001.pt"),
                             "--out", str(run / "curve" / "eval-step0000001")]
+    # while the grid runs (no selection yet), the report shows the finished runs' scores and validation curves
+    from medpretrain.benchmark import _methods, _write_report
+
+    for path, dice in ((run / "curve" / "eval-step0000001" / "metrics.json", 0.25), (run / "eval" / "metrics.json", 0.5)):
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"overall": {"dice": {"mean": dice}}, "classes": {}}), encoding="utf-8")
+    (run / "run.json").write_text(json.dumps({"training": {"steps_done": 2}}), encoding="utf-8")
+    cv_cfg = _config(tmp_path / "ds", only=[], methods={}, curve_fractions=[0.5],
+                     validation={**grid, "only": True, "curves": True})
+    report = _write_report(cv_cfg, (tmp_path / "cv").resolve(), list(curved.values()), _methods(cv_cfg), {}).read_text()
+    assert "- unet-scratch: validation Dice per lr 0.001: 0.500" in report
+    assert "| unet-scratch | 0.001 | 0.250 | 0.500 |" in report and "## Results" not in report
     # validation.extend: the selection may step beyond the grid with the grid's own command (minus --out, --lr);
     # without it the selection's command is what it was, so folders run before it are not "other settings"
     p = (tmp_path / "p").resolve()

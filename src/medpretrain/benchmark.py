@@ -1263,4 +1263,5 @@ def _write_report(cfg: BenchmarkConfig, out: Path, jobs: list[Job], methods: dic
                      f"(runs/nnunet-scratch-*/run.json), scored with our metrics on the prepared grid; paired with "
                      f"scratch of backbone {_nnunet_backbone(cfg)}")
     return write_benchmark_report(cfg, out, [j for j in jobs if j.kind == "finetune" and not j.info.get("validation")],
-                                  [j for j in jobs if j.kind == "pretrain"], failed, notes)
+                                  [j for j in jobs if j.kind == "pretrain"], failed, notes,
+                                  validation_jobs=[j for j in jobs if j.info.get("validation")])

@@ -259,7 +259,8 @@ def validation_curve(run: Path) -> dict[int, float]:
 def validation_curve_lines(selection: dict[str, dict]) -> list[str]:
     """Markdown: validation Dice vs fine-tuning step of every grid run that scored its curve, then the chosen
     run's validation Dice per class (which structures the recipe learns at all)."""
-    rows = [(arm, r, validation_curve(Path(r["run"]))) for arm, sel in selection.items() for r in sel["runs"]]
+    rows = [(arm, r, validation_curve(Path(r["run"]))) for arm, sel in selection.items() for r in sel["runs"]
+            if r.get("lr") is not None]
     rows = [(arm, r, c) for arm, r, c in rows if c]
     if not rows:
         return []
@@ -270,6 +271,8 @@ def validation_curve_lines(selection: dict[str, dict]) -> list[str]:
         md.append(f"| {arm} | {r['lr']:g} | " + " | ".join(f"{c[s]:.3f}" if s in c else "" for s in steps) + " |")
     classes: dict[str, dict[str, float]] = {}
     for arm, sel in selection.items():
+        if sel.get("chosen") is None:  # grid still running: no choice yet
+            continue
         path = Path(next((r["run"] for r in sel["runs"] if r["lr"] == sel["chosen"]["lr"]), "")) / "eval" / "metrics.json"
         if path.is_file():
             per = json.loads(path.read_text(encoding="utf-8")).get("classes", {})
@@ -308,8 +311,10 @@ def original_space_lines(groups: list[dict]) -> list[str]:
 
 
 def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: list["Job"],
-                           pretrain_jobs: list["Job"], failed: dict[str, str], notes: list[str] = ()) -> Path:
-    """Collect every finished run of the benchmark and write its four outputs; returns ``report.md``."""
+                           pretrain_jobs: list["Job"], failed: dict[str, str], notes: list[str] = (),
+                           validation_jobs: list["Job"] = ()) -> Path:
+    """Collect every finished run of the benchmark and write its four outputs; returns ``report.md``.
+    ``validation_jobs``: the grid's runs, shown (learning curves) while their arm's selection has not run yet."""
     out = Path(out)
     rows = [r for r in (_read_run(j) for j in finetune_jobs) if r is not None]
     summary = summarize_runs(rows)
@@ -390,12 +395,26 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
             cases = sel["runs"][0].get("validation_cases", []) if sel["runs"] else []
             edge = " (edge of the search)" if sel.get("extend", {}).get("edge") else ""
             md.append(f"| {arm} | {sel['chosen']['lr']:g}{edge} | {scores} | {', '.join(cases)} |")
-        md += validation_curve_lines(selection)
+    pending: dict[str, dict] = {}  # grid runs finished so far of the arms not chosen yet
+    for j in validation_jobs:
+        arm = f"{j.info['backbone']}-{j.info['method']}"
+        if arm not in selection and (Path(j.info["run"]) / "eval" / "metrics.json").is_file():
+            dice = json.loads((Path(j.info["run"]) / "eval" / "metrics.json").read_text(encoding="utf-8"))
+            pending.setdefault(arm, {"runs": [], "chosen": None})["runs"].append(
+                {"run": j.info["run"], "lr": j.info["lr"], "validation_dice": dice["overall"]["dice"]["mean"]})
+    if pending:
+        md += ["", "## Validation grid runs finished so far (no choice made yet)", "",
+               *[f"- {arm}: validation Dice per lr {format_grid_scores(sel['runs'])}" for arm, sel in pending.items()]]
+    md += validation_curve_lines({**selection, **pending}) if selection or pending else []
+    if selection:
         if any(sel.get("extend") for sel in selection.values()):
             md += ["", "+: an lr beyond the grid, tried because the best was at the grid's end (`validation.extend`); "
                    "\"edge of the search\": still the best after every extension allowed; \"failed\": the run did "
                    "not train (e.g. diverged) and counts as the worst."]
-    md += ["", f"Seeds: {', '.join(map(str, cfg.seeds))}. Each cell: mean ± sample std over seeds of the mean over "
+    if not rows:  # e.g. a calibration (validation.only): no test run, no empty test tables
+        md += ["", "No test run finished (or none planned: a validation-only profile)."]
+    md += [] if not rows else [
+           "", f"Seeds: {', '.join(map(str, cfg.seeds))}. Each cell: mean ± sample std over seeds of the mean over "
            "the test cases.", "", "## Results", "",
            "| backbone | n labelled | method | seeds | Dice | NSD | ASSD (mm) | HD95 (mm) | fine-tune wall (s) |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -403,7 +422,7 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
         md.append(f"| {g['backbone']} | {g['n_labeled']} ({g['n_cases']}) | {g['method']} | {len(g['seeds'])} | "
                   + " | ".join(_fmt(g[m], m) for m in METRICS)
                   + (f" | {g['wall_s']:.0f} |" if math.isfinite(g["wall_s"]) else " | – |"))
-    md += ["", "## Gain over scratch (paired: same seed, labelled cases and test cases)", "",
+    md += [] if not rows else ["", "## Gain over scratch (paired: same seed, labelled cases and test cases)", "",
            "| backbone | n labelled | method | Dice gain (mean ± std over seeds) | seeds improved | test cases "
            "improved (gain averaged over seeds) | Wilcoxon p (over test cases) |", "|---|---|---|---|---|---|---|"]
     for g in summary["groups"]:
@@ -441,7 +460,7 @@ def write_benchmark_report(cfg: "BenchmarkConfig", out: Path, finetune_jobs: lis
                                            else f"not reached (0/{r['seeds']})")
             md.append(f"| {c['backbone']} | {c['n_labeled']} | {c['method']} | {by_step} | {reach} |")
         md += ["", "![Learning curves](learning_curves.png)"]
-    md += ["", "## Label efficiency", "", "![Dice vs labelled cases](label_efficiency.png)", ""]
+    md += ["", "## Label efficiency", "", "![Dice vs labelled cases](label_efficiency.png)", ""] if rows else [""]
     overlays = _best_worst_overlays(rows, out)
     if overlays:
         md += ["## Best and worst test cases (red: prediction, green: ground truth)", "", *overlays, ""]
