@@ -26,18 +26,19 @@ entries=(
   "asa-la2018-ema asa-la2018-ema scratch-*"
   "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-asa-*"
   "asa-la2018-ema asa-la2018-ema asa-*"
-  # issue 20: BTCV scratch recipe on validation cases only, 3 budgets x 3 lr (~6 h of one thread): two sessions
-  "btcv-calibration btcv-calibration *-p80-500* *-p96-250*"
-  "btcv-calibration btcv-calibration *-p80-1000*"
-  # issue 20: BTCV budget curves at 4 mm, one method per session
-  "scaling-btcv-proxy scaling-btcv-proxy scratch-* *null* *volume-fusion*"
+  # issue 20: BTCV scratch recipe at 4 mm on validation cases only, 2 patches x 3 lr with learning curves (~4.5 h of
+  # one thread); then btcv-cpu (4 mm; its budget chosen by the calibration): scratch at n = 2/4/8/all, the null
+  # control and the Volume Fusion budget curve at n = 4; AVS-DB and MAE curves later
+  "btcv-calibration-4mm btcv-calibration-4mm"
+  "btcv-cpu btcv-cpu --models scratch-* *null* *volume-fusion*"
   # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task)
   "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-swinunetr-ssl-*"
   "asa-la2018-ema asa-la2018-ema swinunetr-ssl-*"
-  "scaling-btcv-proxy scaling-btcv-proxy *avsdb*"
+  "btcv-cpu btcv-cpu --models *avsdb*"
   # issue 20: the la2018 proxy curves of AVS-DB and MAE (~2 h each)
   "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
   "scaling-la2018-proxy scaling-la2018-proxy *mae*"
+  "btcv-cpu btcv-cpu --models *mae*"
   # issue 20: la2018 at the standard resolution as far as the CPU allows (~3 h): transfer-la2018's protocol
   "scaling-la2018 scaling-la2018 scratch-* *null* *volume-fusion-unet*"
   "scaling-la2018 scaling-la2018 *-long*"
