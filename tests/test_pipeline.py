@@ -148,6 +148,9 @@ def test_original_space_scores_what_predict_writes(prepared, tmp_path):
         assert int(r["label_voxels"]) == truth.sum() and int(r["pred_voxels"]) == pred.sum()
         dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) if truth.any() or pred.any() else 1.0
         assert float(r["dice"]) == pytest.approx(dice, abs=1e-4)
+    # evaluated again into the same folder without it: the earlier source-geometry scores do not linger
+    evaluate(run, coarse.root, EvaluateConfig(overlays=0), out=tmp_path / "ev2")
+    assert not (tmp_path / "ev2" / "original").exists()
 
 
 def test_resume_without_flag_is_refused_and_config_change_detected(prepared, tmp_path):

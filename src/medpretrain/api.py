@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -117,6 +118,10 @@ def evaluate(run: str | Path, data: str | Path, cfg: EvaluateConfig | None = Non
             **context, "space": "each case's source file geometry: probabilities mapped back as `predict` writes "
                                 "them, scored against the source label file at its own spacing",
             "spacing_mm": "the source file's, per case"})
+    elif (out_dir / "original").is_dir():
+        # An earlier evaluation's source-geometry scores would sit beside new prepared-grid ones (and a benchmark
+        # report would read them): they no longer describe this evaluation.
+        shutil.rmtree(out_dir / "original")
     return write_evaluation(out_dir, per_case, labels, context, overlays=overlays, training_curve=curve)
 
 
