@@ -1250,7 +1250,12 @@ def _write_report(cfg: BenchmarkConfig, out: Path, jobs: list[Job], methods: dic
               for m, s in methods.items() if s.method is not None]
     if cfg.validation is not None:
         notes.append(f"learning rate: chosen per arm on {cfg.validation.cases} validation cases (grid "
-                     f"{', '.join(f'{x:g}' for x in cfg.validation.lr)}; see below), not the budget table's lr")
+                     f"{', '.join(f'{x:g}' for x in cfg.validation.lr)}; see below), not the budget table's lr"
+                     + ("; the null control uses scratch's (validation.controls: scratch)"
+                        if cfg.validation.controls == SCRATCH else ""))
+    if cfg.original_space:
+        notes.append("every test evaluation is also scored in the source files' geometry (the predictions mapped back "
+                     "as `predict` writes them, against the label files as distributed): tables at the end")
     notes += [f"excluded by the profile: {', '.join(cfg.exclude)}"] if cfg.exclude else []
     ns = cfg.nnunet_scratch
     if ns is not None:
