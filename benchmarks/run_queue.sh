@@ -39,6 +39,7 @@ entries=(
   "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
   "scaling-la2018-proxy scaling-la2018-proxy *mae*"
   "btcv-cpu btcv-cpu --models *mae*"
+  "btcv-cpu btcv-cpu --models *models-genesis*"
   # issue 20: la2018 at the standard resolution as far as the CPU allows (~3 h): transfer-la2018's protocol
   "scaling-la2018 scaling-la2018 scratch-* *null* *volume-fusion-unet*"
   "scaling-la2018 scaling-la2018 *-long*"
