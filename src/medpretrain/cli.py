@@ -27,13 +27,18 @@ TCMALLOC_PATHS = (
 )
 
 
+def tcmalloc_library() -> str | None:
+    """The installed tcmalloc the training verbs preload, or None."""
+    return next((p for p in TCMALLOC_PATHS if os.path.exists(p)), None)
+
+
 def _maybe_reexec_with_tcmalloc() -> None:
     """Re-run this command with tcmalloc preloaded when it is installed (training steps up to 2.5x faster on
     CPU: glibc malloc returns and re-faults the large activation buffers every step). Opt out with
     MEDPRETRAIN_NO_TCMALLOC=1."""
     if os.environ.get("MEDPRETRAIN_NO_TCMALLOC") or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
         return
-    lib = next((p for p in TCMALLOC_PATHS if os.path.exists(p)), None)
+    lib = tcmalloc_library()
     if lib is None:
         return
     env = dict(os.environ)
@@ -371,6 +376,11 @@ def benchmark(
     Re-running the same command after a crash or Ctrl-C runs only what is missing."""
     from medpretrain.benchmark import parse_duration, run_benchmark
 
+    if not (dry_run or report_only or tcmalloc_library() or os.environ.get("MEDPRETRAIN_NO_TCMALLOC")):
+        # Hours of CPU jobs: say it once, where it is cheap to fix (measured here: a Swin UNETR pretraining step
+        # 12 s without, 6 s with; docs/design.md, "tcmalloc").
+        log.warning("tcmalloc is not installed: CPU training runs up to 2x slower. Install Debian's "
+                    "libtcmalloc-minimal4 (the training commands then preload it), or set MEDPRETRAIN_NO_TCMALLOC=1")
     limit = None if time_limit is None else parse_duration(time_limit)
     report = run_benchmark(config, out, parallel=parallel, dry_run=dry_run, report_only=report_only, select=jobs,
                            time_limit=limit)
