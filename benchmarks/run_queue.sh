@@ -6,8 +6,10 @@
 # script then keeps the finished jobs' results in docs/results/raw/FOLDER: commit that folder before the session
 # ends, or run benchmarks/keep_runs.py save yourself). keeps pretrained models (and the last checkpoint
 # of an unfinished pretraining) that later jobs need, so a pretraining is never re-run with other weights.
-# Each entry: PROFILE FOLDER [--option=value ...] [--models] [JOB-GLOB ...] (no glob = the whole profile). Before it runs, what earlier sessions
-# kept of FOLDER is restored, so finished jobs are skipped and their pretrainings are not re-run.
+# Each entry: PROFILE FOLDER [--option=value ...] [--models] [--after=PROFILE2:FOLDER2] [JOB-GLOB ...] (no glob = the
+# whole profile). Before it runs, what earlier sessions kept of FOLDER is restored, so finished jobs are skipped and
+# their pretrainings are not re-run. --after: the entry is skipped while PROFILE2's benchmark in runs/FOLDER2 has
+# a job left to do (btcv-cpu's budget comes from the calibration: none of its runs may start before that ends).
 # STOP_AT=HH:MM (the clock `date` shows): every entry runs with --time-limit of what is left, so no job starts that
 # would not end before then (by the durations of finished jobs of its kind, OUT/timings.json) and running ones stop
 # at their last checkpoint at that time; the queue then keeps the results and ends:
@@ -30,16 +32,16 @@ entries=(
   # one thread); then btcv-cpu (4 mm; its budget chosen by the calibration): scratch at n = 2/4/8/all, the null
   # control and the Volume Fusion budget curve at n = 4; AVS-DB and MAE curves later
   "btcv-calibration-4mm btcv-calibration-4mm"
-  "btcv-cpu btcv-cpu --models scratch-* *null* *volume-fusion*"
+  "btcv-cpu btcv-cpu --models --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-* *null* *volume-fusion*"
   # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task)
   "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-swinunetr-ssl-*"
   "asa-la2018-ema asa-la2018-ema swinunetr-ssl-*"
-  "btcv-cpu btcv-cpu --models *avsdb*"
+  "btcv-cpu btcv-cpu --models --after=btcv-calibration-4mm:btcv-calibration-4mm *avsdb*"
   # issue 20: the la2018 proxy curves of AVS-DB and MAE (~2 h each)
   "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
   "scaling-la2018-proxy scaling-la2018-proxy *mae*"
-  "btcv-cpu btcv-cpu --models *mae*"
-  "btcv-cpu btcv-cpu --models *models-genesis*"
+  "btcv-cpu btcv-cpu --models --after=btcv-calibration-4mm:btcv-calibration-4mm *mae*"
+  "btcv-cpu btcv-cpu --models --after=btcv-calibration-4mm:btcv-calibration-4mm *models-genesis*"
   # issue 20: la2018 at the standard resolution as far as the CPU allows (~3 h): transfer-la2018's protocol
   "scaling-la2018 scaling-la2018 scratch-* *null* *volume-fusion-unet*"
   "scaling-la2018 scaling-la2018 *-long*"
@@ -53,16 +55,28 @@ for entry in "${entries[@]}"; do
   read -r profile folder globs <<< "$entry"
   current=$folder
   python benchmarks/keep_runs.py restore "docs/results/raw/$folder" "runs/$folder"
-  args=() models=""
+  args=() models="" after=""
   set -f  # the globs are medpretrain's, not the shell's
   for g in $globs; do
     case $g in
       --models) models=--models ;;           # keep's option: keep pretrained models that later entries need
+      --after=*) after=${g#--after=} ;;      # PROFILE2:FOLDER2 that must be finished first
       --*) args+=("${g%%=*}" "${g#*=}") ;;   # a benchmark option, --name=value
       *) args+=(--jobs "$g") ;;
     esac
   done
   set +f
+  if [ -n "$after" ]; then
+    python benchmarks/keep_runs.py restore "docs/results/raw/${after#*:}" "runs/${after#*:}"
+    # Count the jobs left (grep -c reads everything: no SIGPIPE under pipefail); a failed check counts as one.
+    left_jobs=$( (medpretrain benchmark --config "benchmarks/${after%%:*}.yaml" --out "runs/${after#*:}" --dry-run \
+        2>&1 || echo "todo (the check failed)") | grep -c '^todo' || true)
+    if [ "${left_jobs:-0}" -gt 0 ]; then
+      echo "$(date -u +%H:%M:%S) queue: skipping $profile ${globs}: ${after%%:*} in runs/${after#*:} is not finished"
+      current=""
+      continue
+    fi
+  fi
   if [ -n "${STOP_AT:-}" ]; then
     left=$(( $(date -d "$STOP_AT" +%s) - $(date +%s) ))
     if [ "$left" -le 60 ]; then
