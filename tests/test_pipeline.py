@@ -136,7 +136,7 @@ def test_original_space_scores_what_predict_writes(prepared, tmp_path):
     test_ids = coarse.split("test")
     assert json.loads((tmp_path / "ev2" / "original" / "metrics.json").read_text(encoding="utf-8"))["n_cases"] == len(
         test_ids)
-    rows = list(csv.DictReader(open(tmp_path / "ev2" / "original" / "per_case.csv", encoding="utf-8")))
+    rows = list(csv.DictReader((tmp_path / "ev2" / "original" / "per_case.csv").read_text(encoding="utf-8").splitlines()))
     assert {r["case_id"] for r in rows} == set(test_ids)
     predict(run, raw / "imagesTr", tmp_path / "pred")
     for r in rows:
