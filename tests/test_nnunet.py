@@ -27,6 +27,9 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     logger = logging.getLogger("medpretrain")
     saved = logger.handlers[:], logger.level, logger.propagate
     monkeypatch.setattr(sys, "argv", ["medpretrain", *map(str, args)])
+    # main() re-executes training verbs with tcmalloc preloaded when it is installed: in this process that would
+    # replace the test runner itself
+    monkeypatch.setenv("MEDPRETRAIN_NO_TCMALLOC", "1")
     try:
         cli.main()
         code = 0
