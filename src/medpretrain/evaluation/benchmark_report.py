@@ -31,6 +31,14 @@ METRICS = ("dice", "nsd", "assd", "hd95")
 SCRATCH = "scratch"
 
 
+def _curve_exports(run: Path) -> dict[int, float]:
+    """Mean Dice of each intermediate export a run scored (``RUN/curve/eval-stepN/metrics.json``), by step: test
+    cases for a benchmark run, validation cases for a grid run."""
+    return {int(path.parent.name.removeprefix("eval-step")):
+            _num(json.loads(path.read_text(encoding="utf-8")).get("overall", {}).get("dice", {}).get("mean"))
+            for path in sorted(run.glob("curve/eval-step*/metrics.json"))}
+
+
 def _read_run(job: "Job") -> dict[str, Any] | None:
     run = Path(job.info["run"])
     metrics_path = run / "eval" / "metrics.json"
@@ -46,10 +54,7 @@ def _read_run(job: "Job") -> dict[str, Any] | None:
     case_dice = {cid: float(np.mean(v["_rows"])) for cid, v in per_case.items()}
     training = info.get("training", {})
     # Learning curve: the test Dice of every intermediate export, and of the final model at its step.
-    curve = {}
-    for path in sorted((run / "curve").glob("eval-step*/metrics.json")):
-        step = int(path.parent.name.removeprefix("eval-step"))
-        curve[step] = _num(json.loads(path.read_text(encoding="utf-8")).get("overall", {}).get("dice", {}).get("mean"))
+    curve = _curve_exports(run)
     if training.get("steps_done") and info.get("kind") != "nnunet-scratch":  # nnU-Net's iterations are not our steps
         curve[int(training["steps_done"])] = _num(metrics.get("overall", {}).get("dice", {}).get("mean"))
     original_path = run / "eval" / "original" / "metrics.json"  # scored in the source geometry too (original_space)
@@ -245,9 +250,7 @@ def validation_curve(run: Path) -> dict[int, float]:
     """Validation Dice of a grid run at each learning-curve step it scored (``validation.curves``) and at its
     final step; empty when it scored no curve."""
     run = Path(run)
-    curve = {int(p.parent.name.removeprefix("eval-step")):
-             _num(json.loads(p.read_text(encoding="utf-8")).get("overall", {}).get("dice", {}).get("mean"))
-             for p in sorted((run / "curve").glob("eval-step*/metrics.json"))}
+    curve = _curve_exports(run)
     final, info = run / "eval" / "metrics.json", run / "run.json"
     if curve and final.is_file() and info.is_file():
         steps = json.loads(info.read_text(encoding="utf-8")).get("training", {}).get("steps_done")
