@@ -12,7 +12,8 @@
 # a job left to do (btcv-cpu's budget comes from the calibration: none of its runs may start before that ends).
 # STOP_AT=HH:MM (the clock `date` shows): every entry runs with --time-limit of what is left, so no job starts that
 # would not end before then (by the durations of finished jobs of its kind, OUT/timings.json) and running ones stop
-# at their last checkpoint at that time; the queue then keeps the results and ends:
+# at their last checkpoint at that time; the queue then keeps the results and ends (HH:MM more than 12 h ago means
+# tomorrow's; or give the date: STOP_AT="2026-12-02 00:30"):
 #   STOP_AT=15:00 nohup bash benchmarks/run_queue.sh > runs/queue.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,6 +80,8 @@ for entry in "${entries[@]}"; do
   fi
   if [ -n "${STOP_AT:-}" ]; then
     left=$(( $(date -d "$STOP_AT" +%s) - $(date +%s) ))
+    # `date -d HH:MM` is today's clock time: one more than 12 h past is meant for after midnight
+    [ "$left" -lt -43200 ] && left=$(( left + 86400 ))
     if [ "$left" -le 60 ]; then
       echo "$(date -u +%H:%M:%S) queue: STOP_AT $STOP_AT reached"
       break
