@@ -8,8 +8,10 @@ the test's own process, bit for bit, needs both to use the same number of thread
 
 from __future__ import annotations
 
+import logging
 import os
 
+import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -18,3 +20,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = threads
     torch.set_num_threads(int(threads))
+
+
+@pytest.fixture(autouse=True)
+def _medpretrain_logger_restored(monkeypatch):
+    """A test that runs the CLI in its own process gets the medpretrain logger set up (INFO, a handler on that
+    test's captured stderr, no propagation): the next test in the worker must find it as it was, or it logs into
+    a closed stream and captures what it should not (a non-UTF-8 case name that xdist cannot send)."""
+    logger = logging.getLogger("medpretrain")
+    monkeypatch.setattr(logger, "handlers", logger.handlers[:])
+    monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setattr(logger, "propagate", logger.propagate)

@@ -483,17 +483,10 @@ def test_kept_results_are_not_ignored_by_git():
 def test_benchmark_warns_when_tcmalloc_is_missing(tmp_path, monkeypatch, capfd):
     """Without tcmalloc every CPU training step is up to 2x slower (measured here): the benchmark driver says so
     once, with the package that fixes it; with it installed (or the opt-out set) it says nothing."""
-    import logging
-
     from typer.testing import CliRunner
 
     from medpretrain import cli
 
-    # the CLI sets up the medpretrain logger (INFO): later tests in this process must find it as it was
-    logger = logging.getLogger("medpretrain")
-    monkeypatch.setattr(logger, "handlers", logger.handlers[:])
-    monkeypatch.setattr(logger, "level", logger.level)
-    monkeypatch.setattr(logger, "propagate", logger.propagate)
     args = ["benchmark", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "out")]
     monkeypatch.delenv("MEDPRETRAIN_NO_TCMALLOC", raising=False)
     (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")  # stands for an installed library

@@ -20,12 +20,8 @@ NETS = ["resenc-l", "resenc-l-cpu", "plainconv-unet", "plainconv-unet-cpu"]
 
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """The console script in this process: (exit code, stdout, stderr)."""
-    import logging
-
     from medpretrain import cli
 
-    logger = logging.getLogger("medpretrain")
-    saved = logger.handlers[:], logger.level, logger.propagate
     monkeypatch.setattr(sys, "argv", ["medpretrain", *map(str, args)])
     # main() re-executes training verbs with tcmalloc preloaded when it is installed: in this process that would
     # replace the test runner itself
@@ -35,8 +31,6 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
         code = 0
     except SystemExit as exc:
         code = exc.code or 0
-    finally:  # the CLI logs to this test's captured stderr, which is closed after the test
-        logger.handlers[:], logger.level, logger.propagate = saved
     out, err = capsys.readouterr()
     return code, out, err
 
