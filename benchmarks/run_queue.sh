@@ -6,7 +6,8 @@
 # script then keeps the finished jobs' results in docs/results/raw/FOLDER: commit that folder before the session
 # ends, or run benchmarks/keep_runs.py save yourself). keeps pretrained models (and the last checkpoint
 # of an unfinished pretraining) that later jobs need, so a pretraining is never re-run with other weights.
-# Each entry: PROFILE FOLDER [--option=value ...] [--models] [--after=PROFILE2:FOLDER2] [JOB-GLOB ...] (no glob = the
+# Each entry: "@ COMMAND" (a shell command, e.g. adopting runs; a failure is logged, not fatal), or
+# PROFILE FOLDER [--option=value ...] [--models] [--after=PROFILE2:FOLDER2] [JOB-GLOB ...] (no glob = the
 # whole profile). Before it runs, what earlier sessions kept of FOLDER is restored, so finished jobs are skipped and
 # their pretrainings are not re-run. --after: the entry is skipped while PROFILE2's benchmark in runs/FOLDER2 has
 # a job left to do (btcv-cpu's budget comes from the calibration: none of its runs may start before that ends).
@@ -33,6 +34,9 @@ entries=(
   # one thread); then btcv-cpu (4 mm; its budget chosen by the calibration): scratch at n = 2/4/8/all, the null
   # control and the Volume Fusion budget curve at n = 4; AVS-DB and MAE curves later
   "btcv-calibration-4mm btcv-calibration-4mm"
+  # btcv-cpu's scratch lr grid repeats the calibration's grid of the winning backbone: adopt those runs (checked
+  # job by job; nothing while the calibration's selection is unfinished) instead of re-running them (~2 lane-hours)
+  "@ python benchmarks/adopt_runs.py --source runs/btcv-calibration-4mm --target runs/btcv-cpu --target-config benchmarks/btcv-cpu.yaml"
   "btcv-cpu btcv-cpu --models --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-* *null* *volume-fusion*"
   # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task)
   "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-swinunetr-ssl-*"
@@ -53,6 +57,11 @@ keep() {
 }
 trap keep EXIT
 for entry in "${entries[@]}"; do
+  if [[ $entry == "@ "* ]]; then  # a command, not a benchmark: run it, note a failure, go on
+    echo "$(date -u +%H:%M:%S) queue: ${entry#@ }"
+    bash -c "${entry#@ }" || echo "$(date -u +%H:%M:%S) queue: failed (exit $?): ${entry#@ }"
+    continue
+  fi
   read -r profile folder globs <<< "$entry"
   current=$folder
   python benchmarks/keep_runs.py restore "docs/results/raw/$folder" "runs/$folder"

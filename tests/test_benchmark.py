@@ -496,3 +496,50 @@ def test_benchmark_warns_when_tcmalloc_is_missing(tmp_path, monkeypatch, capfd):
         assert result.exit_code != 0  # the config does not exist: the run stops right after the check
         err = capfd.readouterr().err + result.output
         assert ("libtcmalloc-minimal4" in err) == warned, err
+
+
+def test_a_calibration_grid_is_adopted_only_where_the_target_would_repeat_it(tmp_path):
+    """benchmarks/adopt_runs.py: a finished validation grid (and its runs beyond the grid) moves into a benchmark
+    whose jobs would repeat it exactly (same data, settings, cases, seed, lr): those jobs are then done there. A
+    target with other settings (more steps) adopts nothing; an unfinished source selection adopts nothing."""
+    adopt = _load_script("adopt_runs")
+    raw = make_demo_dataset(tmp_path / "raw", n_cases=4, size=(40, 36, 20), seed=2)
+    grid = {"cases": 1, "lr": [0.001, 0.003], "extend": 1}
+    budget = _config(raw).backbones["unet"].model_dump()
+    source = (tmp_path / "cal").resolve()
+    src_cfg = _config(raw, backbones={"p32": budget}, only=[], methods={}, seeds=[0],
+                      validation={**grid, "only": True, "curves": True}, curve_fractions=[0.5])
+    source.mkdir()
+    (source / "benchmark.json").write_text(src_cfg.model_dump_json(), encoding="utf-8")
+    runs = {}
+    for lr in ("0.001", "0.003", "0.009"):  # 0.009: the run validation.extend added beyond the grid's best
+        run = source / "validation" / f"scratch-p32-lr{lr}"
+        (run / "eval").mkdir(parents=True)
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        (run / "eval" / "metrics.json").write_text(json.dumps({"overall": {"dice": {"mean": float(lr)}}}))
+        runs[lr] = run
+    target_yaml = tmp_path / "target.yaml"
+    target_yaml.write_text(yaml.safe_dump(json.loads(_config(raw, seeds=[0], validation=grid).model_dump_json())))
+    target = tmp_path / "bench"
+    assert adopt.adopt(source, target, target_yaml) == []  # the source's selection is not finished
+    record = {"chosen": {"lr": 0.009}, "runs": [{"run": str(runs["0.001"]), "lr": 0.001},
+                                               {"run": str(runs["0.003"]), "lr": 0.003},
+                                               {"run": str(runs["0.009"]), "lr": 0.009, "extended": True}]}
+    (source / "configs").mkdir()
+    (source / "configs" / "finetune-p32-scratch.json").write_text(json.dumps(record))
+
+    other = tmp_path / "other.yaml"  # the same profile with more fine-tuning steps: a different network
+    other.write_text(target_yaml.read_text().replace("steps: 2", "steps: 3"))
+    assert "steps: 3" in other.read_text() and adopt.adopt(source, tmp_path / "b2", other) == []
+
+    adopted = adopt.adopt(source, target, target_yaml)
+    assert sorted(d.name for _, d in adopted) == ["scratch-unet-lr0.001", "scratch-unet-lr0.003",
+                                                  "scratch-unet-lr0.009"]
+    jobs = {j.name: j for j in plan(load_benchmark_config(target_yaml), target.resolve())}
+    assert jobs["val-scratch-unet-lr0.001"].done and jobs["val-scratch-unet-lr0.003"].done
+    moved = target / "validation" / "scratch-unet-lr0.009"
+    assert json.loads((moved / "eval" / "metrics.json").read_text())["overall"]["dice"]["mean"] == 0.009
+    assert json.loads((moved / "adopted_from.json").read_text())["source"] == str(runs["0.009"])
+    assert not (moved / "checkpoints").exists()
+    assert adopt.adopt(source, target, target_yaml) == []  # nothing is overwritten

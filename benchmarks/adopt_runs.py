@@ -1,0 +1,141 @@
+"""Adopt finished validation runs of one benchmark folder into another whose jobs would repeat them exactly.
+
+A calibration profile (``btcv-calibration-4mm``) and the profile it calibrates (``btcv-cpu``) share their scratch
+lr grid when the calibration's winning backbone becomes the profile's: the same prepared data (dataset and
+preprocessing), the same fine-tuning settings, labelled cases, validation cases, seed and lr. Re-running those
+runs would cost ~45 min each on the 2-core CPU and give the same networks, so this script copies them, after
+checking, job by job, that the target's command equals the source's up to output paths and settings that only add
+outputs (learning-curve exports and their evaluations):
+
+    python benchmarks/adopt_runs.py --source runs/btcv-calibration-4mm --target runs/btcv-cpu \
+        --target-config benchmarks/btcv-cpu.yaml
+
+Only the validation grids (``val-*`` jobs and the runs ``validation.extend`` added beyond them) are adopted, and only
+when the source's selection for that grid is finished (so every run beyond the grid is done too). Nothing in the
+target is overwritten; each adopted run gets ``adopted_from.json`` (the source folder and what was compared).
+A source backbone whose settings differ from every target backbone adopts nothing, and the script says why: run
+it unconditionally before the target's benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+# Fine-tuning settings that change what a run writes beside its network, never the network: learning-curve
+# exports (curve_fractions, export_steps) are extra checkpoints taken on the way.
+OUTPUT_ONLY_KEYS = {"curve_fractions", "export_steps"}
+# Not copied: checkpoints (resuming a finished run is never needed) and curve exports' weights.
+SKIPPED = shutil.ignore_patterns("checkpoints", "*.ckpt", "model_step*.pt", ".lock")
+
+
+def _finetune_signature(cmd: list[str], files: dict[Path, str]) -> dict:
+    """What decides a fine-tuning's network: its options (output and data paths excepted: data is compared
+    separately) and the settings of its --config file (output-only keys excepted)."""
+    options: dict[str, str] = {}
+    i = 1
+    while i < len(cmd):
+        key = cmd[i]
+        value = cmd[i + 1] if i + 1 < len(cmd) and not cmd[i + 1].startswith("--") else ""
+        options[key] = value
+        i += 2 if value != "" else 1
+    settings = yaml.safe_load(files[Path(options.pop("--config"))]) if "--config" in options else {}
+    options.pop("--out", None)
+    options.pop("--data", None)
+    ignored = OUTPUT_ONLY_KEYS | ({"lr"} if "--lr" in options else set())  # --lr overrides the file's
+    return {"options": options, "config": {k: v for k, v in settings.items() if k not in ignored}}
+
+
+def _prepare_signature(jobs, files: dict[Path, str]) -> list:
+    prep = next(j for j in jobs if j.name == "prepare-downstream")
+    cmd = prep.commands[0]
+    dataset = Path(cmd[cmd.index("--dataset") + 1]).resolve()
+    return [str(dataset), yaml.safe_load(files[Path(cmd[cmd.index("--config") + 1])])]
+
+
+def adopt(source: Path, target: Path, target_config: Path, dry_run: bool = False) -> list[tuple[Path, Path]]:
+    """Copy the source's finished validation runs that the target's plan would repeat; the (source, target)
+    run folders adopted (or, with ``dry_run``, that would be)."""
+    from medpretrain.benchmark import BenchmarkConfig, _methods, job_files, load_benchmark_config, plan
+
+    source, target = source.resolve(), target.resolve()
+    src_cfg = BenchmarkConfig.model_validate(json.loads((source / "benchmark.json").read_text(encoding="utf-8")))
+    dst_cfg = load_benchmark_config(target_config)
+    src_jobs, dst_jobs = plan(src_cfg, source), plan(dst_cfg, target)
+    src_files = job_files(src_cfg, source, _methods(src_cfg))
+    dst_files = job_files(dst_cfg, target, _methods(dst_cfg))
+    if _prepare_signature(src_jobs, src_files) != _prepare_signature(dst_jobs, dst_files):
+        print(f"adopt: nothing: {source} prepared its data otherwise than {target_config} would "
+              f"({_prepare_signature(src_jobs, src_files)} vs {_prepare_signature(dst_jobs, dst_files)})")
+        return []
+    src_by_sig = {}
+    for j in src_jobs:
+        if j.name.startswith("val-"):
+            src_by_sig.setdefault(json.dumps(_finetune_signature(j.commands[0], src_files), sort_keys=True), j)
+    src_select = {Path(j.done_marker).with_suffix(".json"): j for j in src_jobs if j.kind == "select"}
+    adopted: list[tuple[Path, Path]] = []
+    for j in dst_jobs:
+        if not j.name.startswith("val-"):
+            continue
+        dst_run = Path(j.commands[0][j.commands[0].index("--out") + 1])
+        match = src_by_sig.get(json.dumps(_finetune_signature(j.commands[0], dst_files), sort_keys=True))
+        if match is None:
+            continue
+        src_run = Path(match.commands[0][match.commands[0].index("--out") + 1])
+        record = next((r for r, s in src_select.items() if match.name in s.needs), None)
+        if record is None or not record.is_file():
+            print(f"adopt: {j.name}: its source grid ({match.name}) has no finished selection yet; not adopted")
+            continue
+        # The grid's runs, and the runs validation.extend added beyond it (named after the grid's stem).
+        pairs = [(src_run, dst_run)]
+        stem_src, stem_dst = src_run.name.rsplit("-lr", 1)[0], dst_run.name.rsplit("-lr", 1)[0]
+        for r in json.loads(record.read_text(encoding="utf-8"))["runs"]:
+            extra = Path(r["run"])
+            if r.get("extended") and extra.name.rsplit("-lr", 1)[0] == stem_src and extra != src_run:
+                pairs.append((extra, dst_run.parent / f"{stem_dst}-lr{extra.name.rsplit('-lr', 1)[1]}"))
+        for src, dst in pairs:
+            if (src, dst) in adopted or not (src / "eval" / "metrics.json").is_file():
+                continue
+            if dst.exists():
+                print(f"adopt: {dst} exists; left as it is")
+                continue
+            adopted.append((src, dst))
+            if dry_run:
+                continue
+            tmp = dst.with_name(dst.name + ".adopting")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, ignore=SKIPPED)
+            (tmp / "adopted_from.json").write_text(json.dumps({
+                "source": str(src), "source_job": match.name, "target_job": j.name,
+                "compared": "the fine-tuning command (output/data paths aside) and its config file (curve exports "
+                            "aside), and the prepare-downstream dataset and preprocessing",
+            }, indent=1) + "\n", encoding="utf-8")
+            tmp.rename(dst)
+    for src, dst in adopted:
+        print(f"adopt: {src} -> {dst}{' (dry run)' if dry_run else ''}")
+    if not adopted:
+        print(f"adopt: nothing to adopt from {source} into {target}")
+    return adopted
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", type=Path, required=True, help="the benchmark folder that ran the runs")
+    parser.add_argument("--target", type=Path, required=True, help="the benchmark folder to adopt them into")
+    parser.add_argument("--target-config", type=Path, required=True, help="the target's benchmark profile (YAML)")
+    parser.add_argument("--dry-run", action="store_true", help="say what would be adopted; copy nothing")
+    args = parser.parse_args(argv)
+    if not (args.source / "benchmark.json").is_file():
+        print(f"adopt: nothing: {args.source} has no benchmark.json (not a benchmark folder, or never run)")
+        return 0
+    adopt(args.source, args.target, args.target_config, args.dry_run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
