@@ -6,7 +6,8 @@ fraction learnt at each snapshot and the CPU hours it took.
 
 Reads a finished (or partly finished) benchmark folder whose profile lists ``snapshots`` (arms
 ``<method>@<step>``, the method's own arm being its final step); writes ``results.csv`` (one row per method,
-budget, n and reference), ``report.md`` and ``gain_vs_budget.png`` (gain over scratch, y, against pretraining
+budget, n, reference and organ group; on BTCV also each organ, ``organ:<name>``), ``report.md`` (with a
+per-organ table on BTCV) and ``gain_vs_budget.png`` (gain over scratch, y, against pretraining
 steps, x log; one line per method and n, bars = std over seeds; one panel per organ group when the task has
 several classes).
 
@@ -49,6 +50,14 @@ def case_dice(run: Path, classes: set[int] | None = None, space: str = "prepared
                 if math.isfinite(d):
                     rows[r["case_id"]].append(d)
     return {c: float(np.mean(v)) for c, v in rows.items() if v}
+
+
+def organ_names(runs: Path) -> dict[int, str]:
+    """Foreground class id -> name, from the first finished run's run.json (the prepared dataset's labels)."""
+    for path in sorted(runs.glob("*/run.json")):
+        labels = json.loads(path.read_text(encoding="utf-8")).get("labels") or {}
+        return {int(k): v for k, v in sorted(labels.items(), key=lambda kv: int(kv[0])) if int(k) != 0}
+    return {}
 
 
 def loss_near(csv_path: Path, term: str, step: int, rows: int = 20) -> float | None:
@@ -120,6 +129,9 @@ def main(argv=None) -> int:
     seeds = cfg["seeds"]
     multi_class = "btcv" in str(cfg["dataset"]).lower()
     groups = {"all": None, **({g: set(c) for g, c in BTCV_GROUPS.items()} if multi_class else {})}
+    organs = organ_names(runs)
+    organs = organs if len(organs) > 1 else {}  # a single structure: its table is the "all" row
+    scored = {**groups, **{f"organ:{name}": {cid} for cid, name in organs.items()}}
     rows = []
     for b_name in cfg["backbones"]:
         for m_name, m in cfg["methods"].items():
@@ -136,7 +148,7 @@ def main(argv=None) -> int:
                 for n in n_sizes:
                     label = "all" if n == "all" else f"n{n}"
                     for ref in ("scratch", args.control):
-                        for g, classes in groups.items():
+                        for g, classes in scored.items():
                             pairs = [(case_dice(runs / f"{arm}-{b_name}-{label}-s{s}", classes, args.space),
                                       case_dice(runs / f"{ref}-{b_name}-{label}-s{s}", classes, args.space))
                                      for s in seeds]
@@ -172,7 +184,7 @@ def main(argv=None) -> int:
     by_key = {(r["backbone"], r["method"], r["pretrain_steps"], r["n_labeled"], r["group"], r["reference"]): r
               for r in rows}
     for r in rows:
-        if r["reference"] != "scratch":
+        if r["reference"] != "scratch" or r["group"].startswith("organ:"):
             continue
         null = by_key.get((r["backbone"], r["method"], r["pretrain_steps"], r["n_labeled"], r["group"],
                            args.control))
@@ -184,6 +196,18 @@ def main(argv=None) -> int:
         md.append(f"| {r['backbone']} | {r['method']} | {r['pretrain_steps']} | {hours} | {fr} | {r['n_labeled']} | "
                   f"{r['group']} | {r['gain_mean']:+.3f}{std} | {r['seeds_improved']}/{r['seeds']} | {p} | "
                   f"{vs_null} |")
+    if organs:
+        md += ["", "## Gain over scratch per organ", "",
+               "Dice gain of each organ (mean over seeds) with the seeds improved; the organ groups above average "
+               "these per case.", "",
+               "| method | steps | n | " + " | ".join(organs.values()) + " |",
+               "|---|---|---|" + "---|" * len(organs)]
+        for key in dict.fromkeys((r["method"], r["pretrain_steps"], r["n_labeled"]) for r in rows):
+            cells = []
+            for name in organs.values():
+                r = by_key.get((rows[0]["backbone"], *key, f"organ:{name}", "scratch"))
+                cells.append("–" if r is None else f"{r['gain_mean']:+.3f} ({r['seeds_improved']}/{r['seeds']})")
+            md.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     compute = compute_hours(args.bench)
     md += ["", "## Compute (training core-hours, from each run's seconds per step; evaluation not counted)", "",
            "| kind | runs | core-hours |", "|---|---|---|",

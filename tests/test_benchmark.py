@@ -400,11 +400,14 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     assert scaling.main(["--bench", str(out), "--out", str(tmp_path / "scaling")]) == 0
     with open(tmp_path / "scaling" / "results.csv", encoding="utf-8") as fh:
         curve = list(csv.DictReader(fh))
-    assert sorted((r["pretrain_steps"], r["reference"]) for r in curve) == [("1", "null"), ("1", "scratch"),
-                                                                            ("3", "null"), ("3", "scratch")]
+    assert sorted((r["pretrain_steps"], r["reference"]) for r in curve if r["group"] == "all") == [
+        ("1", "null"), ("1", "scratch"), ("3", "null"), ("3", "scratch")]
+    # two organs in the demo data: each scored alone too, and tabled per organ in the report
+    assert {r["group"] for r in curve} == {"all", "organ:organ_a", "organ:organ_b"}
     assert all(r["seeds"] == "1" and -1.0 <= float(r["gain_mean"]) <= 1.0 for r in curve)
     scaling_md = (tmp_path / "scaling" / "report.md").read_text(encoding="utf-8")
     assert "| pretraining | 1 |" in scaling_md and "| test fine-tuning | 4 |" in scaling_md
+    assert "| method | steps | n | organ_a | organ_b |" in scaling_md
     assert (tmp_path / "scaling" / "gain_vs_budget.png").stat().st_size > 1000
     # the same curve scored in the source files' geometry (the profile's original_space)
     assert scaling.main(["--bench", str(out), "--out", str(tmp_path / "scaling-orig"), "--space", "original"]) == 0
