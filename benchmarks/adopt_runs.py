@@ -10,9 +10,15 @@ outputs (learning-curve exports and their evaluations):
     python benchmarks/adopt_runs.py --source runs/btcv-calibration-4mm --target runs/btcv-cpu \
         --target-config benchmarks/btcv-cpu.yaml
 
-Only the validation grids (``val-*`` jobs and the runs ``validation.extend`` added beyond them) are adopted, and only
-when the source's selection for that grid is finished (so every run beyond the grid is done too). Nothing in the
-target is overwritten; each adopted run gets ``adopted_from.json`` (the source folder and what was compared).
+A second use: a profile that re-fine-tunes an existing pretraining with another fine-tuning budget
+(``scaling-la2018-proxy-ft4x``: 4x the fine-tuning steps) adopts the finished pretraining (and the null control's
+export) instead of re-running 16,000 steps: the pretraining command, its config (snapshot exports aside) and the
+pool it read (the pool list and its preprocessing) must be the same.
+
+Adopted: the validation grids (``val-*`` jobs and the runs ``validation.extend`` added beyond them), only when the
+source's selection for that grid is finished (so every run beyond the grid is done too), and finished
+pretrainings. Nothing in the target is overwritten; each adopted folder gets ``adopted_from.json`` (the source
+folder and what was compared).
 A source backbone whose settings differ from every target backbone adopts nothing, and the script says why: run
 it unconditionally before the target's benchmark.
 """
@@ -30,13 +36,13 @@ import yaml
 # Fine-tuning settings that change what a run writes beside its network, never the network: learning-curve
 # exports (curve_fractions, export_steps) are extra checkpoints taken on the way.
 OUTPUT_ONLY_KEYS = {"curve_fractions", "export_steps"}
-# Not copied: checkpoints (resuming a finished run is never needed) and curve exports' weights.
-SKIPPED = shutil.ignore_patterns("checkpoints", "*.ckpt", "model_step*.pt", ".lock")
+# Not copied: checkpoints (resuming a finished run is never needed), curve exports' weights, TensorBoard files.
+SKIPPED = shutil.ignore_patterns("checkpoints", "*.ckpt", "model_step*.pt", ".lock", "tensorboard")
 
 
 def _finetune_signature(cmd: list[str], files: dict[Path, str]) -> dict:
-    """What decides a fine-tuning's network: its options (output and data paths excepted: data is compared
-    separately) and the settings of its --config file (output-only keys excepted)."""
+    """What decides a fine-tuning's (or pretraining's) network: its options (output and data paths excepted: the
+    data is compared separately) and the settings of its --config file (output-only keys excepted)."""
     options: dict[str, str] = {}
     i = 1
     while i < len(cmd):
@@ -51,16 +57,54 @@ def _finetune_signature(cmd: list[str], files: dict[Path, str]) -> dict:
     return {"options": options, "config": {k: v for k, v in settings.items() if k not in ignored}}
 
 
-def _prepare_signature(jobs, files: dict[Path, str]) -> list:
-    prep = next(j for j in jobs if j.name == "prepare-downstream")
+def _prepare_signature(jobs, files: dict[Path, str], name: str = "prepare-downstream") -> list | None:
+    """What a preparation reads: the dataset folder (or the pool list's content) and the preprocessing."""
+    prep = next((j for j in jobs if j.name == name), None)
+    if prep is None:
+        return None
     cmd = prep.commands[0]
-    dataset = Path(cmd[cmd.index("--dataset") + 1]).resolve()
-    return [str(dataset), yaml.safe_load(files[Path(cmd[cmd.index("--config") + 1])])]
+    source = (str(Path(cmd[cmd.index("--dataset") + 1]).resolve()) if "--dataset" in cmd
+              else json.loads(files[Path(cmd[cmd.index("--pool") + 1])]))
+    return [source, yaml.safe_load(files[Path(cmd[cmd.index("--config") + 1])])]
+
+
+def _copy(src: Path, dst: Path, note: dict) -> None:
+    tmp = dst.with_name(dst.name + ".adopting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=SKIPPED)
+    (tmp / "adopted_from.json").write_text(json.dumps({"source": str(src), **note}, indent=1) + "\n",
+                                           encoding="utf-8")
+    tmp.rename(dst)
+
+
+def _adopt_pretrainings(src_jobs, dst_jobs, src_files, dst_files, dry_run: bool) -> list[tuple[Path, Path]]:
+    """Finished pretrainings of the source that the target would repeat (same command up to paths, same config up
+    to snapshot exports, and a pool prepared from the same list with the same preprocessing)."""
+    if _prepare_signature(src_jobs, src_files, "prepare-pool") != _prepare_signature(dst_jobs, dst_files,
+                                                                                       "prepare-pool"):
+        return []
+    by_sig = {json.dumps(_finetune_signature(j.commands[0], src_files), sort_keys=True): j
+              for j in src_jobs if j.kind == "pretrain"}
+    adopted = []
+    for j in dst_jobs:
+        if j.kind != "pretrain":
+            continue
+        match = by_sig.get(json.dumps(_finetune_signature(j.commands[0], dst_files), sort_keys=True))
+        src, dst = (Path(m.done_marker).parent for m in (match, j)) if match else (None, None)
+        if match is None or not match.done or dst.exists():
+            continue
+        adopted.append((src, dst))
+        if not dry_run:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _copy(src, dst, {"source_job": match.name, "target_job": j.name,
+                             "compared": "the pretraining command (output/data paths aside), its config (snapshot "
+                                         "exports aside), and the pool list and preprocessing it was prepared from"})
+    return adopted
 
 
 def adopt(source: Path, target: Path, target_config: Path, dry_run: bool = False) -> list[tuple[Path, Path]]:
-    """Copy the source's finished validation runs that the target's plan would repeat; the (source, target)
-    run folders adopted (or, with ``dry_run``, that would be)."""
+    """Copy the source's finished pretrainings and validation runs that the target's plan would repeat; the
+    (source, target) folders adopted (or, with ``dry_run``, that would be)."""
     from medpretrain.benchmark import BenchmarkConfig, _methods, job_files, load_benchmark_config, plan
 
     source, target = source.resolve(), target.resolve()
@@ -69,16 +113,16 @@ def adopt(source: Path, target: Path, target_config: Path, dry_run: bool = False
     src_jobs, dst_jobs = plan(src_cfg, source), plan(dst_cfg, target)
     src_files = job_files(src_cfg, source, _methods(src_cfg))
     dst_files = job_files(dst_cfg, target, _methods(dst_cfg))
+    adopted = _adopt_pretrainings(src_jobs, dst_jobs, src_files, dst_files, dry_run)
     if _prepare_signature(src_jobs, src_files) != _prepare_signature(dst_jobs, dst_files):
-        print(f"adopt: nothing: {source} prepared its data otherwise than {target_config} would "
-              f"({_prepare_signature(src_jobs, src_files)} vs {_prepare_signature(dst_jobs, dst_files)})")
-        return []
+        print(f"adopt: no fine-tuning: {source} prepared its downstream data otherwise than {target_config} "
+              f"would ({_prepare_signature(src_jobs, src_files)} vs {_prepare_signature(dst_jobs, dst_files)})")
+        return _report(adopted, source, target, dry_run)
     src_by_sig = {}
     for j in src_jobs:
         if j.name.startswith("val-"):
             src_by_sig.setdefault(json.dumps(_finetune_signature(j.commands[0], src_files), sort_keys=True), j)
     src_select = {Path(j.done_marker).with_suffix(".json"): j for j in src_jobs if j.kind == "select"}
-    adopted: list[tuple[Path, Path]] = []
     for j in dst_jobs:
         if not j.name.startswith("val-"):
             continue
@@ -107,15 +151,15 @@ def adopt(source: Path, target: Path, target_config: Path, dry_run: bool = False
             adopted.append((src, dst))
             if dry_run:
                 continue
-            tmp = dst.with_name(dst.name + ".adopting")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp, ignore=SKIPPED)
-            (tmp / "adopted_from.json").write_text(json.dumps({
-                "source": str(src), "source_job": match.name, "target_job": j.name,
-                "compared": "the fine-tuning command (output/data paths aside) and its config file (curve exports "
-                            "aside), and the prepare-downstream dataset and preprocessing",
-            }, indent=1) + "\n", encoding="utf-8")
-            tmp.rename(dst)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _copy(src, dst, {"source_job": match.name, "target_job": j.name,
+                             "compared": "the fine-tuning command (output/data paths aside) and its config file "
+                                         "(curve exports aside), and the prepare-downstream dataset and "
+                                         "preprocessing"})
+    return _report(adopted, source, target, dry_run)
+
+
+def _report(adopted, source: Path, target: Path, dry_run: bool) -> list[tuple[Path, Path]]:
     for src, dst in adopted:
         print(f"adopt: {src} -> {dst}{' (dry run)' if dry_run else ''}")
     if not adopted:

@@ -37,6 +37,9 @@ entries=(
   # btcv-cpu's scratch lr grid repeats the calibration's grid of the winning backbone: adopt those runs (checked
   # job by job; nothing while the calibration's selection is unfinished) instead of re-running them (~2 lane-hours)
   "@ python benchmarks/adopt_runs.py --source runs/btcv-calibration-4mm --target runs/btcv-cpu --target-config benchmarks/btcv-cpu.yaml"
+  # issue 20: does the la2018 proxy's VF gain survive 4x longer fine-tuning? (~1 h; the 16k-step pretraining adopted)
+  "@ python benchmarks/adopt_runs.py --source runs/scaling-la2018-proxy --target runs/scaling-la2018-proxy-ft4x --target-config benchmarks/scaling-la2018-proxy-ft4x.yaml"
+  "scaling-la2018-proxy-ft4x scaling-la2018-proxy-ft4x --models"
   "btcv-cpu btcv-cpu --models --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-* *null* *volume-fusion*"
   # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task)
   "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-swinunetr-ssl-*"

@@ -546,3 +546,36 @@ def test_a_calibration_grid_is_adopted_only_where_the_target_would_repeat_it(tmp
     assert json.loads((moved / "adopted_from.json").read_text())["source"] == str(runs["0.009"])
     assert not (moved / "checkpoints").exists()
     assert adopt.adopt(source, target, target_yaml) == []  # nothing is overwritten
+
+
+def test_a_finished_pretraining_is_adopted_by_a_profile_that_only_fine_tunes_it_otherwise(tmp_path):
+    """benchmarks/adopt_runs.py: a profile re-fine-tuning an existing pretraining with another budget (more
+    fine-tuning steps) takes the finished network instead of re-running it, when the pretraining's command and
+    config (snapshot exports aside) are the same; a pretraining with other settings is not taken."""
+    adopt = _load_script("adopt_runs")
+    raw = make_demo_dataset(tmp_path / "raw", n_cases=4, size=(40, 36, 20), seed=2)
+    source = (tmp_path / "src").resolve()
+    source.mkdir()
+    src_cfg = _config(raw, methods={"avsdb": {"preset": None, "steps": 2, "snapshots": [1], "config": TINY_AVSDB}})
+    (source / "benchmark.json").write_text(src_cfg.model_dump_json(), encoding="utf-8")
+    pre = source / "pretrain" / "avsdb-unet"
+    (pre / "checkpoints").mkdir(parents=True)
+    (pre / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (pre / "model.pt").write_bytes(b"weights")
+    (pre / "run.json").write_text("{}")
+
+    def target(name: str, avsdb: dict) -> tuple[Path, Path]:
+        values = json.loads(_config(raw, methods={"avsdb": avsdb}).model_dump_json())
+        values["backbones"]["unet"]["steps"] = 8  # 4x the fine-tuning: not a pretraining setting
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(values))
+        return path, tmp_path / name
+
+    other_yaml, other = target("other", {"preset": None, "steps": 3, "config": TINY_AVSDB})
+    assert adopt.adopt(source, other, other_yaml) == []
+    long_yaml, long = target("long", {"preset": None, "steps": 2, "config": TINY_AVSDB})
+    assert [d.name for _, d in adopt.adopt(source, long, long_yaml)] == ["avsdb-unet"]
+    kept = long / "pretrain" / "avsdb-unet"
+    assert (kept / "model.pt").read_bytes() == b"weights" and not (kept / "checkpoints").exists()
+    jobs = {j.name: j for j in plan(load_benchmark_config(long_yaml), long.resolve())}
+    assert jobs["pretrain-avsdb-unet"].done and not jobs["avsdb-unet-n2-s0"].done
