@@ -40,7 +40,7 @@ OUTPUT_ONLY_KEYS = {"curve_fractions", "export_steps"}
 SKIPPED = shutil.ignore_patterns("checkpoints", "*.ckpt", "model_step*.pt", ".lock", "tensorboard")
 
 
-def _finetune_signature(cmd: list[str], files: dict[Path, str]) -> dict:
+def _command_signature(cmd: list[str], files: dict[Path, str]) -> dict:
     """What decides a fine-tuning's (or pretraining's) network: its options (output and data paths excepted: the
     data is compared separately) and the settings of its --config file (output-only keys excepted)."""
     options: dict[str, str] = {}
@@ -83,13 +83,13 @@ def _adopt_pretrainings(src_jobs, dst_jobs, src_files, dst_files, dry_run: bool)
     if _prepare_signature(src_jobs, src_files, "prepare-pool") != _prepare_signature(dst_jobs, dst_files,
                                                                                        "prepare-pool"):
         return []
-    by_sig = {json.dumps(_finetune_signature(j.commands[0], src_files), sort_keys=True): j
+    by_sig = {json.dumps(_command_signature(j.commands[0], src_files), sort_keys=True): j
               for j in src_jobs if j.kind == "pretrain"}
     adopted = []
     for j in dst_jobs:
         if j.kind != "pretrain":
             continue
-        match = by_sig.get(json.dumps(_finetune_signature(j.commands[0], dst_files), sort_keys=True))
+        match = by_sig.get(json.dumps(_command_signature(j.commands[0], dst_files), sort_keys=True))
         src, dst = (Path(m.done_marker).parent for m in (match, j)) if match else (None, None)
         if match is None or not match.done or dst.exists():
             continue
@@ -121,13 +121,13 @@ def adopt(source: Path, target: Path, target_config: Path, dry_run: bool = False
     src_by_sig = {}
     for j in src_jobs:
         if j.name.startswith("val-"):
-            src_by_sig.setdefault(json.dumps(_finetune_signature(j.commands[0], src_files), sort_keys=True), j)
+            src_by_sig.setdefault(json.dumps(_command_signature(j.commands[0], src_files), sort_keys=True), j)
     src_select = {Path(j.done_marker).with_suffix(".json"): j for j in src_jobs if j.kind == "select"}
     for j in dst_jobs:
         if not j.name.startswith("val-"):
             continue
         dst_run = Path(j.commands[0][j.commands[0].index("--out") + 1])
-        match = src_by_sig.get(json.dumps(_finetune_signature(j.commands[0], dst_files), sort_keys=True))
+        match = src_by_sig.get(json.dumps(_command_signature(j.commands[0], dst_files), sort_keys=True))
         if match is None:
             continue
         src_run = Path(match.commands[0][match.commands[0].index("--out") + 1])
