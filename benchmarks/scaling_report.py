@@ -6,9 +6,9 @@ fraction learnt at each snapshot and the CPU hours it took.
 
 Reads a finished (or partly finished) benchmark folder whose profile lists ``snapshots`` (arms
 ``<method>@<step>``, the method's own arm being its final step); writes ``results.csv`` (one row per method,
-budget, n, reference and organ group; on BTCV also each organ, ``organ:<name>``), ``report.md`` (with a
-per-organ table on BTCV) and ``gain_vs_budget.png`` (gain over scratch, y, against pretraining
-steps, x log; one line per method and n, bars = std over seeds; one panel per organ group when the task has
+budget, n, reference and organ group; for a task of several classes also each one, ``organ:<name>``),
+``report.md`` (with a per-organ table for such a task) and ``gain_vs_budget.png`` (gain over scratch, y,
+against pretraining steps, x log; one line per method and n, bars = std over seeds; one panel per organ group when the task has
 several classes).
 
 Statistics as in the benchmark report: per seed, the mean Dice over test cases of the arm minus scratch's
@@ -200,14 +200,14 @@ def main(argv=None) -> int:
         md += ["", "## Gain over scratch per organ", "",
                "Dice gain of each organ (mean over seeds) with the seeds improved; the organ groups above average "
                "these per case.", "",
-               "| method | steps | n | " + " | ".join(organs.values()) + " |",
-               "|---|---|---|" + "---|" * len(organs)]
-        for key in dict.fromkeys((r["method"], r["pretrain_steps"], r["n_labeled"]) for r in rows):
+               "| backbone | method | steps | n | " + " | ".join(organs.values()) + " |",
+               "|---|---|---|---|" + "---|" * len(organs)]
+        for key in dict.fromkeys((r["backbone"], r["method"], r["pretrain_steps"], r["n_labeled"]) for r in rows):
             cells = []
             for name in organs.values():
-                r = by_key.get((rows[0]["backbone"], *key, f"organ:{name}", "scratch"))
+                r = by_key.get((*key, f"organ:{name}", "scratch"))
                 cells.append("–" if r is None else f"{r['gain_mean']:+.3f} ({r['seeds_improved']}/{r['seeds']})")
-            md.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+            md.append("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cells) + " |")
     compute = compute_hours(args.bench)
     md += ["", "## Compute (training core-hours, from each run's seconds per step; evaluation not counted)", "",
            "| kind | runs | core-hours |", "|---|---|---|",

@@ -407,7 +407,8 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     assert all(r["seeds"] == "1" and -1.0 <= float(r["gain_mean"]) <= 1.0 for r in curve)
     scaling_md = (tmp_path / "scaling" / "report.md").read_text(encoding="utf-8")
     assert "| pretraining | 1 |" in scaling_md and "| test fine-tuning | 4 |" in scaling_md
-    assert "| method | steps | n | organ_a | organ_b |" in scaling_md
+    assert "| backbone | method | steps | n | organ_a | organ_b |" in scaling_md
+    assert re.search(r"\| unet \| avsdb \| 3 \| 2 \| [+-]\d\.\d{3} \(\d/1\) \| [+-]\d\.\d{3} \(\d/1\) \|", scaling_md)
     assert (tmp_path / "scaling" / "gain_vs_budget.png").stat().st_size > 1000
     # the same curve scored in the source files' geometry (the profile's original_space)
     assert scaling.main(["--bench", str(out), "--out", str(tmp_path / "scaling-orig"), "--space", "original"]) == 0
