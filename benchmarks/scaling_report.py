@@ -8,8 +8,8 @@ Reads a finished (or partly finished) benchmark folder whose profile lists ``sna
 ``<method>@<step>``, the method's own arm being its final step); writes ``results.csv`` (one row per method,
 budget, n, reference and organ group; for a task of several classes also each one, ``organ:<name>``),
 ``report.md`` (with a per-organ table for such a task) and ``gain_vs_budget.png`` (gain over scratch, y,
-against pretraining steps, x log; one line per method and n, bars = std over seeds; one panel per organ group when the task has
-several classes).
+against pretraining steps, x log; one line per method and n, bars = std over seeds; one panel per organ group
+when the task has several classes).
 
 Statistics as in the benchmark report: per seed, the mean Dice over test cases of the arm minus scratch's
 (same labelled subset and seed); mean ± std over seeds, seeds improved; Wilcoxon signed-rank over test cases of
