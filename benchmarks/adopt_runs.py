@@ -40,9 +40,14 @@ OUTPUT_ONLY_KEYS = {"curve_fractions", "export_steps"}
 SKIPPED = shutil.ignore_patterns("checkpoints", "*.ckpt", "model_step*.pt", ".lock", "tensorboard")
 
 
-def _command_signature(cmd: list[str], files: dict[Path, str]) -> dict:
-    """What decides a fine-tuning's (or pretraining's) network: its options (output and data paths excepted: the
-    data is compared separately) and the settings of its --config file (output-only keys excepted)."""
+def _option(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def _command_key(cmd: list[str], files: dict[Path, str]) -> str:
+    """What decides a fine-tuning's (or pretraining's) network, as a comparable string: its options (output and
+    data paths excepted: the data is compared separately) and the settings of its --config file (output-only keys
+    excepted)."""
     options: dict[str, str] = {}
     i = 1
     while i < len(cmd):
@@ -54,7 +59,8 @@ def _command_signature(cmd: list[str], files: dict[Path, str]) -> dict:
     options.pop("--out", None)
     options.pop("--data", None)
     ignored = OUTPUT_ONLY_KEYS | ({"lr"} if "--lr" in options else set())  # --lr overrides the file's
-    return {"options": options, "config": {k: v for k, v in settings.items() if k not in ignored}}
+    config = {k: v for k, v in settings.items() if k not in ignored}
+    return json.dumps({"options": options, "config": config}, sort_keys=True)
 
 
 def _prepare_signature(jobs, files: dict[Path, str], name: str = "prepare-downstream") -> list | None:
@@ -63,9 +69,9 @@ def _prepare_signature(jobs, files: dict[Path, str], name: str = "prepare-downst
     if prep is None:
         return None
     cmd = prep.commands[0]
-    source = (str(Path(cmd[cmd.index("--dataset") + 1]).resolve()) if "--dataset" in cmd
-              else json.loads(files[Path(cmd[cmd.index("--pool") + 1])]))
-    return [source, yaml.safe_load(files[Path(cmd[cmd.index("--config") + 1])])]
+    source = (str(Path(_option(cmd, "--dataset")).resolve()) if "--dataset" in cmd
+              else json.loads(files[Path(_option(cmd, "--pool"))]))
+    return [source, yaml.safe_load(files[Path(_option(cmd, "--config"))])]
 
 
 def _copy(src: Path, dst: Path, note: dict) -> None:
@@ -83,16 +89,13 @@ def _adopt_pretrainings(src_jobs, dst_jobs, src_files, dst_files, dry_run: bool)
     if _prepare_signature(src_jobs, src_files, "prepare-pool") != _prepare_signature(dst_jobs, dst_files,
                                                                                        "prepare-pool"):
         return []
-    by_sig = {json.dumps(_command_signature(j.commands[0], src_files), sort_keys=True): j
-              for j in src_jobs if j.kind == "pretrain"}
+    by_key = {_command_key(j.commands[0], src_files): j for j in src_jobs if j.kind == "pretrain"}
     adopted = []
     for j in dst_jobs:
-        if j.kind != "pretrain":
+        match = by_key.get(_command_key(j.commands[0], dst_files)) if j.kind == "pretrain" else None
+        if match is None or not match.done or Path(j.done_marker).parent.exists():
             continue
-        match = by_sig.get(json.dumps(_command_signature(j.commands[0], dst_files), sort_keys=True))
-        src, dst = (Path(m.done_marker).parent for m in (match, j)) if match else (None, None)
-        if match is None or not match.done or dst.exists():
-            continue
+        src, dst = Path(match.done_marker).parent, Path(j.done_marker).parent
         adopted.append((src, dst))
         if not dry_run:
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -114,23 +117,24 @@ def adopt(source: Path, target: Path, target_config: Path, dry_run: bool = False
     src_files = job_files(src_cfg, source, _methods(src_cfg))
     dst_files = job_files(dst_cfg, target, _methods(dst_cfg))
     adopted = _adopt_pretrainings(src_jobs, dst_jobs, src_files, dst_files, dry_run)
-    if _prepare_signature(src_jobs, src_files) != _prepare_signature(dst_jobs, dst_files):
+    src_prepared, dst_prepared = _prepare_signature(src_jobs, src_files), _prepare_signature(dst_jobs, dst_files)
+    if src_prepared != dst_prepared:
         print(f"adopt: no fine-tuning: {source} prepared its downstream data otherwise than {target_config} "
-              f"would ({_prepare_signature(src_jobs, src_files)} vs {_prepare_signature(dst_jobs, dst_files)})")
+              f"would ({src_prepared} vs {dst_prepared})")
         return _report(adopted, source, target, dry_run)
-    src_by_sig = {}
+    src_by_key = {}
     for j in src_jobs:
         if j.name.startswith("val-"):
-            src_by_sig.setdefault(json.dumps(_command_signature(j.commands[0], src_files), sort_keys=True), j)
+            src_by_key.setdefault(_command_key(j.commands[0], src_files), j)
     src_select = {Path(j.done_marker).with_suffix(".json"): j for j in src_jobs if j.kind == "select"}
     for j in dst_jobs:
         if not j.name.startswith("val-"):
             continue
-        dst_run = Path(j.commands[0][j.commands[0].index("--out") + 1])
-        match = src_by_sig.get(json.dumps(_command_signature(j.commands[0], dst_files), sort_keys=True))
+        dst_run = Path(_option(j.commands[0], "--out"))
+        match = src_by_key.get(_command_key(j.commands[0], dst_files))
         if match is None:
             continue
-        src_run = Path(match.commands[0][match.commands[0].index("--out") + 1])
+        src_run = Path(_option(match.commands[0], "--out"))
         record = next((r for r, s in src_select.items() if match.name in s.needs), None)
         if record is None or not record.is_file():
             print(f"adopt: {j.name}: its source grid ({match.name}) has no finished selection yet; not adopted")
