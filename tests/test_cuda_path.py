@@ -19,8 +19,8 @@ from medpretrain.data.sampling import PatchAugmenter, PatchDataset
 from medpretrain.engine.finetune import augment_on_device
 from medpretrain.engine.job import StepDataModule
 from medpretrain.engine.module import SegmentationModule
-from medpretrain.engine.trainer import (check_same_config, configure_cuda_math, cuda_environment, cuda_memory_gb,
-                                        lightning_deterministic)
+from medpretrain.engine.device import configure_cuda_math, cuda_environment, cuda_memory_gb, lightning_deterministic
+from medpretrain.engine.trainer import check_same_config
 from medpretrain.errors import ConfigError
 from medpretrain.evaluation.inference import volume_device
 from medpretrain.synthetic.demo_data import make_demo_dataset

@@ -346,7 +346,7 @@ def stage_env(ctx, rec: Recorder) -> None:
     """What the check runs on, as torch sees it: CUDA build, device, bf16, NCCL, and a matrix product."""
     import torch
 
-    from medpretrain.engine.trainer import cpu_supports_bf16, resolve_precision
+    from medpretrain.engine.device import cpu_supports_bf16, resolve_precision
 
     device = _device(ctx)
     rec.set("torch", torch.__version__)

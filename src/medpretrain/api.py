@@ -23,8 +23,7 @@ from medpretrain.data.io import IMAGE_SUFFIXES, image_suffix, read_image, strip_
 from medpretrain.data.preprocess import (
     PreprocessConfig, preprocess_image, restore_label_values, restore_to_original,
 )
-from medpretrain.engine.finetune import finetune
-from medpretrain.engine.job import read_run
+from medpretrain.engine.run_folder import read_run
 from medpretrain.errors import CacheError, CheckpointError, ConfigError, DataError, short_path
 from medpretrain.evaluation.inference import load_trained_model, predict_probabilities
 from medpretrain.evaluation.metrics import case_metrics
@@ -34,6 +33,16 @@ from medpretrain.interop.nnunet import export_nnunet
 from medpretrain.interop.nnunet_scratch import nnunet_scratch
 
 log = logging.getLogger("medpretrain")
+
+
+def __getattr__(name: str):
+    """``finetune`` is imported on first use: it brings Lightning, which costs seconds per process and which
+    ``evaluate``, ``predict`` and ``prepare`` (each a child process of a benchmark, many times) do not use."""
+    if name == "finetune":
+        from medpretrain.engine.finetune import finetune
+
+        return finetune
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["prepare", "prepare_dataset", "prepare_pool", "finetune", "evaluate", "predict", "export_nnunet",
            "nnunet_scratch", "FinetuneConfig", "EvaluateConfig", "PreprocessConfig", "PreparedData"]

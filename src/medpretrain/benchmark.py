@@ -697,7 +697,7 @@ def select_hyperparameters(base: Path, runs: list[Path], out: Path, extend: int 
     ``medpretrain finetune FINETUNE_ARGS --out ... --lr ...`` (the grid's own command), evaluate it on the
     validation cases, and choose again. An extra run already finished (an interrupted selection re-run) is
     reused; an interrupted one resumes from its checkpoint."""
-    from medpretrain.engine.job import read_run
+    from medpretrain.engine.run_folder import read_run
 
     def score(run: Path) -> dict[str, Any]:
         metrics_path = Path(run) / "eval" / "metrics.json"
@@ -1211,7 +1211,7 @@ def run_benchmark(config: str | Path | BenchmarkConfig, out: str | Path, paralle
         from medpretrain.interop.nnunet_scratch import require_nnunet
 
         require_nnunet()  # the arm needs nnU-Net v2: say so now, not when its first job fails
-    from medpretrain.engine.job import run_folder_lock
+    from medpretrain.engine.run_folder import run_folder_lock
 
     with run_folder_lock(out, "benchmark"):
         signatures = _check_recorded_commands(jobs, out, files)  # before writing: a refused run changes nothing

@@ -6,10 +6,7 @@ resume, DDP and the exported ``model.pt`` layout.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,50 +18,15 @@ from medpretrain.atomic import atomic_torch_save, check_writable_folder
 from medpretrain.config import TrainingConfig
 from medpretrain.data.sampling import StepSampler
 from medpretrain.engine.checkpointing import checkpoint_step
+from medpretrain.engine.device import configure_cuda_math, resolve_precision
 from medpretrain.engine.trainer import (
-    build_trainer, check_same_config, check_same_data, check_trainer_settings, configure_cuda_math, is_launcher_child,
-    resolve_precision, resume_or_refuse, update_run_file,
+    build_trainer, check_same_config, check_same_data, check_trainer_settings, resume_or_refuse, update_run_file,
 )
-from medpretrain.errors import ConfigError, TrainingError
+from medpretrain.engine.run_folder import MODEL_FILE, RUN_FILE, is_launcher_child, run_folder_lock
+from medpretrain.errors import TrainingError
 
 log = logging.getLogger("medpretrain")
 
-MODEL_FILE = "model.pt"
-RUN_FILE = "run.json"
-LOCK_FILE = ".lock"
-
-
-@contextlib.contextmanager
-def run_folder_lock(run_dir: Path, what: str = "training"):
-    """Hold an exclusive lock on ``run_dir`` while working in it: a second process started on the same folder
-    (a re-run while the first is alive, two benchmark drivers) would interleave checkpoints and ``model.pt``.
-    The lock is an OS file lock, so it is released when the process dies, however it dies. DDP processes that
-    Lightning starts (ranks > 0) share rank 0's run and take no lock; where ``fcntl`` is missing (Windows) the
-    folder is not locked."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    if is_launcher_child():
-        yield
-        return
-    path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise TrainingError(
-                f"{run_dir} is in use by another {what} process (pid {owner}); wait for it to finish or stop it, "
-                "then re-run (two processes in one folder would overwrite each other's files)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
 MODEL_FORMAT_VERSION = 1
 # Settings that may change between an interrupted run and its resume.
 RESUME_MAY_CHANGE = ("num_workers", "devices", "num_nodes", "strategy", "accelerator")
@@ -240,11 +202,3 @@ def export_untrained(run_dir: str | Path, cfg: TrainingConfig, *, kind: str,
         export_model(run_dir / MODEL_FILE, cfg, kind, precision, 0, module, {**model_meta(module), "untrained": True})
         log.info("untrained (null control) network written: %s", run_dir / MODEL_FILE)
     return run_dir
-
-
-def read_run(run_dir: str | Path) -> dict:
-    """The run's ``run.json``; ConfigError if the folder is not a run."""
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a medpretrain run (no {RUN_FILE}); pass the --out of a finetune run")
-    return json.loads(path.read_text(encoding="utf-8"))

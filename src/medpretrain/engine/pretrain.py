@@ -13,7 +13,8 @@ from medpretrain.data.cache import PreparedData
 from medpretrain.engine.job import export_untrained, run_training
 from medpretrain.engine.snapshots import SnapshotExporter
 from medpretrain.atomic import check_writable_folder
-from medpretrain.engine.trainer import check_trainer_settings, is_launcher_child
+from medpretrain.engine.run_folder import is_launcher_child
+from medpretrain.engine.trainer import check_trainer_settings
 from medpretrain.errors import CacheError, ConfigError
 from medpretrain.methods import get_method
 from medpretrain.models import get_spec

@@ -51,7 +51,7 @@ class SnapshotExporter(Callback):
         if path.is_file():
             return
         from medpretrain.engine.job import export_model
-        from medpretrain.engine.trainer import resolve_precision
+        from medpretrain.engine.device import resolve_precision
 
         path.parent.mkdir(parents=True, exist_ok=True)
         precision = resolve_precision(self.cfg.precision, self.cfg.accelerator)

@@ -10,7 +10,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from medpretrain.config import InferenceConfig
-from medpretrain.engine.trainer import autocast_context, configure_cuda_math
+from medpretrain.engine.device import autocast_context, configure_cuda_math
 from medpretrain.errors import CheckpointError
 from medpretrain.models import build_model, read_state_dict
 
@@ -77,7 +77,7 @@ def load_trained_model(run_dir: str | Path, device: torch.device | None = None,
     network.to(device).eval()
     if precision is None:
         # The training run's precision, re-resolved for this device (a CPU-trained model may run on a GPU).
-        from medpretrain.engine.trainer import resolve_precision
+        from medpretrain.engine.device import resolve_precision
 
         precision = resolve_precision("auto", "gpu" if device.type == "cuda" else "cpu")
     return TrainedModel(network, meta, device, precision)

@@ -397,7 +397,7 @@ def nnunet_scratch(
         "workers": workers, "mirroring": mirroring, "validation_cases": validation_cases,
         "validation_seed": validation_seed, "lr": 1e-2, "precision": "32-true", "accelerator": "cpu",
     }
-    from medpretrain.engine.job import run_folder_lock
+    from medpretrain.engine.run_folder import run_folder_lock
 
     with run_folder_lock(run_dir, "nnunet-scratch"):
         run_file = run_dir / "run.json"
