@@ -305,3 +305,14 @@ def test_second_process_on_a_run_folder_is_refused(prepared, tmp_path):
     finally:
         os.close(fd)
     assert not (run / "model.pt").exists()
+
+
+def test_commands_that_do_not_train_do_not_import_lightning():
+    """``evaluate``, ``predict``, ``prepare`` and ``select-hparams`` run as child processes many times per benchmark:
+    Lightning's import (seconds on a 2-core CPU) is paid only by the commands that train."""
+    code = ("import sys; import medpretrain.api, medpretrain.benchmark, medpretrain.evaluation.inference; "
+            "from medpretrain.api import evaluate, predict, prepare; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
