@@ -44,6 +44,7 @@ def __getattr__(name: str):
         return finetune
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = ["prepare", "prepare_dataset", "prepare_pool", "finetune", "evaluate", "predict", "export_nnunet",
            "nnunet_scratch", "FinetuneConfig", "EvaluateConfig", "PreprocessConfig", "PreparedData"]
 

@@ -16,8 +16,8 @@ from medpretrain.data.cache import PreparedData
 from medpretrain.data.sampling import PatchAugmenter, PatchDataset
 from medpretrain.engine.job import export_model, run_training
 from medpretrain.engine.module import SegmentationModule
-from medpretrain.engine.run_folder import is_launcher_child
 from medpretrain.engine.device import resolve_precision, uses_cuda
+from medpretrain.engine.run_folder import is_launcher_child
 from medpretrain.engine.trainer import check_trainer_settings
 from medpretrain.errors import CacheError, ConfigError
 from medpretrain.models import get_spec, load_weights
