@@ -1260,7 +1260,7 @@ def _write_report(cfg: BenchmarkConfig, out: Path, jobs: list[Job], methods: dic
     ns = cfg.nnunet_scratch
     if ns is not None:
         budget = (f"{ns.iterations} iterations" if ns.iterations is not None else
-                  f"the training wall time of the paired scratch run (same n and seed)" if ns.max_seconds == "scratch"
+                  "the training wall time of the paired scratch run (same n and seed)" if ns.max_seconds == "scratch"
                   else f"{ns.max_seconds:g} s of training")
         notes.append(f"nnunet-scratch: nnU-Net v2 itself (its planning with a {ns.gpu_memory_target:g} GB memory "
                      f"target, preprocessing, trainer, predictor{' with mirroring' if ns.mirroring else ''}) from "
