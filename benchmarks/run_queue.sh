@@ -34,9 +34,8 @@ entries=(
   # one thread); then btcv-cpu (4 mm; its budget chosen by the calibration): scratch at n = 2/4/8/all, the null
   # control and the Volume Fusion budget curve at n = 4; AVS-DB and MAE curves later
   "btcv-calibration-4mm btcv-calibration-4mm"
-  # btcv-cpu's scratch lr grid repeats the calibration's grid of the winning backbone: adopt those runs (checked
-  # job by job; nothing while the calibration's selection is unfinished) instead of re-running them (~2 lane-hours)
-  "@ python benchmarks/adopt_runs.py --source runs/btcv-calibration-4mm --target runs/btcv-cpu --target-config benchmarks/btcv-cpu.yaml"
+  # (btcv-cpu's scratch lr grid repeats the calibration's, but not its arithmetic: btcv-cpu pins bf16 autocast, the
+  # calibration ran in fp32, so the grid is re-run there instead of adopted with benchmarks/adopt_runs.py)
   # issue 20: does the la2018 proxy's VF gain survive 4x longer fine-tuning? (~1 h; the 16k-step pretraining adopted)
   "@ python benchmarks/adopt_runs.py --source runs/scaling-la2018-proxy --target runs/scaling-la2018-proxy-ft4x --target-config benchmarks/scaling-la2018-proxy-ft4x.yaml"
   "scaling-la2018-proxy-ft4x scaling-la2018-proxy-ft4x --models"
