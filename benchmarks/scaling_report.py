@@ -78,7 +78,7 @@ def core_seconds_per_step(info: dict) -> float:
     run's earlier sessions are not summed in run.json) x threads (one per benchmark lane on the 2-core machine)
     x the processes of a DDP run; 0 when not recorded."""
     training = info.get("training", {})
-    threads = int(info.get("threads") or 1) * int(training.get("world_size") or 1)
+    threads = int(training.get("threads") or info.get("threads") or 1) * int(training.get("world_size") or 1)
     return float(training.get("s_per_step") or 0.0) * threads
 
 
@@ -113,6 +113,26 @@ def compute_hours(bench: Path) -> list[dict]:
             count += 1
         rows.append({"kind": kind, "runs": count, "core_hours": hours})
     return rows
+
+
+def arithmetic(bench: Path) -> tuple[list[str], bool]:
+    """Markdown rows counting the folder's trained runs by kind, precision and CPU (each run.json), and whether
+    the fine-tunings mixed precisions: arms compared with different arithmetic are a confound the reader must see
+    (a profile left at ``precision: auto`` resolves to bf16 on CPUs with AMX and to fp32 on the others)."""
+    counts: dict[tuple[str, str, str], int] = defaultdict(int)
+    finetune_precisions = set()
+    for kind, folder in (("pretraining", "pretrain"), ("fine-tuning", "validation"), ("fine-tuning", "runs")):
+        for path in sorted((bench / folder).glob("*/run.json")):
+            info = json.loads(path.read_text(encoding="utf-8"))
+            if info.get("untrained") or "training" not in info:
+                continue
+            precision = str(info.get("precision", "not recorded"))
+            counts[(kind, precision, info["training"].get("cpu", "not recorded"))] += 1
+            if kind == "fine-tuning":
+                finetune_precisions.add(precision)
+    rows = ["| kind | precision | CPU | runs |", "|---|---|---|---|",
+            *[f"| {k} | {p} | {c} | {n} |" for (k, p, c), n in sorted(counts.items())]]
+    return rows, len(finetune_precisions) > 1
 
 
 def main(argv=None) -> int:
@@ -213,6 +233,10 @@ def main(argv=None) -> int:
            "| kind | runs | core-hours |", "|---|---|---|",
            *[f"| {c['kind']} | {c['runs']} | {c['core_hours']:.2f} |" for c in compute],
            f"| all | {sum(c['runs'] for c in compute)} | {sum(c['core_hours'] for c in compute):.2f} |"]
+    machines, mixed = arithmetic(args.bench)
+    md += ["", "## Arithmetic and machines (each run's run.json; seconds per step differ several-fold between CPUs)",
+           "", *(["**Warning: the fine-tunings did not all run with the same precision: gains between arms of "
+                  "different precision include that difference.**", ""] if mixed else []), *machines]
     (args.out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     _plot(rows, groups, args.out / "gain_vs_budget.png")
     print("\n".join(md))
