@@ -8,8 +8,10 @@
 # of an unfinished pretraining) that later jobs need, so a pretraining is never re-run with other weights.
 # Each entry: "@ COMMAND" (a shell command, e.g. adopting runs; a failure is logged, not fatal), or
 # PROFILE FOLDER [--option=value ...] [--models] [--after=PROFILE2:FOLDER2] [JOB-GLOB ...] (no glob = the
-# whole profile). Before it runs, what earlier sessions kept of FOLDER is restored, so finished jobs are skipped and
-# their pretrainings are not re-run. --after: the entry is skipped while PROFILE2's benchmark in runs/FOLDER2 has
+# whole profile; --cpu=bf16 or --cpu=fp32: run the entry only on a CPU whose `precision: auto` resolves to that, so a
+# comparison whose earlier arms ran in fp32 on an AVX2 CPU is not continued in bf16 on an AMX one, and btcv-cpu,
+# pinned to bf16, runs where bf16 is native, not emulated). Before it runs, what earlier sessions kept of FOLDER is
+# restored, so finished jobs are skipped and their pretrainings are not re-run. --after: the entry is skipped while PROFILE2's benchmark in runs/FOLDER2 has
 # a job left to do (btcv-cpu's budget comes from the calibration: none of its runs may start before that ends).
 # STOP_AT=HH:MM (the clock `date` shows): every entry runs with --time-limit of what is left, so no job starts that
 # would not end before then (by the durations of finished jobs of its kind, OUT/timings.json) and running ones stop
@@ -40,22 +42,25 @@ entries=(
   "@ python benchmarks/adopt_runs.py --source runs/scaling-la2018-proxy --target runs/scaling-la2018-proxy-ft4x --target-config benchmarks/scaling-la2018-proxy-ft4x.yaml"
   "scaling-la2018-proxy-ft4x scaling-la2018-proxy-ft4x --models"
   # n = 4 first (the headline comparison: scratch, null and every VF budget are all at n = 4), then the other n
-  "btcv-cpu btcv-cpu --models --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-unet-n4-* *null* *volume-fusion*"
-  "btcv-cpu btcv-cpu --models --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-* *null* *volume-fusion*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-unet-n4-* *null* *volume-fusion*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-* *null* *volume-fusion*"
   # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task)
-  "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-swinunetr-ssl-*"
-  "asa-la2018-ema asa-la2018-ema swinunetr-ssl-*"
-  "btcv-cpu btcv-cpu --models --after=btcv-calibration-4mm:btcv-calibration-4mm *avsdb*"
+  "asa-la2018-ema asa-la2018-ema --cpu=fp32 --parallel=1 pretrain-swinunetr-ssl-*"
+  "asa-la2018-ema asa-la2018-ema --cpu=fp32 swinunetr-ssl-*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm *avsdb*"
   # issue 20: the la2018 proxy curves of AVS-DB and MAE (~2 h each)
-  "scaling-la2018-proxy scaling-la2018-proxy *avsdb*"
-  "scaling-la2018-proxy scaling-la2018-proxy *mae*"
-  "btcv-cpu btcv-cpu --models --after=btcv-calibration-4mm:btcv-calibration-4mm *mae*"
-  "btcv-cpu btcv-cpu --models --after=btcv-calibration-4mm:btcv-calibration-4mm *models-genesis*"
+  "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *avsdb*"
+  "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *mae*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm *mae*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm *models-genesis*"
   # issue 20: la2018 at the standard resolution as far as the CPU allows (~3 h): transfer-la2018's protocol
-  "scaling-la2018 scaling-la2018 scratch-* *null* *volume-fusion-unet*"
-  "scaling-la2018 scaling-la2018 *-long*"
+  "scaling-la2018 scaling-la2018 --cpu=fp32 scratch-* *null* *volume-fusion-unet*"
+  "scaling-la2018 scaling-la2018 --cpu=fp32 *-long*"
 )
 current="" models=""
+# what `precision: auto` resolves to on this CPU (the --cpu=... entries run only where it matches)
+machine=$(python -c "from medpretrain.engine.device import cpu_supports_bf16; print('bf16' if cpu_supports_bf16() else 'fp32')")
+echo "$(date -u +%H:%M:%S) queue: this CPU's automatic precision: $machine"
 keep() {
   [ -n "$current" ] && python benchmarks/keep_runs.py save "runs/$current" "docs/results/raw/$current" $models || true
 }
@@ -69,17 +74,23 @@ for entry in "${entries[@]}"; do
   read -r profile folder globs <<< "$entry"
   current=$folder
   python benchmarks/keep_runs.py restore "docs/results/raw/$folder" "runs/$folder"
-  args=() models="" after=""
+  args=() models="" after="" cpu=""
   set -f  # the globs are medpretrain's, not the shell's
   for g in $globs; do
     case $g in
       --models) models=--models ;;           # keep's option: keep pretrained models that later entries need
       --after=*) after=${g#--after=} ;;      # PROFILE2:FOLDER2 that must be finished first
+      --cpu=*) cpu=${g#--cpu=} ;;            # bf16 or fp32: run only on a CPU whose automatic precision is that
       --*) args+=("${g%%=*}" "${g#*=}") ;;   # a benchmark option, --name=value
       *) args+=(--jobs "$g") ;;
     esac
   done
   set +f
+  if [ -n "$cpu" ] && [ "$cpu" != "$machine" ]; then
+    echo "$(date -u +%H:%M:%S) queue: skipping $profile ${globs}: for a $cpu CPU, this one is $machine"
+    current=""
+    continue
+  fi
   if [ -n "$after" ]; then
     python benchmarks/keep_runs.py restore "docs/results/raw/${after#*:}" "runs/${after#*:}"
     # Count the jobs left (grep -c reads everything: no SIGPIPE under pipefail); a failed check counts as one.
