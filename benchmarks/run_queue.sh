@@ -18,6 +18,12 @@
 # at their last checkpoint at that time; the queue then keeps the results and ends (HH:MM more than 12 h ago means
 # tomorrow's; or give the date: STOP_AT="2026-12-02 00:30"):
 #   STOP_AT=15:00 nohup bash benchmarks/run_queue.sh > runs/queue.log 2>&1 &
+# A machine can be shut down mid-session: runs/ does not survive that, commits do. So while an entry runs its
+# finished jobs are also kept every KEEP_EVERY seconds (default 1200), and with KEEP_COMMIT=1 every keep is committed
+# (docs/results/raw/FOLDER only): a shutdown then loses at most the runs in progress and that much time.
+#   KEEP_COMMIT=1 STOP_AT=15:00 nohup bash benchmarks/run_queue.sh > runs/queue.log 2>&1 &
+# An entry whose benchmark had nothing left to run is not kept again (its report would lose the overlay images that
+# are not kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
@@ -62,9 +68,21 @@ current="" models=""
 machine=$(python -c "from medpretrain.engine.device import cpu_supports_bf16; print('bf16' if cpu_supports_bf16() else 'fp32')")
 echo "$(date -u +%H:%M:%S) queue: this CPU's automatic precision: $machine"
 keep() {
-  [ -n "$current" ] && python benchmarks/keep_runs.py save "runs/$current" "docs/results/raw/$current" $models || true
+  [ -n "$current" ] || return 0
+  python benchmarks/keep_runs.py save "runs/$current" "docs/results/raw/$current" $models || return 0
+  if [ "${KEEP_COMMIT:-0}" = 1 ]; then  # a failure (e.g. another commit holding the index) waits for the next keep
+    git add -- "docs/results/raw/$current" && git commit -q -m "raw: $current, finished jobs kept by the queue" \
+        -- "docs/results/raw/$current" > /dev/null 2>&1 || true
+  fi
 }
-trap keep EXIT
+mkdir -p runs
+echo "" > runs/.queue-current  # the entry now running, for the periodic keeper
+( while sleep "${KEEP_EVERY:-1200}"; do
+    read -r current models < runs/.queue-current || true
+    grep -qs ' 0 to run,' runs/.queue-entry.log || keep
+  done ) &
+keeper=$!
+trap 'kill $keeper 2>/dev/null; keep' EXIT
 for entry in "${entries[@]}"; do
   if [[ $entry == "@ "* ]]; then  # a command, not a benchmark: run it, note a failure, go on
     echo "$(date -u +%H:%M:%S) queue: ${entry#@ }"
@@ -113,7 +131,14 @@ for entry in "${entries[@]}"; do
     args+=(--time-limit "$left")
   fi
   echo "$(date -u +%H:%M:%S) queue: $profile in runs/$folder ${globs:-(all jobs)}"
-  medpretrain benchmark --config "benchmarks/$profile.yaml" --out "runs/$folder" "${args[@]}"
-  keep
+  echo "$current $models" > runs/.queue-current
+  medpretrain benchmark --config "benchmarks/$profile.yaml" --out "runs/$folder" "${args[@]}" 2>&1 \
+      | tee runs/.queue-entry.log
+  echo "" > runs/.queue-current
+  if grep -q ' 0 to run,' runs/.queue-entry.log; then
+    current=""  # nothing ran: what is kept already stands
+  else
+    keep
+  fi
 done
 echo "$(date -u +%H:%M:%S) queue: all done"
