@@ -34,7 +34,7 @@ entries=(
   # (6 fine-tunings, ~1.5 h on two lanes). Then each pretraining alone with both threads (600 steps; 6 s/step on
   # an idle machine, 2-3x that beside another Swin job), directly followed by its 6 fine-tunings (~80 min on two
   # lanes): started at a session's beginning, a pretraining and the runs that need its weights end in that
-  # session (weights are not kept in git; a pretraining whose runs/ folder was lost is re-run with its seed).
+  # session (resume checkpoints are not kept in git; a pretraining whose runs/ folder was lost is re-run with its seed).
   "asa-la2018-ema asa-la2018-ema scratch-*"
   "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-asa-*"
   "asa-la2018-ema asa-la2018-ema asa-*"
