@@ -11,8 +11,9 @@
 # whole profile; --cpu=bf16 or --cpu=fp32: run the entry only on a CPU whose `precision: auto` resolves to that, so a
 # comparison whose earlier arms ran in fp32 on an AVX2 CPU is not continued in bf16 on an AMX one, and btcv-cpu,
 # pinned to bf16, runs where bf16 is native, not emulated). Before it runs, what earlier sessions kept of FOLDER is
-# restored, so finished jobs are skipped and their pretrainings are not re-run. --after: the entry is skipped while PROFILE2's benchmark in runs/FOLDER2 has
-# a job left to do (btcv-cpu's budget comes from the calibration: none of its runs may start before that ends).
+# restored, so finished jobs are skipped and their pretrainings are not re-run. --after: the entry is skipped while
+# PROFILE2's benchmark in runs/FOLDER2 has a job left to do (btcv-cpu's budget comes from the calibration: none of
+# its runs may start before that ends).
 # STOP_AT=HH:MM (the clock `date` shows): every entry runs with --time-limit of what is left, so no job starts that
 # would not end before then (by the durations of finished jobs of its kind, OUT/timings.json) and running ones stop
 # at their last checkpoint at that time; the queue then keeps the results and ends (HH:MM more than 12 h ago means
@@ -65,7 +66,8 @@ entries=(
 )
 current="" models=""
 # what `precision: auto` resolves to on this CPU (the --cpu=... entries run only where it matches)
-machine=$(python -c "from medpretrain.engine.device import cpu_supports_bf16; print('bf16' if cpu_supports_bf16() else 'fp32')")
+machine=$(python -c "from medpretrain.engine.device import cpu_supports_bf16
+print('bf16' if cpu_supports_bf16() else 'fp32')")
 echo "$(date -u +%H:%M:%S) queue: this CPU's automatic precision: $machine"
 keep() {
   [ -n "$current" ] || return 0
