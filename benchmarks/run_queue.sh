@@ -48,7 +48,10 @@ entries=(
   # issue 20: does the la2018 proxy's VF gain survive 4x longer fine-tuning? (~1 h; the 16k-step pretraining adopted)
   "@ python benchmarks/adopt_runs.py --source runs/scaling-la2018-proxy --target runs/scaling-la2018-proxy-ft4x --target-config benchmarks/scaling-la2018-proxy-ft4x.yaml"
   "scaling-la2018-proxy-ft4x scaling-la2018-proxy-ft4x --models"
-  # n = 4 first (the headline comparison: scratch, null and every VF budget are all at n = 4), then the other n
+  # n = 4 first (the headline comparison: scratch, null and every VF budget are all at n = 4): scratch, null, VF's
+  # final network and its 2k snapshot (the driver runs jobs seed by seed, so whole arms first), then 500 and 8k, then
+  # the other n
+  "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-unet-n4-* null-unet-n4-* volume-fusion-unet-n4-* volume-fusion@2000-unet-n4-*"
   "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-unet-n4-* *null* *volume-fusion*"
   "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-* *null* *volume-fusion*"
   # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task)
