@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
 import subprocess
 from pathlib import Path
 
@@ -14,14 +13,10 @@ METRICS = ("dice", "nsd", "assd", "hd95")
 
 
 def cpu_model() -> str:
-    """The processor's model name, for the machine block of a result file."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The processor's model name, for the machine block of a result file (what run.json records too)."""
+    from medpretrain.engine.device import cpu_model_name
+
+    return cpu_model_name()
 
 
 def sh(args: list[str], log: Path) -> None:
