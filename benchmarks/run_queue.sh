@@ -4,16 +4,17 @@
 #   nohup bash benchmarks/run_queue.sh > runs/queue.log 2>&1 &
 # Stop cleanly:  pkill -TERM -f "medpretrain benchmark"  (the driver stops its jobs at their last checkpoint; this
 # script then keeps the finished jobs' results in docs/results/raw/FOLDER: commit that folder before the session
-# ends, or run benchmarks/keep_runs.py save yourself). keeps pretrained models (and the last checkpoint
-# of an unfinished pretraining) that later jobs need, so a pretraining is never re-run with other weights.
+# ends, or run benchmarks/keep_runs.py save yourself). An entry with --models also keeps (and commits) the
+# pretrained networks that later jobs need, so a finished pretraining is never re-run with other weights; an
+# unfinished one's resume checkpoint is kept but not committed (too large), so size a pretraining to its session.
 # Each entry: "@ COMMAND" (a shell command, e.g. adopting runs; a failure is logged, not fatal), or
 # PROFILE FOLDER [--option=value ...] [--models] [--after=PROFILE2:FOLDER2] [JOB-GLOB ...] (no glob = the
 # whole profile; --cpu=bf16 or --cpu=fp32: run the entry only on a CPU whose `precision: auto` resolves to that, so a
 # comparison whose earlier arms ran in fp32 on an AVX2 CPU is not continued in bf16 on an AMX one, and btcv-cpu,
 # pinned to bf16, runs where bf16 is native, not emulated). Before it runs, what earlier sessions kept of FOLDER is
 # restored, so finished jobs are skipped and their pretrainings are not re-run. --after: the entry is skipped while
-# PROFILE2's benchmark in runs/FOLDER2 has a job left to do (btcv-cpu's budget comes from the calibration: none of
-# its runs may start before that ends).
+# PROFILE2's benchmark in runs/FOLDER2 has a job left to do (a profile whose budget another one calibrates: btcv-cpu
+# used it until btcv-calibration-4mm was finished and kept).
 # STOP_AT=HH:MM (the clock `date` shows): every entry runs with --time-limit of what is left, so no job starts that
 # would not end before then (by the durations of finished jobs of its kind, OUT/timings.json) and running ones stop
 # at their last checkpoint at that time; the queue then keeps the results and ends (HH:MM more than 12 h ago means
@@ -35,7 +36,7 @@ entries=(
   # (6 fine-tunings, ~1.5 h on two lanes). Then each pretraining alone with both threads (600 steps; 6 s/step on
   # an idle machine, 2-3x that beside another Swin job), directly followed by its 6 fine-tunings (~80 min on two
   # lanes): started at a session's beginning, a pretraining and the runs that need its weights end in that
-  # session (resume checkpoints are not kept in git; a pretraining whose runs/ folder was lost is re-run with its seed).
+  # session (these entries keep no networks: a pretraining whose runs/ folder was lost is re-run with its seed).
   "asa-la2018-ema asa-la2018-ema scratch-*"
   "asa-la2018-ema asa-la2018-ema --parallel=1 pretrain-asa-*"
   "asa-la2018-ema asa-la2018-ema asa-*"
@@ -51,18 +52,18 @@ entries=(
   # n = 4 first (the headline comparison: scratch, null and every VF budget are all at n = 4): scratch, null, VF's
   # final network and its 2k snapshot (the driver runs jobs seed by seed, so whole arms first), then 500 and 8k, then
   # the other n
-  "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-unet-n4-* null-unet-n4-* volume-fusion-unet-n4-* volume-fusion@2000-unet-n4-*"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-unet-n4-* *null* *volume-fusion*"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm scratch-* *null* *volume-fusion*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* null-unet-n4-* volume-fusion-unet-n4-* volume-fusion@2000-unet-n4-*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* *null* *volume-fusion*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-* *null* *volume-fusion*"
   # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task)
   "asa-la2018-ema asa-la2018-ema --cpu=fp32 --parallel=1 pretrain-swinunetr-ssl-*"
   "asa-la2018-ema asa-la2018-ema --cpu=fp32 swinunetr-ssl-*"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm *avsdb*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 *avsdb*"
   # issue 20: the la2018 proxy curves of AVS-DB and MAE (~2 h each)
   "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *avsdb*"
   "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *mae*"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm *mae*"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 --after=btcv-calibration-4mm:btcv-calibration-4mm *models-genesis*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 *mae*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 *models-genesis*"
   # issue 20: la2018 at the standard resolution as far as the CPU allows (~3 h): transfer-la2018's protocol
   "scaling-la2018 scaling-la2018 --cpu=fp32 scratch-* *null* *volume-fusion-unet*"
   "scaling-la2018 scaling-la2018 --cpu=fp32 *-long*"
@@ -72,22 +73,37 @@ current="" models=""
 machine=$(python -c "from medpretrain.engine.device import cpu_supports_bf16
 print('bf16' if cpu_supports_bf16() else 'fp32')")
 echo "$(date -u +%H:%M:%S) queue: this CPU's automatic precision: $machine"
-keep() {
-  [ -n "$current" ] || return 0
-  python benchmarks/keep_runs.py save "runs/$current" "docs/results/raw/$current" $models || return 0
-  if [ "${KEEP_COMMIT:-0}" = 1 ]; then  # a failure (e.g. another commit holding the index) waits for the next keep
-    git add -- "docs/results/raw/$current" && git commit -q -m "raw: $current, finished jobs kept by the queue" \
-        -- "docs/results/raw/$current" > /dev/null 2>&1 || true
-  fi
-}
 mkdir -p runs
+keep() {
+  # One keep at a time (the periodic keeper and the main loop both call it: a half-copied network must not be
+  # committed); a commit is tried three times (another commit may hold git's index), and what a failed one staged is
+  # unstaged, so that no later commit of someone else's sweeps it in.
+  [ -n "$current" ] || return 0
+  (
+    flock 9
+    python benchmarks/keep_runs.py save "runs/$current" "docs/results/raw/$current" $models || exit 0
+    [ "${KEEP_COMMIT:-0}" = 1 ] || exit 0
+    [ -n "$(git status --porcelain -- "docs/results/raw/$current")" ] || exit 0
+    for attempt in 1 2 3; do
+      if { git add -- "docs/results/raw/$current" && git commit -q -m "raw: $current, finished jobs kept by the queue" \
+          -- "docs/results/raw/$current"; } > /dev/null 2>&1; then
+        exit 0
+      fi
+      sleep 5
+    done
+    git reset -q -- "docs/results/raw/$current" > /dev/null 2>&1 || true
+    echo "$(date -u +%H:%M:%S) queue: could not commit docs/results/raw/$current (kept there; commit it yourself)"
+  ) 9> runs/.queue-keep.lock || true
+}
 echo "" > runs/.queue-current  # the entry now running, for the periodic keeper
 ( while sleep "${KEEP_EVERY:-1200}"; do
     read -r current models < runs/.queue-current || true
     grep -qs ' 0 to run,' runs/.queue-entry.log || keep
   done ) &
 keeper=$!
-trap 'kill $keeper 2>/dev/null; keep' EXIT
+# The keeper's children first (its sleep would hold the log open); set -e holds in a trap too: a failed kill must
+# not skip the last keep.
+trap 'pkill -P "$keeper" 2>/dev/null || true; kill "$keeper" 2>/dev/null || true; keep' EXIT
 for entry in "${entries[@]}"; do
   if [[ $entry == "@ "* ]]; then  # a command, not a benchmark: run it, note a failure, go on
     echo "$(date -u +%H:%M:%S) queue: ${entry#@ }"
@@ -95,8 +111,6 @@ for entry in "${entries[@]}"; do
     continue
   fi
   read -r profile folder globs <<< "$entry"
-  current=$folder
-  python benchmarks/keep_runs.py restore "docs/results/raw/$folder" "runs/$folder"
   args=() models="" after="" cpu=""
   set -f  # the globs are medpretrain's, not the shell's
   for g in $globs; do
@@ -111,9 +125,9 @@ for entry in "${entries[@]}"; do
   set +f
   if [ -n "$cpu" ] && [ "$cpu" != "$machine" ]; then
     echo "$(date -u +%H:%M:%S) queue: skipping $profile ${globs}: for a $cpu CPU, this one is $machine"
-    current=""
     continue
   fi
+  python benchmarks/keep_runs.py restore "docs/results/raw/$folder" "runs/$folder"
   if [ -n "$after" ]; then
     python benchmarks/keep_runs.py restore "docs/results/raw/${after#*:}" "runs/${after#*:}"
     # Count the jobs left (grep -c reads everything: no SIGPIPE under pipefail); a failed check counts as one.
@@ -121,7 +135,6 @@ for entry in "${entries[@]}"; do
         2>&1 || echo "todo (the check failed)") | grep -c '^todo' || true)
     if [ "${left_jobs:-0}" -gt 0 ]; then
       echo "$(date -u +%H:%M:%S) queue: skipping $profile ${globs}: ${after%%:*} in runs/${after#*:} is not finished"
-      current=""
       continue
     fi
   fi
@@ -136,14 +149,12 @@ for entry in "${entries[@]}"; do
     args+=(--time-limit "$left")
   fi
   echo "$(date -u +%H:%M:%S) queue: $profile in runs/$folder ${globs:-(all jobs)}"
+  current=$folder  # from here on the entry's results are kept, at the latest by the EXIT trap
   echo "$current $models" > runs/.queue-current
   medpretrain benchmark --config "benchmarks/$profile.yaml" --out "runs/$folder" "${args[@]}" 2>&1 \
       | tee runs/.queue-entry.log
   echo "" > runs/.queue-current
-  if grep -q ' 0 to run,' runs/.queue-entry.log; then
-    current=""  # nothing ran: what is kept already stands
-  else
-    keep
-  fi
+  grep -q ' 0 to run,' runs/.queue-entry.log || keep  # an entry that ran nothing: what is kept already stands
+  current=""
 done
 echo "$(date -u +%H:%M:%S) queue: all done"

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from medpretrain.blocks.pretext import fraction_learnt
+from medpretrain.engine.run_folder import run_precision
 from medpretrain.evaluation.benchmark_report import per_case_gains, wilcoxon_p
 
 # BTCV organ groups of the issue (label ids of ../shared/data/btcv).
@@ -75,10 +76,12 @@ def loss_near(csv_path: Path, term: str, step: int, rows: int = 20) -> float | N
 
 def core_seconds_per_step(info: dict) -> float:
     """Core-seconds per optimizer step of a run (its run.json): seconds per step of its last session (a resumed
-    run's earlier sessions are not summed in run.json) x threads (one per benchmark lane on the 2-core machine)
-    x the processes of a DDP run; 0 when not recorded."""
+    run's earlier sessions are not summed in run.json) x its threads x the processes of a DDP run; 0 when not
+    recorded. Threads as recorded (from 2026-12-02); before, 1 (a benchmark lane on the 2-core machine: a run at
+    ``--parallel 1`` had 2, so its core-hours are undercounted 2x). A GPU run counts device-seconds (no threads)."""
     training = info.get("training", {})
-    threads = int(training.get("threads") or info.get("threads") or 1) * int(training.get("world_size") or 1)
+    threads = 1 if info.get("cuda") else int(training.get("threads") or info.get("threads") or 1)
+    threads *= int(training.get("world_size") or 1)
     return float(training.get("s_per_step") or 0.0) * threads
 
 
@@ -126,9 +129,12 @@ def arithmetic(bench: Path) -> tuple[list[str], bool]:
             info = json.loads(path.read_text(encoding="utf-8"))
             if info.get("untrained") or "training" not in info:
                 continue
-            precision = str(info.get("precision", "not recorded"))
-            counts[(kind, precision, info["training"].get("cpu", "not recorded"))] += 1
-            if kind == "fine-tuning":
+            precision = run_precision(info) or "not recorded"
+            cpu = info["training"].get("cpu", "not recorded")
+            if "cpu_bf16" in info["training"]:
+                cpu += " (native bf16)" if info["training"]["cpu_bf16"] else " (no native bf16)"
+            counts[(kind, precision, cpu)] += 1
+            if kind == "fine-tuning" and precision not in ("not recorded", "auto"):
                 finetune_precisions.add(precision)
     rows = ["| kind | precision | CPU | runs |", "|---|---|---|---|",
             *[f"| {k} | {p} | {c} | {n} |" for (k, p, c), n in sorted(counts.items())]]

@@ -411,7 +411,8 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     assert re.search(r"\| unet \| avsdb \| 3 \| 2 \| [+-]\d\.\d{3} \(\d/1\) \| [+-]\d\.\d{3} \(\d/1\) \|", scaling_md)
     assert (tmp_path / "scaling" / "gain_vs_budget.png").stat().st_size > 1000
     # the arithmetic and the CPU each timing was measured on (one precision here: no warning)
-    cpu = json.loads((out / "runs" / "avsdb@1-unet-n2-s0" / "run.json").read_text(encoding="utf-8"))["training"]["cpu"]
+    training = json.loads((out / "runs" / "avsdb@1-unet-n2-s0" / "run.json").read_text(encoding="utf-8"))["training"]
+    cpu = training["cpu"] + (" (native bf16)" if training["cpu_bf16"] else " (no native bf16)")
     assert f"| fine-tuning | 32-true | {cpu} | 4 |" in scaling_md and "Warning" not in scaling_md
     # the same curve scored in the source files' geometry (the profile's original_space)
     assert scaling.main(["--bench", str(out), "--out", str(tmp_path / "scaling-orig"), "--space", "original"]) == 0

@@ -66,3 +66,11 @@ def read_run(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a medpretrain run (no {RUN_FILE}); pass the --out of a finetune run")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run_precision(info: dict) -> str | None:
+    """The precision a run trained with, from its ``run.json``: resolved (``bf16-mixed``, ``32-true``...) at the top
+    level by medpretrain's training jobs and under ``training`` by the nnU-Net interop; the configured value (maybe
+    ``auto``) only for a run that recorded neither."""
+    return (info.get("precision") or info.get("training", {}).get("precision")
+            or info.get("config", {}).get("precision"))

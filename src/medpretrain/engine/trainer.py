@@ -21,8 +21,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from medpretrain.atomic import atomic_write_json
 from medpretrain.engine.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from medpretrain.engine.device import (
-    cpu_model_name, cuda_environment, cuda_memory_gb, lightning_deterministic, resolve_accelerator, resolve_precision,
-    uses_cuda,
+    cpu_model_name, cpu_supports_bf16, cuda_environment, cuda_memory_gb, lightning_deterministic, resolve_accelerator,
+    resolve_precision, uses_cuda,
 )
 from medpretrain.engine.run_folder import is_launcher_child
 from medpretrain.errors import ConfigError, TrainingError
@@ -82,6 +82,7 @@ class WallClock(Callback):
             # What the time was measured on: core-hours are compared across sessions that get different machines.
             "threads": torch.get_num_threads(),
             "cpu": cpu_model_name(),
+            "cpu_bf16": cpu_supports_bf16(),
             # Rank 0's device; every rank trains the same network and batch size.
             **cuda_memory_gb(pl_module.device),
         }})

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medpretrain.atomic import atomic_write_text
+from medpretrain.engine.run_folder import run_precision
 from medpretrain.evaluation.plots import save_label_efficiency_plot, save_learning_curves
 from medpretrain.evaluation.report import _json_safe
 
@@ -71,7 +72,7 @@ def _read_run(job: "Job") -> dict[str, Any] | None:
         "classes": {c: {m: _num(v.get(m, {}).get("mean")) for m in METRICS}
                     for c, v in metrics.get("classes", {}).items()},
         "wall_s": training.get("wall_time_s"), "steps": training.get("steps_done"),
-        "precision": training.get("precision", info.get("config", {}).get("precision")),
+        "precision": run_precision(info),
         "case_dice": case_dice, "run": str(run), "curve": curve,
         "lr": info.get("config", {}).get("lr"), "original": original,
     }
