@@ -54,6 +54,10 @@ entries=(
   # the other n
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* null-unet-n4-* volume-fusion-unet-n4-* volume-fusion@2000-unet-n4-*"
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* *null* *volume-fusion*"
+  # is VF's n = 4 gain a head start? 2x the fine-tuning steps for scratch, null and VF@16k (~3.5 h; the pretraining
+  # adopted from btcv-cpu, restored by the entries above)
+  "@ python benchmarks/adopt_runs.py --source runs/btcv-cpu --target runs/btcv-cpu-ft2x --target-config benchmarks/btcv-cpu-ft2x.yaml"
+  "btcv-cpu-ft2x btcv-cpu-ft2x --models --cpu=bf16"
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-* *null* *volume-fusion*"
   # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task)
   "asa-la2018-ema asa-la2018-ema --cpu=fp32 --parallel=1 pretrain-swinunetr-ssl-*"
