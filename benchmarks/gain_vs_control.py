@@ -54,13 +54,20 @@ def main(argv=None) -> int:
         for arm in args.arms:
             runs = [(args.runs / f"{arm}-{args.backbone}-n{n}-s{s}",
                      args.runs / f"{args.control}-{control_backbone}-n{n}-s{s}") for s in args.seeds]
+            # seeds whose two runs are both evaluated (a benchmark in progress has unfinished ones)
+            runs = [(a, b) for a, b in runs if (a / "eval" / "per_case.csv").is_file()
+                    and (b / "eval" / "per_case.csv").is_file()]
+            if not runs:
+                print(f"| {n} | {arm} | no seed with both runs finished | | | | |")
+                continue
             pairs = [(case_dice(a), case_dice(b)) for a, b in runs]
             walls = [[wall_minutes(r) for r in side] for side in zip(*runs)]
             wall = " / ".join("–" if None in w else f"{np.mean(w):.1f}" for w in walls)
             per_seed = [np.mean(list(a.values())) - np.mean(list(b.values())) for a, b in pairs]
             cases = per_case_gains(pairs)
             p = wilcoxon_p(cases)
-            print(f"| {n} | {arm} | {np.mean(per_seed):+.3f} ± {np.std(per_seed, ddof=1):.3f} | "
+            spread = f" ± {np.std(per_seed, ddof=1):.3f}" if len(per_seed) > 1 else ""
+            print(f"| {n} | {arm} | {np.mean(per_seed):+.3f}{spread} | "
                   f"{sum(d > 0 for d in per_seed)}/{len(per_seed)} | {sum(d > 0 for d in cases)}/{len(cases)} | "
                   f"{'–' if p is None else f'{p:.3g}'} | {wall} |")
     return 0
