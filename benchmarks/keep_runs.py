@@ -16,9 +16,9 @@ files are never kept; ``--models`` also keeps, for pretrainings that an unfinish
 ``model.pt`` and snapshots (about 16 MB for a small SwinUNETR, 6 MB for the CPU U-Net) or, while the
 pretraining itself is unfinished, its ``checkpoints/last.ckpt`` (weights and optimizer, ~3x that), so the next
 session resumes it instead of starting again (a pretraining re-run from step 0 would hand later fine-tunings a
-different network than the earlier ones got). The kept ``*.pt`` networks are committed (a new session's checkout
-is all that survives); the ``*.ckpt`` are not (``.gitignore``: ~17 MB each), so they carry a pretraining over only
-where the folder itself survives, and a pretraining is sized to end within its session.
+different network than the earlier ones got). Neither is committed (``.gitignore``: weights stay out of git), so
+they carry a pretraining over only where the folder itself survives; otherwise it is re-run with its seed, which on
+the same kind of CPU gives the same network, and a pretraining is sized to end within its session.
 """
 
 from __future__ import annotations

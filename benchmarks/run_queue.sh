@@ -4,9 +4,9 @@
 #   nohup bash benchmarks/run_queue.sh > runs/queue.log 2>&1 &
 # Stop cleanly:  pkill -TERM -f "medpretrain benchmark"  (the driver stops its jobs at their last checkpoint; this
 # script then keeps the finished jobs' results in docs/results/raw/FOLDER: commit that folder before the session
-# ends, or run benchmarks/keep_runs.py save yourself). An entry with --models also keeps (and commits) the
-# pretrained networks that later jobs need, so a finished pretraining is never re-run with other weights; an
-# unfinished one's resume checkpoint is kept but not committed (too large), so size a pretraining to its session.
+# ends, or run benchmarks/keep_runs.py save yourself). An entry with --models also keeps the pretrained networks
+# (and an unfinished pretraining's resume checkpoint) that later jobs need, for as long as the folder survives; they
+# are not committed, so a later session re-runs a lost pretraining with its seed (same CPU kind: same network).
 # Each entry: "@ COMMAND" (a shell command, e.g. adopting runs; a failure is logged, not fatal), or
 # PROFILE FOLDER [--option=value ...] [--models] [--after=PROFILE2:FOLDER2] [JOB-GLOB ...] (no glob = the
 # whole profile; --cpu=bf16 or --cpu=fp32: run the entry only on a CPU whose `precision: auto` resolves to that, so a
