@@ -68,6 +68,9 @@ entries=(
   "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *mae*"
   "btcv-cpu btcv-cpu --models --cpu=bf16 *mae*"
   "btcv-cpu btcv-cpu --models --cpu=bf16 *models-genesis*"
+  # issue 20: Alice's longer points (16k-step pretraining, snapshots at 500 and 4k) on la2018, fp32 pinned in the
+  # profile so that either kind of CPU runs it (~3 h on the AMX machine)
+  "alice-la2018-scaling alice-la2018-scaling --models"
   # issue 20: la2018 at the standard resolution as far as the CPU allows (~3 h): transfer-la2018's protocol
   "scaling-la2018 scaling-la2018 --cpu=fp32 scratch-* *null* *volume-fusion-unet*"
   "scaling-la2018 scaling-la2018 --cpu=fp32 *-long*"
