@@ -423,6 +423,15 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     keep = _load_script("keep_runs")
     kept, moved = tmp_path / "kept", tmp_path / "moved"
     keep.save(out, kept, models=False)
+    # the compute ledger of kept folders: every trained run once (the null control's untrained export is free)
+    ledger = _load_script("compute_ledger")
+    keep.save(out, tmp_path / "raw-kept" / "bench", models=False)
+    assert ledger.main(["--raw", str(tmp_path / "raw-kept"), "--out", str(tmp_path / "compute.md")]) == 0
+    by_study = ledger.ledger(tmp_path / "raw-kept")["by_study"]
+    assert {k: runs for k, (runs, _) in by_study.items()} == {("bench", "pretraining"): 1,
+                                                              ("bench", "test fine-tuning"): 4}
+    assert all(hours > 0 for _, hours in by_study.values())
+    assert "| **all** | | 5 |" in (tmp_path / "compute.md").read_text(encoding="utf-8")
     assert not [p for p in kept.rglob("*") if p.suffix in (".pt", ".ckpt", ".npy", ".png")]
     assert (kept / "runs" / "avsdb@1-unet-n2-s0" / "eval" / "metrics.json").is_file()
     # the folder's absolute paths are part of the recorded commands: restore where it ran (a new session's

@@ -1,0 +1,106 @@
+"""The compute every kept benchmark folder cost: training core-hours by study, kind, CPU and precision.
+
+    python benchmarks/compute_ledger.py --raw docs/results/raw --out docs/results/scaling/compute.md
+
+Reads each folder's runs as ``benchmarks/keep_runs.py`` keeps them (``pretrain/*/run.json``,
+``validation/*/run.json``, ``runs/*/run.json``). A run's training core-hours are its seconds per step x steps
+done x threads (``scaling_report.core_seconds_per_step``: the seconds per step of its last session, threads as
+recorded, else 1). Not counted: untrained exports (the null control costs nothing), runs another folder's run was
+adopted from (``adopted_from.json``: counted once, where they ran), evaluation and data preparation (not timed in
+run.json; where the folder has ``timings.json``, the wall-clock seconds of every job it ran, evaluation included,
+are added up in a column of their own: one lane = one thread on the 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from medpretrain.engine.run_folder import run_precision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # a sibling script, also when imported by the tests
+from scaling_report import core_seconds_per_step  # noqa: E402
+
+KINDS = (("pretraining", "pretrain"), ("validation fine-tuning", "validation"), ("test fine-tuning", "runs"))
+
+
+def trained_runs(folder: Path):
+    """``(kind, run.json contents)`` of every run the folder trained itself (not adopted, not untrained)."""
+    for kind, sub in KINDS:
+        for path in sorted((folder / sub).glob("*/run.json")):
+            if (path.parent / "adopted_from.json").is_file():
+                continue
+            info = json.loads(path.read_text(encoding="utf-8"))
+            if info.get("untrained") or "training" not in info:
+                continue
+            yield kind, info
+
+
+def ledger(raw: Path) -> dict:
+    """Core-hours by (folder, kind) and by (cpu, precision), runs counted, and each folder's job wall-clock hours."""
+    by_study: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0])
+    by_machine: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0])
+    job_hours: dict[str, float] = {}
+    for folder in sorted(p for p in raw.iterdir() if p.is_dir()):
+        for kind, info in trained_runs(folder):
+            hours = core_seconds_per_step(info) * int(info["training"].get("steps_done") or 0) / 3600
+            for table, key in ((by_study, (folder.name, kind)),
+                               (by_machine, (info["training"].get("cpu", "not recorded (before 2026-12-02)"),
+                                             run_precision(info) or "not recorded"))):
+                table[key][0] += 1
+                table[key][1] += hours
+        timings = folder / "timings.json"
+        if timings.is_file():
+            job_hours[folder.name] = sum(json.loads(timings.read_text(encoding="utf-8")).values()) / 3600
+    return {"by_study": dict(by_study), "by_machine": dict(by_machine), "job_hours": job_hours}
+
+
+def markdown(led: dict, command: str) -> str:
+    md = ["# Compute of the kept benchmark folders", "", f"    {command}", "",
+          "Training core-hours: seconds per step x steps done x threads of every run a folder trained itself "
+          "(adopted runs are counted where they ran; the null control's untrained exports cost nothing). Evaluation "
+          "and data preparation are not in run.json; the last column adds up the wall-clock time of every job a "
+          "folder ran as `timings.json` has it (evaluation included; one lane = one thread), where the folder has "
+          "one (from 2026-12-01).", "",
+          "| folder | kind | runs | training core-hours | jobs' wall-clock hours (all kinds) |", "|---|---|---|---|---|"]
+    folders = sorted({f for f, _ in led["by_study"]} | set(led["job_hours"]))
+    total_runs, total_hours = 0, 0.0
+    for folder in folders:
+        first = True
+        for kind, _ in KINDS:
+            if (folder, kind) not in led["by_study"]:
+                continue
+            runs, hours = led["by_study"][(folder, kind)]
+            total_runs, total_hours = total_runs + runs, total_hours + hours
+            wall = f"{led['job_hours'][folder]:.2f}" if first and folder in led["job_hours"] else ""
+            md.append(f"| {folder if first else ''} | {kind} | {runs} | {hours:.2f} | {wall} |")
+            first = False
+    md.append(f"| **all** | | {total_runs} | **{total_hours:.2f}** | {sum(led['job_hours'].values()):.2f} |")
+    md += ["", "By CPU and precision (training core-hours):", "", "| CPU | precision | runs | core-hours |",
+           "|---|---|---|---|",
+           *[f"| {cpu} | {prec} | {runs} | {hours:.2f} |"
+             for (cpu, prec), (runs, hours) in sorted(led["by_machine"].items())]]
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--raw", type=Path, default=Path("docs/results/raw"), help="folder of kept benchmark folders")
+    ap.add_argument("--out", type=Path, required=True, help="markdown file to write")
+    args = ap.parse_args(argv)
+    if not args.raw.is_dir():
+        print(f"no folder {args.raw}: pass --raw, the folder benchmarks/keep_runs.py saves into", file=sys.stderr)
+        return 2
+    led = ledger(args.raw)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(led, f"python benchmarks/compute_ledger.py --raw {args.raw} --out {args.out}"),
+                        encoding="utf-8")
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
