@@ -9,9 +9,10 @@
 # are not committed, so a later session re-runs a lost pretraining with its seed (same CPU kind: same network).
 # Each entry: "@ COMMAND" (a shell command, e.g. adopting runs; a failure is logged, not fatal), or
 # PROFILE FOLDER [--option=value ...] [--models] [--after=PROFILE2:FOLDER2] [JOB-GLOB ...] (no glob = the
-# whole profile; --cpu=bf16 or --cpu=fp32: run the entry only on a CPU whose `precision: auto` resolves to that, so a
-# comparison whose earlier arms ran in fp32 on an AVX2 CPU is not continued in bf16 on an AMX one, and btcv-cpu,
-# pinned to bf16, runs where bf16 is native, not emulated). Before it runs, what earlier sessions kept of FOLDER is
+# whole profile; --cpu=bf16: run the entry only on a CPU with native bf16 (btcv-cpu, pinned to bf16, runs where bf16
+# is native, not emulated); --cpu=fp32: on a CPU without it as it is, on one with it with `precision: auto` pinned to
+# fp32 (MEDPRETRAIN_CPU_AUTO_PRECISION=32-true, training and evaluation), so a comparison whose earlier arms ran in
+# fp32 on an AVX2 CPU is continued in fp32 on an AMX one, not in bf16). Before it runs, what earlier sessions kept of FOLDER is
 # restored, so finished jobs are skipped and their pretrainings are not re-run. --after: the entry is skipped while
 # PROFILE2's benchmark in runs/FOLDER2 has a job left to do (a profile whose budget another one calibrates: btcv-cpu
 # used it until btcv-calibration-4mm was finished and kept).
@@ -78,7 +79,8 @@ entries=(
   "scaling-la2018 scaling-la2018 --cpu=fp32 *-long*"
 )
 current="" models=""
-# what `precision: auto` resolves to on this CPU (the --cpu=... entries run only where it matches)
+# what `precision: auto` resolves to on this CPU (--cpu=bf16 entries run only where it is bf16; --cpu=fp32 entries
+# pin it to fp32 where it is not)
 machine=$(python -c "from medpretrain.engine.device import cpu_supports_bf16
 print('bf16' if cpu_supports_bf16() else 'fp32')")
 echo "$(date -u +%H:%M:%S) queue: this CPU's automatic precision: $machine"
@@ -132,9 +134,14 @@ for entry in "${entries[@]}"; do
     esac
   done
   set +f
+  unset MEDPRETRAIN_CPU_AUTO_PRECISION
   if [ -n "$cpu" ] && [ "$cpu" != "$machine" ]; then
-    echo "$(date -u +%H:%M:%S) queue: skipping $profile ${globs}: for a $cpu CPU, this one is $machine"
-    continue
+    if [ "$cpu" != fp32 ]; then
+      echo "$(date -u +%H:%M:%S) queue: skipping $profile ${globs}: for a $cpu CPU, this one is $machine"
+      continue
+    fi
+    export MEDPRETRAIN_CPU_AUTO_PRECISION=32-true
+    echo "$(date -u +%H:%M:%S) queue: $profile ${globs}: precision auto pinned to fp32 on this $machine CPU"
   fi
   python benchmarks/keep_runs.py restore "docs/results/raw/$folder" "runs/$folder"
   if [ -n "$after" ]; then

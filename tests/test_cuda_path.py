@@ -69,6 +69,27 @@ def test_cuda_settings_are_chosen_per_accelerator(monkeypatch):
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
+def test_cpu_auto_precision_can_be_pinned_by_the_environment(prepared, tmp_path, monkeypatch):
+    """``MEDPRETRAIN_CPU_AUTO_PRECISION`` decides what ``precision: auto`` trains with on a CPU (a comparison begun
+    in fp32 continues in fp32 on a CPU with native bf16); an explicit precision and a bad value are not silent."""
+    from medpretrain.api import finetune
+    from medpretrain.engine.device import resolve_precision
+    from medpretrain.engine.run_folder import run_precision
+    from medpretrain.errors import ConfigError
+
+    for pinned in ("32-true", "bf16-mixed"):
+        monkeypatch.setenv("MEDPRETRAIN_CPU_AUTO_PRECISION", pinned)
+        assert resolve_precision("auto", "cpu") == pinned
+        assert resolve_precision("16-mixed", "cpu") == "16-mixed"
+    cfg = FinetuneConfig(model="unet", model_options={"features": (4, 4, 8, 8, 16, 4)}, steps=1, patch=PATCH,
+                         batch=1, num_workers=0, precision="auto")
+    out = finetune(prepared.root, tmp_path / "pinned", cfg)  # bf16-mixed pinned, whatever this CPU has
+    assert run_precision(json.loads((out / "run.json").read_text(encoding="utf-8"))) == "bf16-mixed"
+    monkeypatch.setenv("MEDPRETRAIN_CPU_AUTO_PRECISION", "fp32")
+    with pytest.raises(ConfigError, match=r"MEDPRETRAIN_CPU_AUTO_PRECISION='fp32'.*32-true, bf16-mixed"):
+        resolve_precision("auto", "cpu")
+
+
 def test_augmentation_placement_resolves_from_the_accelerator():
     assert not augment_on_device(FinetuneConfig(accelerator="cpu"))
     assert augment_on_device(FinetuneConfig(accelerator="cpu", augment={"on": "device"}))

@@ -45,14 +45,30 @@ def resolve_accelerator(accelerator: str) -> str:
     return accelerator
 
 
+# What ``precision: auto`` means on a CPU when set (training and inference alike): ``32-true`` keeps a comparison whose
+# earlier arms ran in fp32 on a CPU without native bf16 in fp32 on one with it, instead of switching its arithmetic.
+CPU_AUTO_PRECISION_ENV = "MEDPRETRAIN_CPU_AUTO_PRECISION"
+_CPU_AUTO_CHOICES = ("32-true", "bf16-mixed")
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto``: bf16 autocast on CUDA GPUs with bf16 and on CPUs with native bf16, else 32-bit."""
+    """``auto``: bf16 autocast on CUDA GPUs with bf16 and on CPUs with native bf16, else 32-bit; on a CPU the
+    environment variable ``MEDPRETRAIN_CPU_AUTO_PRECISION`` (``32-true`` or ``bf16-mixed``) overrides that choice."""
     if precision != "auto":
         return precision
     accelerator = resolve_accelerator(accelerator)
     if accelerator in ("gpu", "cuda"):
         # Emulated bf16 (pre-Ampere GPUs) is slower than fp16 autocast.
         return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
+    pinned = os.environ.get(CPU_AUTO_PRECISION_ENV, "").strip()
+    if pinned:
+        if pinned not in _CPU_AUTO_CHOICES:
+            from medpretrain.errors import ConfigError
+
+            raise ConfigError(f"environment variable {CPU_AUTO_PRECISION_ENV}={pinned!r} is not a CPU precision; "
+                              f"set it to one of {', '.join(_CPU_AUTO_CHOICES)} or unset it (auto: bf16 where the "
+                              f"CPU has native bf16)")
+        return pinned
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
