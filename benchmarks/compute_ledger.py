@@ -5,10 +5,12 @@
 Reads each folder's runs as ``benchmarks/keep_runs.py`` keeps them (``pretrain/*/run.json``,
 ``validation/*/run.json``, ``runs/*/run.json``). A run's training core-hours are its seconds per step x steps
 done x threads (``scaling_report.core_seconds_per_step``: the seconds per step of its last session, threads as
-recorded, else 1). Not counted: untrained exports (the null control costs nothing), runs another folder's run was
-adopted from (``adopted_from.json``: counted once, where they ran), evaluation and data preparation (not timed in
-run.json; where the folder has ``timings.json``, the wall-clock seconds of every job it ran, evaluation included,
-are added up in a column of their own: one lane = one thread on the 2-core machine).
+recorded, else 1: runs from before 2026-12-02 that trained with two threads, the ``--parallel 1`` pretrainings,
+are undercounted 2x). Not counted: untrained exports (the null control costs nothing), runs adopted from another
+folder (``adopted_from.json``: counted once, where they ran), evaluation and data preparation (not timed in
+run.json). Where a folder has ``timings.json`` (from 2026-12-01), the wall-clock seconds the benchmark driver
+recorded for its jobs are added up in a column of their own (evaluation included; a job resumed across sessions
+counts its last session only; one lane = one thread on the 2-core machine).
 """
 
 from __future__ import annotations
@@ -61,10 +63,12 @@ def ledger(raw: Path) -> dict:
 def markdown(led: dict, command: str) -> str:
     md = ["# Compute of the kept benchmark folders", "", f"    {command}", "",
           "Training core-hours: seconds per step x steps done x threads of every run a folder trained itself "
-          "(adopted runs are counted where they ran; the null control's untrained exports cost nothing). Evaluation "
-          "and data preparation are not in run.json; the last column adds up the wall-clock time of every job a "
-          "folder ran as `timings.json` has it (evaluation included; one lane = one thread), where the folder has "
-          "one (from 2026-12-01).", "",
+          "(adopted runs are counted where they ran; the null control's untrained exports cost nothing; runs from "
+          "before 2026-12-02 did not record their threads and count one, so a two-thread pretraining of then is "
+          "undercounted 2x). Evaluation and data preparation are not in run.json; the last column adds up the "
+          "wall-clock seconds the benchmark driver recorded for a folder's jobs (`timings.json`, from 2026-12-01; "
+          "evaluation included, a job resumed across sessions counts its last session only; one lane = one "
+          "thread).", "",
           "| folder | kind | runs | training core-hours | jobs' wall-clock hours (all kinds) |", "|---|---|---|---|---|"]
     folders = sorted({f for f, _ in led["by_study"]} | set(led["job_hours"]))
     total_runs, total_hours = 0, 0.0
@@ -78,6 +82,8 @@ def markdown(led: dict, command: str) -> str:
             wall = f"{led['job_hours'][folder]:.2f}" if first and folder in led["job_hours"] else ""
             md.append(f"| {folder if first else ''} | {kind} | {runs} | {hours:.2f} | {wall} |")
             first = False
+        if first:  # nothing trained here (everything adopted, or only preparation): its driver's time still counts
+            md.append(f"| {folder} | (no run trained here) | 0 | 0.00 | {led['job_hours'][folder]:.2f} |")
     md.append(f"| **all** | | {total_runs} | **{total_hours:.2f}** | {sum(led['job_hours'].values()):.2f} |")
     md += ["", "By CPU and precision (training core-hours):", "", "| CPU | precision | runs | core-hours |",
            "|---|---|---|---|",

@@ -116,6 +116,7 @@ keeper=$!
 # not skip the last keep.
 trap 'pkill -P "$keeper" 2>/dev/null || true; kill "$keeper" 2>/dev/null || true; keep' EXIT
 for entry in "${entries[@]}"; do
+  unset MEDPRETRAIN_CPU_AUTO_PRECISION  # only the entry that sets it below runs with it
   if [[ $entry == "@ "* ]]; then  # a command, not a benchmark: run it, note a failure, go on
     echo "$(date -u +%H:%M:%S) queue: ${entry#@ }"
     bash -c "${entry#@ }" || echo "$(date -u +%H:%M:%S) queue: failed (exit $?): ${entry#@ }"
@@ -134,7 +135,6 @@ for entry in "${entries[@]}"; do
     esac
   done
   set +f
-  unset MEDPRETRAIN_CPU_AUTO_PRECISION
   if [ -n "$cpu" ] && [ "$cpu" != "$machine" ]; then
     if [ "$cpu" != fp32 ]; then
       echo "$(date -u +%H:%M:%S) queue: skipping $profile ${globs}: for a $cpu CPU, this one is $machine"

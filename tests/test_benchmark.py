@@ -426,12 +426,19 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     # the compute ledger of kept folders: every trained run once (the null control's untrained export is free)
     ledger = _load_script("compute_ledger")
     keep.save(out, tmp_path / "raw-kept" / "bench", models=False)
+    # a second folder that adopted the pretraining (benchmarks/adopt_runs.py marks it) and trained nothing itself
+    adopted = tmp_path / "raw-kept" / "bench-ft2x" / "pretrain" / "avsdb-unet"
+    shutil.copytree(tmp_path / "raw-kept" / "bench" / "pretrain" / "avsdb-unet", adopted)
+    (adopted / "adopted_from.json").write_text("{}", encoding="utf-8")
+    (adopted.parents[1] / "timings.json").write_text('{"prepare-downstream": 36.0}', encoding="utf-8")
     assert ledger.main(["--raw", str(tmp_path / "raw-kept"), "--out", str(tmp_path / "compute.md")]) == 0
-    by_study = ledger.ledger(tmp_path / "raw-kept")["by_study"]
-    assert {k: runs for k, (runs, _) in by_study.items()} == {("bench", "pretraining"): 1,
-                                                              ("bench", "test fine-tuning"): 4}
-    assert all(hours > 0 for _, hours in by_study.values())
-    assert "| **all** | | 5 |" in (tmp_path / "compute.md").read_text(encoding="utf-8")
+    led = ledger.ledger(tmp_path / "raw-kept")
+    assert {k: runs for k, (runs, _) in led["by_study"].items()} == {("bench", "pretraining"): 1,
+                                                                     ("bench", "test fine-tuning"): 4}
+    assert all(hours > 0 for _, hours in led["by_study"].values())
+    assert led["job_hours"]["bench-ft2x"] == 0.01 and led["job_hours"]["bench"] > 0
+    compute_md = (tmp_path / "compute.md").read_text(encoding="utf-8")
+    assert "| **all** | | 5 |" in compute_md and "| bench-ft2x | (no run trained here) | 0 | 0.00 | 0.01 |" in compute_md
     assert not [p for p in kept.rglob("*") if p.suffix in (".pt", ".ckpt", ".npy", ".png")]
     assert (kept / "runs" / "avsdb@1-unet-n2-s0" / "eval" / "metrics.json").is_file()
     # the folder's absolute paths are part of the recorded commands: restore where it ran (a new session's

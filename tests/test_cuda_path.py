@@ -76,15 +76,21 @@ def test_cpu_auto_precision_can_be_pinned_by_the_environment(prepared, tmp_path,
     from medpretrain.engine.device import resolve_precision
     from medpretrain.engine.run_folder import run_precision
     from medpretrain.errors import ConfigError
+    from medpretrain.evaluation.inference import load_trained_model
 
     for pinned in ("32-true", "bf16-mixed"):
         monkeypatch.setenv("MEDPRETRAIN_CPU_AUTO_PRECISION", pinned)
         assert resolve_precision("auto", "cpu") == pinned
         assert resolve_precision("16-mixed", "cpu") == "16-mixed"
-    cfg = FinetuneConfig(model="unet", model_options={"features": (4, 4, 8, 8, 16, 4)}, steps=1, patch=PATCH,
-                         batch=1, num_workers=0, precision="auto")
-    out = finetune(prepared.root, tmp_path / "pinned", cfg)  # bf16-mixed pinned, whatever this CPU has
-    assert run_precision(json.loads((out / "run.json").read_text(encoding="utf-8"))) == "bf16-mixed"
+    tiny = dict(model="unet", model_options={"features": (4, 4, 8, 8, 16, 4)}, steps=1, patch=PATCH, batch=1,
+                num_workers=0, accelerator="cpu")
+    out = finetune(prepared.root, tmp_path / "pinned", FinetuneConfig(**tiny, precision="auto"))
+    assert run_precision(json.loads((out / "run.json").read_text(encoding="utf-8"))) == "bf16-mixed"  # as pinned
+    cpu = torch.device("cpu")
+    assert load_trained_model(out, device=cpu).precision == "bf16-mixed"  # scored as `auto` says here
+    # a network trained in fp32 is scored in fp32 whatever `auto` means on the scoring machine
+    fp32 = finetune(prepared.root, tmp_path / "fp32", FinetuneConfig(**tiny, precision="32-true"))
+    assert load_trained_model(fp32, device=cpu).precision == "32-true"
     monkeypatch.setenv("MEDPRETRAIN_CPU_AUTO_PRECISION", "fp32")
     with pytest.raises(ConfigError, match=r"MEDPRETRAIN_CPU_AUTO_PRECISION='fp32'.*32-true, bf16-mixed"):
         resolve_precision("auto", "cpu")

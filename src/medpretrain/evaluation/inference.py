@@ -76,10 +76,13 @@ def load_trained_model(run_dir: str | Path, device: torch.device | None = None,
         configure_cuda_math("gpu", deterministic=False)  # TF32 and cuDNN autotuning: the windows have one size
     network.to(device).eval()
     if precision is None:
-        # The training run's precision, re-resolved for this device (a CPU-trained model may run on a GPU).
+        # A network trained in fp32 is scored in fp32 (on a CPU with native bf16 too: arms trained in fp32 on
+        # different CPUs are then scored with the same arithmetic); any other is scored with what `auto` gives
+        # this device (a CPU-trained model may run on a GPU).
         from medpretrain.engine.device import resolve_precision
 
-        precision = resolve_precision("auto", "gpu" if device.type == "cuda" else "cpu")
+        precision = ("32-true" if meta.get("precision") == "32-true"
+                     else resolve_precision("auto", "gpu" if device.type == "cuda" else "cpu"))
     return TrainedModel(network, meta, device, precision)
 
 
