@@ -55,8 +55,9 @@ entries=(
   # the other n
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* null-unet-n4-* volume-fusion-unet-n4-* volume-fusion@2000-unet-n4-*"
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* *null* *volume-fusion*"
-  # scratch at n = 2, 8 and all (the yardstick's label-efficiency curve, ~70 min on two lanes) before the long check
-  "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-*"
+  # scratch at n = 2, 8 and all (the yardstick's label-efficiency curve, 9 runs of ~15 min) in one lane beside the
+  # 64,000-step Volume Fusion pretraining (~2.1 h) in the other, then that run's lr grid and fine-tunings
+  "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-* *volume-fusion-64k*"
   # is VF's n = 4 gain a head start? 2x the fine-tuning steps for scratch, null and VF@16k (~3.5 h; the pretraining
   # adopted from btcv-cpu, restored by the entries above)
   "@ python benchmarks/adopt_runs.py --source runs/btcv-cpu --target runs/btcv-cpu-ft2x --target-config benchmarks/btcv-cpu-ft2x.yaml"
