@@ -54,7 +54,7 @@ entries=(
   # final network and its 2k snapshot (the driver runs jobs seed by seed, so whole arms first), then 500 and 8k, then
   # the other n
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* null-unet-n4-* volume-fusion-unet-n4-* volume-fusion@2000-unet-n4-*"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* *null* *volume-fusion*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* null-unet-n4-* volume-fusion-unet-n4-* volume-fusion@*"
   # scratch at n = 2, 8 and all (the yardstick's label-efficiency curve, 9 runs of ~15 min) in one lane beside the
   # 64,000-step Volume Fusion pretraining (~2.1 h) in the other, then that run's lr grid and fine-tunings
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-* *volume-fusion-64k*"
