@@ -148,8 +148,19 @@ def main(argv=None) -> int:
     ap.add_argument("--control", default="null", help="second reference arm (skipped when absent)")
     ap.add_argument("--space", choices=("prepared", "original"), default="prepared",
                     help="score on the prepared grid or in the source files' geometry (profiles with original_space)")
+    ap.add_argument("--same-curve", action="append", default=[], metavar="VARIANT=METHOD",
+                    help="tabulate and draw the benchmark method VARIANT's points as METHOD's: a longer run whose "
+                         "first steps repeat METHOD's run (same seed, data and warm-up), e.g. "
+                         "volume-fusion-64k=volume-fusion; results.csv keeps the run in pretraining_run")
     args = ap.parse_args(argv)
     cfg = json.loads((args.bench / "benchmark.json").read_text(encoding="utf-8"))
+    same_curve = {}
+    for item in args.same_curve:
+        variant, _, method = item.partition("=")
+        if not method or variant not in cfg["methods"]:
+            ap.error(f"--same-curve {item!r}: give VARIANT=METHOD with VARIANT one of the profile's methods "
+                     f"({', '.join(cfg['methods'])})")
+        same_curve[variant] = method
     runs = args.bench / "runs"
     n_sizes = [str(n) for n in cfg["n_labeled"]]
     seeds = cfg["seeds"]
@@ -184,7 +195,8 @@ def main(argv=None) -> int:
                             per_seed = [np.mean(list(a.values())) - np.mean(list(b.values())) for a, b in pairs]
                             p = wilcoxon_p(per_case_gains(pairs))
                             f = facts.get(step, {})
-                            rows.append({"backbone": b_name, "method": m_name, "pretrain_steps": step, "n_labeled": n,
+                            rows.append({"backbone": b_name, "method": same_curve.get(m_name, m_name),
+                                         "pretraining_run": m_name, "pretrain_steps": step, "n_labeled": n,
                                          "reference": ref, "group": g, "seeds": len(pairs),
                                          "gain_mean": float(np.mean(per_seed)),
                                          "gain_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None,
@@ -192,6 +204,8 @@ def main(argv=None) -> int:
                                          "wilcoxon_p": p,
                                          "fraction_learnt": json.dumps(f.get("fraction_learnt", {})),
                                          "cpu_hours": f.get("cpu_hours")})
+    # a continued run's points in their place on the curve (a stable sort: sizes, references and groups keep their order)
+    rows.sort(key=lambda r: (r["backbone"], r["method"], r["pretrain_steps"]))
     args.out.mkdir(parents=True, exist_ok=True)
     if not rows:
         print(f"{args.bench}: no finished snapshot arm yet")

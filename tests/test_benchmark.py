@@ -410,6 +410,14 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     assert "| backbone | method | steps | n | organ_a | organ_b |" in scaling_md
     assert re.search(r"\| unet \| avsdb \| 3 \| 2 \| [+-]\d\.\d{3} \(\d/1\) \| [+-]\d\.\d{3} \(\d/1\) \|", scaling_md)
     assert (tmp_path / "scaling" / "gain_vs_budget.png").stat().st_size > 1000
+    # a longer run's points drawn on another method's line (--same-curve), its run kept in the table
+    assert scaling.main(["--bench", str(out), "--out", str(tmp_path / "merged"), "--same-curve", "avsdb=avsdb-all"]) == 0
+    with open(tmp_path / "merged" / "results.csv", encoding="utf-8") as fh:
+        merged = list(csv.DictReader(fh))
+    assert {(r["method"], r["pretraining_run"]) for r in merged} == {("avsdb-all", "avsdb")}
+    assert [r["pretrain_steps"] for r in merged if r["group"] == "all" and r["reference"] == "scratch"] == ["1", "3"]
+    with pytest.raises(SystemExit):
+        scaling.main(["--bench", str(out), "--out", str(tmp_path / "merged"), "--same-curve", "mae=avsdb"])
     # the arithmetic and the CPU each timing was measured on (one precision here: no warning)
     training = json.loads((out / "runs" / "avsdb@1-unet-n2-s0" / "run.json").read_text(encoding="utf-8"))["training"]
     cpu = training["cpu"] + (" (native bf16)" if training["cpu_bf16"] else " (no native bf16)")
