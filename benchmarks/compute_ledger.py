@@ -24,22 +24,7 @@ from pathlib import Path
 from medpretrain.engine.run_folder import run_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # a sibling script, also when imported by the tests
-from scaling_report import core_seconds_per_step  # noqa: E402
-
-KINDS = (("pretraining", "pretrain"), ("validation fine-tuning", "validation"), ("test fine-tuning", "runs"))
-
-
-def trained_runs(folder: Path):
-    """``(kind, run.json contents)`` of every run the folder trained itself (not adopted, not untrained)."""
-    for kind, sub in KINDS:
-        for path in sorted((folder / sub).glob("*/run.json")):
-            if (path.parent / "adopted_from.json").is_file():
-                continue
-            info = json.loads(path.read_text(encoding="utf-8"))
-            if info.get("untrained") or "training" not in info:
-                continue
-            yield kind, info
-
+from scaling_report import RUN_KINDS, core_seconds_per_step, trained_runs  # noqa: E402
 
 def ledger(raw: Path) -> dict:
     """Core-hours by (folder, kind) and by (cpu, precision), runs counted, and each folder's job wall-clock hours."""
@@ -47,7 +32,7 @@ def ledger(raw: Path) -> dict:
     by_machine: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0])
     job_hours: dict[str, float] = {}
     for folder in sorted(p for p in raw.iterdir() if p.is_dir()):
-        for kind, info in trained_runs(folder):
+        for kind, info in trained_runs(folder, skip_adopted=True):
             hours = core_seconds_per_step(info) * int(info["training"].get("steps_done") or 0) / 3600
             for table, key in ((by_study, (folder.name, kind)),
                                (by_machine, (info["training"].get("cpu", "not recorded (before 2026-12-02)"),
@@ -74,7 +59,7 @@ def markdown(led: dict, command: str) -> str:
     total_runs, total_hours = 0, 0.0
     for folder in folders:
         first = True
-        for kind, _ in KINDS:
+        for kind, _ in RUN_KINDS:
             if (folder, kind) not in led["by_study"]:
                 continue
             runs, hours = led["by_study"][(folder, kind)]

@@ -100,22 +100,32 @@ def pretraining_facts(job_run: Path, steps: list[int]) -> dict[int, dict]:
     return out
 
 
+RUN_KINDS = (("pretraining", "pretrain"), ("validation fine-tuning", "validation"), ("test fine-tuning", "runs"))
+
+
+def trained_runs(bench: Path, skip_adopted: bool = False):
+    """``(kind, run.json contents)`` of every run in a benchmark folder that trained (an untrained export, the null
+    control's, has nothing to count); ``skip_adopted``: not the runs copied from another folder by
+    ``benchmarks/adopt_runs.py`` (``adopted_from.json``), which are counted where they ran."""
+    for kind, folder in RUN_KINDS:
+        for path in sorted((bench / folder).glob("*/run.json")):
+            if skip_adopted and (path.parent / "adopted_from.json").is_file():
+                continue
+            info = json.loads(path.read_text(encoding="utf-8"))
+            if not info.get("untrained") and "training" in info:
+                yield kind, info
+
+
 def compute_hours(bench: Path) -> list[dict]:
     """Training core-hours of everything the folder ran, by kind: seconds per step x steps done x threads, from each
     run's run.json (the seconds per step of its last session; evaluation is not timed there and not counted)."""
-    rows = []
-    for kind, folder in (("pretraining", "pretrain"), ("validation fine-tuning", "validation"),
-                         ("test fine-tuning", "runs")):
-        hours, count = 0.0, 0
-        for path in sorted((bench / folder).glob("*/run.json")):
-            info = json.loads(path.read_text(encoding="utf-8"))
-            core_s = core_seconds_per_step(info)
-            if info.get("untrained") or not core_s:
-                continue
-            hours += core_s * int(info["training"].get("steps_done") or 0) / 3600
-            count += 1
-        rows.append({"kind": kind, "runs": count, "core_hours": hours})
-    return rows
+    totals = {kind: [0, 0.0] for kind, _ in RUN_KINDS}
+    for kind, info in trained_runs(bench):
+        core_s = core_seconds_per_step(info)
+        if core_s:
+            totals[kind][0] += 1
+            totals[kind][1] += core_s * int(info["training"].get("steps_done") or 0) / 3600
+    return [{"kind": kind, "runs": count, "core_hours": hours} for kind, (count, hours) in totals.items()]
 
 
 def arithmetic(bench: Path) -> tuple[list[str], bool]:
