@@ -25,8 +25,8 @@
 # finished jobs are also kept every KEEP_EVERY seconds (default 1200), and with KEEP_COMMIT=1 every keep is committed
 # (docs/results/raw/FOLDER only): a shutdown then loses at most the runs in progress and that much time.
 #   KEEP_COMMIT=1 STOP_AT=15:00 nohup bash benchmarks/run_queue.sh > runs/queue.log 2>&1 &
-# An entry whose benchmark had nothing left to run is not kept again (its report would lose the overlay images that
-# are not kept).
+# An entry whose benchmark ran no job (preparing its data aside) is not kept again (its report would lose the overlay
+# images that are not kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
@@ -55,13 +55,20 @@ entries=(
   # the other n
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* null-unet-n4-* volume-fusion-unet-n4-* volume-fusion@2000-unet-n4-*"
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* null-unet-n4-* volume-fusion-unet-n4-* volume-fusion@*"
-  # scratch at n = 2, 8 and all (the yardstick's label-efficiency curve, 9 runs of ~15 min) in one lane beside the
-  # 64,000-step Volume Fusion pretraining (~2.1 h) in the other, then that run's lr grid and fine-tunings
-  "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-* *volume-fusion-64k*"
-  # is VF's n = 4 gain a head start? 2x the fine-tuning steps for scratch, null and VF@16k (~3.5 h; the pretraining
-  # adopted from btcv-cpu, restored by the entries above)
+  # the 64,000-step Volume Fusion pretraining alone with both threads, then its lr grid and fine-tunings (and its
+  # 32k snapshot's) at once: its network is not committed and a checkout may lose it, so the pretraining and every
+  # run that needs it are sized to end in one session (~1.2 h + ~1.2 h on the AMX machine)
+  "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-volume-fusion-64k-unet"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 *volume-fusion-64k*"
+  # scratch at n = 2, 8 and all (the yardstick's label-efficiency curve, seed 2: 3 runs of ~15 min)
+  "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-*"
+  # is VF's n = 4 gain a head start? 2x the fine-tuning steps for scratch, null and VF@16k (~4 h on two lanes, more
+  # than a session): scratch and null first (no pretrained network needed, ~2.3 h), then VF's 16k pretraining
+  # (adopted where btcv-cpu's network survived, else re-run on one thread, ~31 min, as btcv-cpu ran it: the same
+  # network bit for bit) directly followed by VF's grid and fine-tunings (~1.8 h), in one session
   "@ python benchmarks/adopt_runs.py --source runs/btcv-cpu --target runs/btcv-cpu-ft2x --target-config benchmarks/btcv-cpu-ft2x.yaml"
-  "btcv-cpu-ft2x btcv-cpu-ft2x --models --cpu=bf16"
+  "btcv-cpu-ft2x btcv-cpu-ft2x --models --cpu=bf16 scratch-* null-*"
+  "btcv-cpu-ft2x btcv-cpu-ft2x --models --cpu=bf16 volume-fusion-*"
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-* *null* *volume-fusion*"
   # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task)
   "asa-la2018-ema asa-la2018-ema --cpu=fp32 --parallel=1 pretrain-swinunetr-ssl-*"
@@ -107,10 +114,18 @@ keep() {
     echo "$(date -u +%H:%M:%S) queue: could not commit docs/results/raw/$current (kept there; commit it yourself)"
   ) 9> runs/.queue-keep.lock || true
 }
+# Whether the entry running (or just ended) has run a job beyond preparing its data (prepared data is not kept, so
+# every entry re-prepares it; keeping after that alone would only rewrite the kept report).
+# (grep -c reads everything: no SIGPIPE under pipefail.)
+ran_jobs() {
+  local n
+  n=$(grep -sE 'INFO \[[0-9]+/[0-9]+\] ' runs/.queue-entry.log | grep -vcE '\] prepare-(downstream|pool) ' || true)
+  [ "${n:-0}" -gt 0 ]
+}
 echo "" > runs/.queue-current  # the entry now running, for the periodic keeper
 ( while sleep "${KEEP_EVERY:-1200}"; do
     read -r current models < runs/.queue-current || true
-    grep -qs ' 0 to run,' runs/.queue-entry.log || keep
+    if ran_jobs; then keep; fi
   done ) &
 keeper=$!
 # The keeper's children first (its sleep would hold the log open); set -e holds in a trap too: a failed kill must
@@ -171,7 +186,7 @@ for entry in "${entries[@]}"; do
   medpretrain benchmark --config "benchmarks/$profile.yaml" --out "runs/$folder" "${args[@]}" 2>&1 \
       | tee runs/.queue-entry.log
   echo "" > runs/.queue-current
-  grep -q ' 0 to run,' runs/.queue-entry.log || keep  # an entry that ran nothing: what is kept already stands
+  if ran_jobs; then keep; fi  # an entry that ran nothing new: what is kept already stands
   current=""
 done
 echo "$(date -u +%H:%M:%S) queue: all done"
