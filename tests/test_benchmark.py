@@ -610,3 +610,38 @@ def test_a_finished_pretraining_is_adopted_by_a_profile_that_only_fine_tunes_it_
     assert (kept / "model.pt").read_bytes() == b"weights" and not (kept / "checkpoints").exists()
     jobs = {j.name: j for j in plan(load_benchmark_config(long_yaml), long.resolve())}
     assert jobs["pretrain-avsdb-unet"].done and not jobs["avsdb-unet-n2-s0"].done
+
+
+def test_gain_trend_recovers_known_curves_and_checks_a_held_out_budget(tmp_path):
+    """benchmarks/gain_trend.py on curves of known shape: each model recovers its own curve's parameters, predicts
+    its held-out largest budget, and the two disagree beyond the measured range where the truth saturates."""
+    trend = _load_script("gain_trend")
+    steps = [500, 2000, 8000, 16000, 64000]
+    fields = ["backbone", "method", "pretraining_run", "pretrain_steps", "n_labeled", "reference", "group", "seeds",
+              "gain_mean", "gain_std"]
+    rows = []
+    for method, gain in {"lin": lambda s: -0.1 + 0.02 * math.log2(s),
+                         "sat": lambda s: 0.12 * (1 - math.exp(-s / 6000))}.items():
+        rows += [dict(zip(fields, ("unet", method, method, s, "4", "scratch", "all", 3, gain(s), 0.01))) for s in steps]
+    results = tmp_path / "results.csv"
+    with open(results, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    pts = trend.load_points(results, "lin", "4", "scratch", "all")
+    assert [p[0] for p in pts] == steps and pts[0][2] == pytest.approx(0.01 / math.sqrt(3))
+    a, b = trend.fit("log-linear", [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts])
+    assert (a, b) == (pytest.approx(-0.1, abs=1e-6), pytest.approx(0.02, abs=1e-6))
+    sat = trend.load_points(results, "sat", "4", "scratch", "all")
+    g_max, tau = trend.fit("saturating", *([p[i] for p in sat] for i in range(3)))
+    assert g_max == pytest.approx(0.12, rel=1e-3) and tau == pytest.approx(6000, rel=1e-2)
+    out = tmp_path / "trend"
+    assert trend.main(["--csv", str(results), "--method", "sat", "--at", "400000", "--out", str(out)]) == 0
+    md = (out / "trend.md").read_text(encoding="utf-8")
+    # the saturating model, fitted on 500-16k, predicts the 64k point (0.120) exactly; the log-linear one over-shoots
+    assert re.search(r"\| saturating \| gain = 0\.120 x .* \| \+0\.120 \(error [+-]0\.000\) \| \+0\.120 \|", md)
+    lin_row = next(line for line in md.splitlines() if line.startswith("| log-linear"))
+    assert float(re.search(r"error ([+-]\d\.\d{3})", lin_row).group(1)) > 0.01
+    assert (out / "trend.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="method=mae"):
+        trend.main(["--csv", str(results), "--method", "mae", "--out", str(out)])

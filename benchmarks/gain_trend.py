@@ -1,0 +1,154 @@
+"""Extrapolate a pretraining-budget curve (issue 20): fit the gain over a reference against pretraining steps with
+two models that agree inside the measured range and disagree beyond it, test each by predicting the largest
+measured budget from the smaller ones, and say what each predicts at the budgets asked for (the papers').
+
+    python benchmarks/gain_trend.py --csv docs/results/scaling/btcv/results.csv --method volume-fusion --n 4 \
+        --at 100000 400000 --out docs/results/scaling/btcv/trend
+
+Reads ``results.csv`` of ``benchmarks/scaling_report.py`` (one row per method, budget, n, reference and organ
+group: mean and std over seeds of the per-seed Dice gain). The two models:
+
+- ``log-linear``: gain = a + b * log2(steps), a constant gain per doubling of the pretraining, for ever: what a
+  curve that has not bent yet says if nothing changes, the optimistic reading.
+- ``saturating``: gain = g_max * (1 - exp(-steps / tau)), a gain that approaches a ceiling g_max: what a pretext
+  loss that flattens (la2018's proxy did) gives.
+
+Both are weighted least squares with each point's standard error over seeds (std / sqrt(seeds); a floor of 0.005
+Dice, so that a point whose seeds happened to agree does not pin the fit). With a handful of points neither is
+more than a description; the hold-out check (fit without the largest budget, predict it) is the evidence of which
+extrapolates. Writes ``trend.md`` (fits, hold-out check, predictions) and ``trend.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import curve_fit
+
+SE_FLOOR = 0.005
+
+
+def log_linear(steps, a, b):
+    return a + b * np.log2(steps)
+
+
+def saturating(steps, g_max, tau):
+    return g_max * (1.0 - np.exp(-np.asarray(steps, dtype=float) / tau))
+
+
+MODELS = {"log-linear": log_linear, "saturating": saturating}
+
+
+def load_points(path: Path, method: str, n: str, reference: str, group: str) -> list[tuple[int, float, float, int]]:
+    """(steps, mean gain, standard error, seeds) of one curve, by steps; a missing curve is an error naming what
+    the file holds."""
+    with open(path, encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    pts = [(int(r["pretrain_steps"]), float(r["gain_mean"]),
+            max(float(r["gain_std"] or 0.0) / math.sqrt(int(r["seeds"])), SE_FLOOR), int(r["seeds"]))
+           for r in rows if (r["method"], r["n_labeled"], r["reference"], r["group"]) == (method, n, reference, group)]
+    if len(pts) < 3:
+        held = sorted({(r["method"], r["n_labeled"], r["reference"], r["group"]) for r in rows})
+        raise SystemExit(f"{path}: {len(pts)} point(s) for method={method} n={n} reference={reference} "
+                         f"group={group}; three are needed. Curves there: {held[:12]}")
+    return sorted(pts)
+
+
+def fit(model: str, steps, gains, se):
+    """Parameters of ``model`` fitted to the points, or None where the fit does not converge."""
+    steps, gains = np.asarray(steps, dtype=float), np.asarray(gains, dtype=float)
+    if model == "log-linear":
+        b, a = np.polyfit(np.log2(steps), gains, 1, w=1.0 / np.asarray(se))
+        return (a, b)
+    start = (max(gains.max(), 1e-3) * 1.2, float(np.median(steps)))
+    try:
+        params, _ = curve_fit(saturating, steps, gains, p0=start, sigma=se, absolute_sigma=True,
+                              bounds=([-1.0, 1.0], [1.0, 1e9]), maxfev=20000)
+    except RuntimeError:
+        return None
+    return tuple(params)
+
+
+def describe(model: str, params) -> str:
+    if params is None:
+        return "did not converge"
+    if model == "log-linear":
+        return f"gain = {params[0]:+.3f} {params[1]:+.4f} x log2(steps) ({params[1]:+.3f} per doubling)"
+    return f"gain = {params[0]:.3f} x (1 - exp(-steps / {params[1]:,.0f}))"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--csv", type=Path, required=True, help="results.csv of benchmarks/scaling_report.py")
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--n", default="4", help="labelled-set size of the curve")
+    ap.add_argument("--reference", default="scratch")
+    ap.add_argument("--group", default="all")
+    ap.add_argument("--min-steps", type=int, default=0, help="leave out budgets below this (a curve's flat start)")
+    ap.add_argument("--at", type=int, nargs="+", default=[100_000, 400_000], help="budgets to predict")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    pts = [p for p in load_points(args.csv, args.method, args.n, args.reference, args.group) if p[0] >= args.min_steps]
+    if len(pts) < 3:
+        raise SystemExit(f"{args.csv}: fewer than 3 points at >= {args.min_steps} steps; lower --min-steps")
+    steps, gains, se, seeds = (list(c) for c in zip(*pts))
+    fits = {m: fit(m, steps, gains, se) for m in MODELS}
+    holdout = {m: fit(m, steps[:-1], gains[:-1], se[:-1]) for m in MODELS} if len(pts) >= 4 else {}
+    curve = f"{args.method}, n = {args.n}, gain over {args.reference}, organs: {args.group}"
+    md = [f"# Extrapolating the pretraining-budget curve: {curve}", "",
+          f"`python benchmarks/gain_trend.py --csv {args.csv} --method {args.method} --n {args.n} --reference "
+          f"{args.reference} --group {args.group} --min-steps {args.min_steps} --at {' '.join(map(str, args.at))} "
+          f"--out {args.out}`", "",
+          "Measured (mean ± standard error over seeds):", "", "| pretraining steps | gain | s.e. | seeds |",
+          "|---|---|---|---|", *[f"| {s:,} | {g:+.3f} | {e:.3f} | {k} |" for s, g, e, k in pts], "",
+          "| model | fit on every point | hold-out: fit without the largest budget, "
+          f"predict {steps[-1]:,} (measured {gains[-1]:+.3f}) | "
+          + " | ".join(f"predicted at {s:,}" for s in args.at) + " |",
+          "|---|---|---|" + "---|" * len(args.at)]
+    for m, fn in MODELS.items():
+        params = fits[m]
+        held = holdout.get(m)
+        check = ("–" if not holdout else "did not converge" if held is None else
+                 f"{float(fn(steps[-1], *held)):+.3f} (error {float(fn(steps[-1], *held)) - gains[-1]:+.3f})")
+        preds = ["–" if params is None else f"{float(fn(s, *params)):+.3f}" for s in args.at]
+        md.append(f"| {m} | {describe(m, params)} | {check} | " + " | ".join(preds) + " |")
+    md += ["", "Assumed by every prediction: the same pool, network, patch, batch, lr schedule and fine-tuning budget "
+               "as the measured points; only the pretraining steps grow. Neither model is evidence beyond the "
+               "measured range; the hold-out column is how well each extrapolated one step."]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "trend.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    _plot(steps, gains, se, fits, args.at, curve, args.out / "trend.png")
+    print("\n".join(md))
+    return 0
+
+
+def _plot(steps, gains, se, fits, at, title, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.errorbar(steps, gains, yerr=se, fmt="o", color="black", capsize=3, label="measured (± s.e. over seeds)")
+    grid = np.logspace(math.log10(min(steps)), math.log10(max([*steps, *at])), 200)
+    for m, params in fits.items():
+        if params is not None:
+            ax.plot(grid, MODELS[m](grid, *params), label=m)
+    ax.axvline(max(steps), color="grey", lw=0.8, ls=":")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("pretraining steps")
+    ax.set_ylabel("Dice gain")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
