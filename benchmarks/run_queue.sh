@@ -55,9 +55,9 @@ entries=(
   # the other n
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* null-unet-n4-* volume-fusion-unet-n4-* volume-fusion@2000-unet-n4-*"
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-unet-n4-* null-unet-n4-* volume-fusion-unet-n4-* volume-fusion@*"
-  # the 64,000-step Volume Fusion pretraining alone with both threads, then its lr grid and fine-tunings (and its
-  # 32k snapshot's) at once: its network is not committed and a checkout may lose it, so the pretraining and every
-  # run that needs it are sized to end in one session (~1.2 h + ~1.2 h on the AMX machine)
+  # the 64,000-step Volume Fusion pretraining alone with both threads, then its fine-tunings and its 32k snapshot's
+  # (at the 16k network's lr: lr_from) at once: its network is not committed and a checkout may lose it, so the
+  # pretraining and every run that needs it are sized to end in one session (~1.2 h + ~0.8 h on the AMX machine)
   "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-volume-fusion-64k-unet"
   "btcv-cpu btcv-cpu --models --cpu=bf16 *volume-fusion-64k*"
   # scratch at n = 2, 8 and all (the yardstick's label-efficiency curve, seed 2: 3 runs of ~15 min)

@@ -316,6 +316,21 @@ def test_validation_grid_for_snapshot_arms_and_calibration_only(tmp_path):
     assert "select-scratch-unet" in ctl["null-unet-n2-s0"].needs and "select-avsdb-unet" in ctl["avsdb-unet-n2-s0"].needs
     cmd = ctl["null-unet-n2-s0"].commands[0]
     assert cmd[cmd.index("--config") + 1].endswith("finetune-unet-scratch.yaml")
+    # lr_from: a longer run of the curve (and its snapshots) fine-tunes with the shorter run's choice, no grid
+    longer = {**methods, "avsdb-long": {"method": "avsdb", "preset": None, "steps": 16, "snapshots": [12],
+                                        "config": TINY_AVSDB, "lr_from": "avsdb"}}
+    borrowed = {j.name: j for j in plan(_config(tmp_path / "ds", methods=longer,
+                                                validation={**grid, "snapshots": "method"}), out)}
+    assert not [n for n in borrowed if n.startswith("val-avsdb-long")] and "select-avsdb-long-unet" not in borrowed
+    for arm in ("avsdb-long", "avsdb-long@12"):
+        ft = borrowed[f"{arm}-unet-n2-s0"]
+        assert "select-avsdb-unet" in ft.needs and [n for n in ft.needs if "avsdb-long-unet" in n]
+        assert ft.commands[0][ft.commands[0].index("--config") + 1] == str(out / "configs" / "finetune-unet-avsdb.yaml")
+    with pytest.raises(ConfigError, match="lr_from 'mae' has no validation grid"):
+        plan(_config(tmp_path / "ds", methods={**longer, "avsdb-long": {**longer["avsdb-long"], "lr_from": "mae"}},
+                     validation=grid), tmp_path / "bad")
+    with pytest.raises(ConfigError, match="no validation grid; add 'validation:'"):
+        plan(_config(tmp_path / "ds", methods=longer), tmp_path / "bad")
     # validation.curves: each grid run also scores its learning-curve exports on the validation cases
     curved = {j.name: j for j in plan(_config(tmp_path / "ds", only=[], methods={}, curve_fractions=[0.5],
                                               validation={**grid, "only": True, "curves": True}), tmp_path / "cv")}

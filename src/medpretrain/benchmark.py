@@ -101,6 +101,11 @@ class MethodSettings(_Strict):
             profile's (None = all of them): scratch runs every size, a costly pretrained arm the ones that matter
             (e.g. a budget curve at n = 4 beside scratch's full label-efficiency curve). Its runs stay paired
             with scratch's at the same size and seed.
+        lr_from: fine-tune with what another entry's validation grid chose (its name) instead of a grid of its
+            own, snapshot arms included: a longer run of a budget curve (``volume-fusion-64k: {method:
+            volume-fusion, lr_from: volume-fusion}``) whose points then all share the lr validation chose for
+            one network of the curve, as snapshot arms do under ``validation.snapshots: method``, at no grid
+            cost. Needs the profile's ``validation``; None = a grid of its own.
     """
 
     preset: str | None = "default"
@@ -111,6 +116,7 @@ class MethodSettings(_Strict):
     untrained: bool = False
     snapshots: list[int] = []
     n_labeled: list[int | Literal["all"]] | None = None
+    lr_from: str | None = None
 
     @field_validator("snapshots")
     @classmethod
@@ -500,6 +506,9 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
     # Validation grid first: one run per arm and learning rate, scored on the validation cases; a selection job
     # then writes the arm's fine-tuning config with the chosen value.
     selected: dict[tuple[str, str], Job] = {}
+    if cfg.validation is None and (borrowing := [m for m, settings in methods.items() if settings.lr_from]):
+        raise ConfigError(f"benchmark methods {borrowing}: lr_from takes another entry's validation choice, and "
+                          "this profile has no validation grid; add 'validation:' or remove lr_from")
     if cfg.validation is not None:
         v = cfg.validation
         for m_name, b_name in arms:
@@ -507,6 +516,8 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                 continue  # uses its method's choice (below)
             if m_name != SCRATCH and methods[m_name.partition(SNAPSHOT_SEP)[0]].untrained and v.controls == SCRATCH:
                 continue  # the null control uses scratch's choice (below)
+            if m_name != SCRATCH and methods[m_name.partition(SNAPSHOT_SEP)[0]].lr_from:
+                continue  # uses another entry's choice (below)
             grid_runs, grid_jobs = [], []
             for lr in v.lr:
                 run = out / "validation" / f"{m_name}-{b_name}-lr{lr:g}"
@@ -538,6 +549,12 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
         for m_name, b_name in arms:
             if (m_name, b_name) not in selected:
                 base = m_name.partition(SNAPSHOT_SEP)[0]
+                if source := base != SCRATCH and methods[base].lr_from:
+                    if (source, b_name) not in selected:
+                        raise ConfigError(f"benchmark method '{base}': lr_from '{source}' has no validation grid "
+                                          f"on backbone '{b_name}' (entries with one there: "
+                                          f"{', '.join(sorted(m for m, b in selected if b == b_name))}); name one")
+                    base = source
                 selected[(m_name, b_name)] = selected[(base if (base, b_name) in selected else SCRATCH, b_name)]
         if v.only:
             return _checked(jobs)
