@@ -14,9 +14,11 @@ group: mean and std over seeds of the per-seed Dice gain). The two models:
   loss that flattens (la2018's proxy did) gives.
 
 Both are weighted least squares with each point's standard error over seeds (std / sqrt(seeds); a floor of 0.005
-Dice, so that a point whose seeds happened to agree does not pin the fit). With a handful of points neither is
-more than a description; the hold-out check (fit without the largest budget, predict it) is the evidence of which
-extrapolates. Writes ``trend.md`` (fits, hold-out check, predictions) and ``trend.png`` under ``--out``.
+Dice, so that a point whose seeds happened to agree does not pin the fit; a point of one seed has no spread and is
+left out). With a handful of points neither is more than a description; the hold-out check (fit without the
+largest budget, predict it) says how each extrapolated one step, and only where its error, or the two models'
+difference, exceeds twice that point's standard error does it tell them apart (the points share scratch's runs,
+so their errors are correlated too). Writes ``trend.md`` and ``trend.png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 from scipy.optimize import curve_fit
 
 SE_FLOOR = 0.005
+TAU_BOUND = 1e9  # the saturating model's largest time constant: a fit there has found no bend in the data
 
 
 def log_linear(steps, a, b):
@@ -43,18 +46,21 @@ def saturating(steps, g_max, tau):
 MODELS = {"log-linear": log_linear, "saturating": saturating}
 
 
-def load_points(path: Path, method: str, n: str, reference: str, group: str) -> list[tuple[int, float, float, int]]:
-    """(steps, mean gain, standard error, seeds) of one curve, by steps; a missing curve is an error naming what
-    the file holds."""
+def load_points(path: Path, method: str, n: str, reference: str, group: str,
+                backbone: str = "unet") -> list[tuple[int, float, float, int]]:
+    """(steps, mean gain, standard error, seeds) of one curve's points of two or more seeds, by steps; a missing
+    curve is an error naming what the file holds."""
     with open(path, encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
+    key = (backbone, method, n, reference, group)
     pts = [(int(r["pretrain_steps"]), float(r["gain_mean"]),
-            max(float(r["gain_std"] or 0.0) / math.sqrt(int(r["seeds"])), SE_FLOOR), int(r["seeds"]))
-           for r in rows if (r["method"], r["n_labeled"], r["reference"], r["group"]) == (method, n, reference, group)]
+            max(float(r["gain_std"]) / math.sqrt(int(r["seeds"])), SE_FLOOR), int(r["seeds"]))
+           for r in rows if (r["backbone"], r["method"], r["n_labeled"], r["reference"], r["group"]) == key
+           and int(r["seeds"]) > 1]
     if len(pts) < 3:
-        held = sorted({(r["method"], r["n_labeled"], r["reference"], r["group"]) for r in rows})
-        raise SystemExit(f"{path}: {len(pts)} point(s) for method={method} n={n} reference={reference} "
-                         f"group={group}; three are needed. Curves there: {held[:12]}")
+        held = sorted({(r["backbone"], r["method"], r["n_labeled"], r["reference"], r["group"]) for r in rows})
+        raise SystemExit(f"{path}: {len(pts)} point(s) of 2+ seeds for backbone={backbone} method={method} n={n} "
+                         f"reference={reference} group={group}; three are needed. Curves there: {held[:12]}")
     return sorted(pts)
 
 
@@ -65,10 +71,11 @@ def fit(model: str, steps, gains, se):
         b, a = np.polyfit(np.log2(steps), gains, 1, w=1.0 / np.asarray(se))
         return (a, b)
     start = (max(gains.max(), 1e-3) * 1.2, float(np.median(steps)))
+    start = (min(max(start[0], -0.99), 0.99), start[1])
     try:
-        params, _ = curve_fit(saturating, steps, gains, p0=start, sigma=se, absolute_sigma=True,
-                              bounds=([-1.0, 1.0], [1.0, 1e9]), maxfev=20000)
-    except RuntimeError:
+        params, _ = curve_fit(saturating, steps, gains, p0=start, sigma=se, bounds=([-1.0, 1.0], [1.0, TAU_BOUND]),
+                              maxfev=20000)
+    except (RuntimeError, ValueError):
         return None
     return tuple(params)
 
@@ -78,7 +85,8 @@ def describe(model: str, params) -> str:
         return "did not converge"
     if model == "log-linear":
         return f"gain = {params[0]:+.3f} {params[1]:+.4f} x log2(steps) ({params[1]:+.3f} per doubling)"
-    return f"gain = {params[0]:.3f} x (1 - exp(-steps / {params[1]:,.0f}))"
+    bound = " (tau at its bound: no bend in the data, a straight line in steps)" if params[1] > 0.99 * TAU_BOUND else ""
+    return f"gain = {params[0]:.3f} x (1 - exp(-steps / {params[1]:,.0f})){bound}"
 
 
 def main(argv=None) -> int:
@@ -88,34 +96,42 @@ def main(argv=None) -> int:
     ap.add_argument("--n", default="4", help="labelled-set size of the curve")
     ap.add_argument("--reference", default="scratch")
     ap.add_argument("--group", default="all")
+    ap.add_argument("--backbone", default="unet")
     ap.add_argument("--min-steps", type=int, default=0, help="leave out budgets below this (a curve's flat start)")
     ap.add_argument("--at", type=int, nargs="+", default=[100_000, 400_000], help="budgets to predict")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    pts = [p for p in load_points(args.csv, args.method, args.n, args.reference, args.group) if p[0] >= args.min_steps]
+    pts = [p for p in load_points(args.csv, args.method, args.n, args.reference, args.group, args.backbone)
+           if p[0] >= args.min_steps]
     if len(pts) < 3:
         raise SystemExit(f"{args.csv}: fewer than 3 points at >= {args.min_steps} steps; lower --min-steps")
     steps, gains, se, seeds = (list(c) for c in zip(*pts))
     fits = {m: fit(m, steps, gains, se) for m in MODELS}
     holdout = {m: fit(m, steps[:-1], gains[:-1], se[:-1]) for m in MODELS} if len(pts) >= 4 else {}
-    curve = f"{args.method}, n = {args.n}, gain over {args.reference}, organs: {args.group}"
+    curve = f"{args.backbone}, {args.method}, n = {args.n}, gain over {args.reference}, organs: {args.group}"
     md = [f"# Extrapolating the pretraining-budget curve: {curve}", "",
-          f"`python benchmarks/gain_trend.py --csv {args.csv} --method {args.method} --n {args.n} --reference "
-          f"{args.reference} --group {args.group} --min-steps {args.min_steps} --at {' '.join(map(str, args.at))} "
-          f"--out {args.out}`", "",
+          f"`python benchmarks/gain_trend.py --csv {args.csv} --backbone {args.backbone} --method {args.method} --n "
+          f"{args.n} --reference {args.reference} --group {args.group} --min-steps {args.min_steps} --at "
+          f"{' '.join(map(str, args.at))} --out {args.out}`", "",
           "Measured (mean ± standard error over seeds):", "", "| pretraining steps | gain | s.e. | seeds |",
           "|---|---|---|---|", *[f"| {s:,} | {g:+.3f} | {e:.3f} | {k} |" for s, g, e, k in pts], "",
           "| model | fit on every point | hold-out: fit without the largest budget, "
-          f"predict {steps[-1]:,} (measured {gains[-1]:+.3f}) | "
+          f"predict {steps[-1]:,} (measured {gains[-1]:+.3f} ± {se[-1]:.3f}) | "
           + " | ".join(f"predicted at {s:,}" for s in args.at) + " |",
           "|---|---|---|" + "---|" * len(args.at)]
+    predicted = {m: float(MODELS[m](steps[-1], *held)) for m, held in holdout.items() if held is not None}
     for m, fn in MODELS.items():
         params = fits[m]
-        held = holdout.get(m)
-        check = ("–" if not holdout else "did not converge" if held is None else
-                 f"{float(fn(steps[-1], *held)):+.3f} (error {float(fn(steps[-1], *held)) - gains[-1]:+.3f})")
+        check = ("–" if not holdout else "did not converge" if m not in predicted else
+                 f"{predicted[m]:+.3f} (error {predicted[m] - gains[-1]:+.3f}, "
+                 f"{abs(predicted[m] - gains[-1]) / se[-1]:.1f} s.e.)")
         preds = ["–" if params is None else f"{float(fn(s, *params)):+.3f}" for s in args.at]
         md.append(f"| {m} | {describe(m, params)} | {check} | " + " | ".join(preds) + " |")
+    if len(predicted) == 2:
+        gap = abs(predicted["log-linear"] - predicted["saturating"]) / se[-1]
+        md += ["", f"Hold-out: the two models' predictions differ by {gap:.1f} standard errors of the held-out point: "
+                   + ("enough to tell them apart there." if gap > 2 else
+                      "too little to tell them apart; the measured points do not choose between the models.")]
     md += ["", "Assumed by every prediction: the same pool, network, patch, batch, lr schedule and fine-tuning budget "
                "as the measured points; only the pretraining steps grow. Neither model is evidence beyond the "
                "measured range; the hold-out column is how well each extrapolated one step."]

@@ -25,8 +25,8 @@
 # finished jobs are also kept every KEEP_EVERY seconds (default 1200), and with KEEP_COMMIT=1 every keep is committed
 # (docs/results/raw/FOLDER only): a shutdown then loses at most the runs in progress and that much time.
 #   KEEP_COMMIT=1 STOP_AT=15:00 nohup bash benchmarks/run_queue.sh > runs/queue.log 2>&1 &
-# An entry whose benchmark ran no job (preparing its data aside) is not kept again (its report would lose the overlay
-# images that are not kept).
+# An entry whose benchmark had no job to run beyond preparing its data is not kept again (its report would lose the
+# overlay images that are not kept).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
@@ -114,13 +114,14 @@ keep() {
     echo "$(date -u +%H:%M:%S) queue: could not commit docs/results/raw/$current (kept there; commit it yourself)"
   ) 9> runs/.queue-keep.lock || true
 }
-# Whether the entry running (or just ended) has run a job beyond preparing its data (prepared data is not kept, so
-# every entry re-prepares it; keeping after that alone would only rewrite the kept report).
-# (grep -c reads everything: no SIGPIPE under pipefail.)
+# Whether the entry running (or just ended) had a job to run beyond preparing its data: prepared data is not kept,
+# so every entry re-prepares it, and keeping after that alone would only rewrite the kept report. A job started and
+# not finished counts (an unfinished pretraining's resume checkpoint is kept with --models).
 ran_jobs() {
-  local n
-  n=$(grep -sE 'INFO \[[0-9]+/[0-9]+\] ' runs/.queue-entry.log | grep -vcE '\] prepare-(downstream|pool) ' || true)
-  [ "${n:-0}" -gt 0 ]
+  local to_run prepared
+  to_run=$(sed -nE 's/.* ([0-9]+) to run,.*/\1/p' runs/.queue-entry.log 2> /dev/null | tail -n 1 || true)
+  prepared=$(grep -scE '\] prepare-(downstream|pool) ' runs/.queue-entry.log || true)
+  [ "${to_run:-0}" -gt "${prepared:-0}" ]
 }
 echo "" > runs/.queue-current  # the entry now running, for the periodic keeper
 ( while sleep "${KEEP_EVERY:-1200}"; do

@@ -326,9 +326,12 @@ def test_validation_grid_for_snapshot_arms_and_calibration_only(tmp_path):
         ft = borrowed[f"{arm}-unet-n2-s0"]
         assert "select-avsdb-unet" in ft.needs and [n for n in ft.needs if "avsdb-long-unet" in n]
         assert ft.commands[0][ft.commands[0].index("--config") + 1] == str(out / "configs" / "finetune-unet-avsdb.yaml")
-    with pytest.raises(ConfigError, match="lr_from 'mae' has no validation grid"):
-        plan(_config(tmp_path / "ds", methods={**longer, "avsdb-long": {**longer["avsdb-long"], "lr_from": "mae"}},
-                     validation=grid), tmp_path / "bad")
+    for bad in ("mae", "avsdb-long", "avsdb-chain"):  # not in the profile, itself, an entry without a grid
+        chained = {**longer, "avsdb-chain": {**longer["avsdb-long"], "lr_from": "avsdb"},
+                   "avsdb-long": {**longer["avsdb-long"], "lr_from": bad}}
+        with pytest.raises(ConfigError, match=f"lr_from '{bad}' is not an entry with a validation grid of its own "
+                                              r"on backbone 'unet' \(those: avsdb, avsdb@2, avsdb@4, scratch\)"):
+            plan(_config(tmp_path / "ds", methods=chained, validation=grid), tmp_path / "bad")
     with pytest.raises(ConfigError, match="no validation grid; add 'validation:'"):
         plan(_config(tmp_path / "ds", methods=longer), tmp_path / "bad")
     # validation.curves: each grid run also scores its learning-curve exports on the validation cases
@@ -638,6 +641,8 @@ def test_gain_trend_recovers_known_curves_and_checks_a_held_out_budget(tmp_path)
     for method, gain in {"lin": lambda s: -0.1 + 0.02 * math.log2(s),
                          "sat": lambda s: 0.12 * (1 - math.exp(-s / 6000))}.items():
         rows += [dict(zip(fields, ("unet", method, method, s, "4", "scratch", "all", 3, gain(s), 0.01))) for s in steps]
+    # a budget with one seed finished (no spread): left out, not given the largest weight
+    rows.append(dict(zip(fields, ("unet", "sat", "sat", 256000, "4", "scratch", "all", 1, 0.5, ""))))
     results = tmp_path / "results.csv"
     with open(results, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
@@ -654,9 +659,11 @@ def test_gain_trend_recovers_known_curves_and_checks_a_held_out_budget(tmp_path)
     assert trend.main(["--csv", str(results), "--method", "sat", "--at", "400000", "--out", str(out)]) == 0
     md = (out / "trend.md").read_text(encoding="utf-8")
     # the saturating model, fitted on 500-16k, predicts the 64k point (0.120) exactly; the log-linear one over-shoots
-    assert re.search(r"\| saturating \| gain = 0\.120 x .* \| \+0\.120 \(error [+-]0\.000\) \| \+0\.120 \|", md)
+    assert re.search(r"\| saturating \| gain = 0\.120 x .* \| \+0\.120 \(error [+-]0\.000, 0\.0 s\.e\.\) \| \+0\.120 \|", md)
+    assert "| 256,000 |" not in md and "enough to tell them apart there" in md
     lin_row = next(line for line in md.splitlines() if line.startswith("| log-linear"))
     assert float(re.search(r"error ([+-]\d\.\d{3})", lin_row).group(1)) > 0.01
     assert (out / "trend.png").stat().st_size > 1000
+    assert [p[0] for p in sat] == steps
     with pytest.raises(SystemExit, match="method=mae"):
         trend.main(["--csv", str(results), "--method", "mae", "--out", str(out)])

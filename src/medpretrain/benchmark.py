@@ -546,16 +546,18 @@ def plan(cfg: BenchmarkConfig, out: Path) -> list[Job]:
                       info={"method": m_name, "backbone": b_name})
             jobs.append(sel)
             selected[(m_name, b_name)] = sel
+        graded = dict(selected)  # the arms that ran a grid of their own
         for m_name, b_name in arms:
             if (m_name, b_name) not in selected:
                 base = m_name.partition(SNAPSHOT_SEP)[0]
                 if source := base != SCRATCH and methods[base].lr_from:
-                    if (source, b_name) not in selected:
-                        raise ConfigError(f"benchmark method '{base}': lr_from '{source}' has no validation grid "
-                                          f"on backbone '{b_name}' (entries with one there: "
-                                          f"{', '.join(sorted(m for m, b in selected if b == b_name))}); name one")
+                    if (source, b_name) not in graded:
+                        raise ConfigError(f"benchmark method '{base}': lr_from '{source}' is not an entry with a "
+                                          f"validation grid of its own on backbone '{b_name}' (those: "
+                                          f"{', '.join(sorted(m for m, b in graded if b == b_name))}); name one of "
+                                          "them (lr_from does not chain)")
                     base = source
-                selected[(m_name, b_name)] = selected[(base if (base, b_name) in selected else SCRATCH, b_name)]
+                selected[(m_name, b_name)] = graded[(base if (base, b_name) in graded else SCRATCH, b_name)]
         if v.only:
             return _checked(jobs)
     # Seeds outermost: a partial benchmark has complete seeds rather than one method at every seed.
@@ -1269,7 +1271,9 @@ def _write_report(cfg: BenchmarkConfig, out: Path, jobs: list[Job], methods: dic
         notes.append(f"learning rate: chosen per arm on {cfg.validation.cases} validation cases (grid "
                      f"{', '.join(f'{x:g}' for x in cfg.validation.lr)}; see below), not the budget table's lr"
                      + ("; the null control uses scratch's (validation.controls: scratch)"
-                        if cfg.validation.controls == SCRATCH else ""))
+                        if cfg.validation.controls == SCRATCH else "")
+                     + "".join(f"; {m} (snapshots included) uses {s.lr_from}'s (lr_from)"
+                               for m, s in methods.items() if s.lr_from))
     if cfg.original_space:
         notes.append("every test evaluation is also scored in the source files' geometry (the predictions mapped back "
                      "as `predict` writes them, against the label files as distributed): tables at the end")
