@@ -62,6 +62,10 @@ entries=(
   "btcv-cpu btcv-cpu --models --cpu=bf16 *volume-fusion-64k*"
   # scratch at n = 2, 8 and all (the yardstick's label-efficiency curve, seed 2: 3 runs of ~15 min)
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-*"
+  # issue 20: AVS-DB's BTCV curve (16k steps, snapshot at 2k; the issue's second method at n = 4), each pretraining
+  # alone with both threads, then its grid and fine-tunings, so that network and runs end in one session (~2 h)
+  "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-avsdb-unet"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 *avsdb*"
   # is VF's n = 4 gain a head start? 2x the fine-tuning steps for scratch, null and VF@16k (~4 h on two lanes, more
   # than a session): scratch and null first (no pretrained network needed, ~2.3 h), then VF's 16k pretraining
   # (adopted where btcv-cpu's network survived, else re-run on one thread, ~31 min, as btcv-cpu ran it: the same
@@ -70,15 +74,17 @@ entries=(
   "btcv-cpu-ft2x btcv-cpu-ft2x --models --cpu=bf16 scratch-* null-*"
   "btcv-cpu-ft2x btcv-cpu-ft2x --models --cpu=bf16 volume-fusion-*"
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-* *null* *volume-fusion*"
+  # issue 20/23: the MAE and Models Genesis reference baselines on BTCV, the same way (~2 h each)
+  "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-mae-unet"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 *mae*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-models-genesis-unet"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 *models-genesis*"
   # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task)
   "asa-la2018-ema asa-la2018-ema --cpu=fp32 --parallel=1 pretrain-swinunetr-ssl-*"
   "asa-la2018-ema asa-la2018-ema --cpu=fp32 swinunetr-ssl-*"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 *avsdb*"
   # issue 20: the la2018 proxy curves of AVS-DB and MAE (~2 h each)
   "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *avsdb*"
   "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *mae*"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 *mae*"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 *models-genesis*"
   # issue 20: Alice's longer points (16k-step pretraining, snapshots at 500 and 4k) on la2018, fp32 pinned in the
   # profile so that either kind of CPU runs it (~3 h on the AMX machine)
   "alice-la2018-scaling alice-la2018-scaling --models"
