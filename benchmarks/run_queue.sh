@@ -79,9 +79,11 @@ entries=(
   "btcv-cpu btcv-cpu --models --cpu=bf16 *mae*"
   "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-models-genesis-unet"
   "btcv-cpu btcv-cpu --models --cpu=bf16 *models-genesis*"
-  # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task)
-  "asa-la2018-ema asa-la2018-ema --cpu=fp32 --parallel=1 pretrain-swinunetr-ssl-*"
-  "asa-la2018-ema asa-la2018-ema --cpu=fp32 swinunetr-ssl-*"
+  # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task); its
+  # network (16 MB) kept between sessions with --models for as long as the checkout keeps ignored files (~2.5 h on
+  # the AMX machine: 600 pretraining steps with both threads, then 6 fine-tunings of ~37 min on two lanes)
+  "asa-la2018-ema asa-la2018-ema --models --cpu=fp32 --parallel=1 pretrain-swinunetr-ssl-*"
+  "asa-la2018-ema asa-la2018-ema --models --cpu=fp32 swinunetr-ssl-*"
   # issue 20: the la2018 proxy curves of AVS-DB and MAE (~2 h each)
   "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *avsdb*"
   "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *mae*"
