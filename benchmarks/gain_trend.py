@@ -26,10 +26,14 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import curve_fit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # a sibling module, also when imported by the tests
+from _common import gain_vs_steps_axes, save_figure  # noqa: E402
 
 SE_FLOOR = 0.005
 TAU_BOUND = 1e9  # the saturating model's largest time constant: a fit there has found no bend in the data
@@ -155,15 +159,8 @@ def _plot(steps, gains, se, fits, at, title, path: Path) -> None:
         if params is not None:
             ax.plot(grid, MODELS[m](grid, *params), label=m)
     ax.axvline(max(steps), color="grey", lw=0.8, ls=":")
-    ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("pretraining steps")
-    ax.set_ylabel("Dice gain")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    gain_vs_steps_axes(ax, "Dice gain", title)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

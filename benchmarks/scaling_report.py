@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,6 +31,9 @@ import numpy as np
 from medpretrain.blocks.pretext import fraction_learnt
 from medpretrain.engine.run_folder import run_precision
 from medpretrain.evaluation.benchmark_report import per_case_gains, wilcoxon_p
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # a sibling module, also when imported by the tests
+from _common import gain_vs_steps_axes, save_figure  # noqa: E402
 
 # BTCV organ groups of the issue (label ids of ../shared/data/btcv).
 BTCV_GROUPS = {"large": (1, 2, 3, 6, 7), "small": (4, 5, 9, 10, 11, 12, 13)}
@@ -289,15 +293,8 @@ def _plot(rows, groups, path: Path) -> None:
             pts.sort(key=lambda r: r["pretrain_steps"])
             ax.errorbar([r["pretrain_steps"] for r in pts], [r["gain_mean"] for r in pts],
                         yerr=[r["gain_std"] or 0.0 for r in pts], marker="o", capsize=3, label=f"{method}, n={n}")
-        ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel("pretraining steps")
-        ax.set_ylabel("Dice gain over scratch")
-        ax.set_title(f"organs: {g}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        gain_vs_steps_axes(ax, "Dice gain over scratch", f"organs: {g}", legend_size=7)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
