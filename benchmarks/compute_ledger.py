@@ -26,6 +26,7 @@ from medpretrain.engine.run_folder import run_precision
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # a sibling script, also when imported by the tests
 from scaling_report import RUN_KINDS, core_seconds_per_step, trained_runs  # noqa: E402
 
+
 def ledger(raw: Path) -> dict:
     """Core-hours by (folder, kind) and by (cpu, precision), runs counted, and each folder's job wall-clock hours."""
     by_study: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0])

@@ -56,13 +56,14 @@ def load_points(path: Path, method: str, n: str, reference: str, group: str,
     curve is an error naming what the file holds."""
     with open(path, encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    key = (backbone, method, n, reference, group)
+    def curve(r):
+        return r["backbone"], r["method"], r["n_labeled"], r["reference"], r["group"]
+
     pts = [(int(r["pretrain_steps"]), float(r["gain_mean"]),
             max(float(r["gain_std"]) / math.sqrt(int(r["seeds"])), SE_FLOOR), int(r["seeds"]))
-           for r in rows if (r["backbone"], r["method"], r["n_labeled"], r["reference"], r["group"]) == key
-           and int(r["seeds"]) > 1]
+           for r in rows if curve(r) == (backbone, method, n, reference, group) and int(r["seeds"]) > 1]
     if len(pts) < 3:
-        held = sorted({(r["backbone"], r["method"], r["n_labeled"], r["reference"], r["group"]) for r in rows})
+        held = sorted({curve(r) for r in rows})
         raise SystemExit(f"{path}: {len(pts)} point(s) of 2+ seeds for backbone={backbone} method={method} n={n} "
                          f"reference={reference} group={group}; three are needed. Curves there: {held[:12]}")
     return sorted(pts)
@@ -74,8 +75,7 @@ def fit(model: str, steps, gains, se):
     if model == "log-linear":
         b, a = np.polyfit(np.log2(steps), gains, 1, w=1.0 / np.asarray(se))
         return (a, b)
-    start = (max(gains.max(), 1e-3) * 1.2, float(np.median(steps)))
-    start = (min(max(start[0], -0.99), 0.99), start[1])
+    start = (min(max(gains.max(), 1e-3) * 1.2, 0.99), float(np.median(steps)))  # inside the bounds
     try:
         params, _ = curve_fit(saturating, steps, gains, p0=start, sigma=se, bounds=([-1.0, 1.0], [1.0, TAU_BOUND]),
                               maxfev=20000)
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
            if p[0] >= args.min_steps]
     if len(pts) < 3:
         raise SystemExit(f"{args.csv}: fewer than 3 points at >= {args.min_steps} steps; lower --min-steps")
-    steps, gains, se, seeds = (list(c) for c in zip(*pts))
+    steps, gains, se, _ = (list(c) for c in zip(*pts))
     fits = {m: fit(m, steps, gains, se) for m in MODELS}
     holdout = {m: fit(m, steps[:-1], gains[:-1], se[:-1]) for m in MODELS} if len(pts) >= 4 else {}
     curve = f"{args.backbone}, {args.method}, n = {args.n}, gain over {args.reference}, organs: {args.group}"
