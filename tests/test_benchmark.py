@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from medpretrain.benchmark import BenchmarkConfig, load_benchmark_config, plan, run_benchmark
-from medpretrain.errors import ConfigError
+from medpretrain.errors import ConfigError, MedpretrainError
 from medpretrain.evaluation.benchmark_report import summarize_runs
 from medpretrain.synthetic.demo_data import make_demo_dataset
 
@@ -667,3 +667,40 @@ def test_gain_trend_recovers_known_curves_and_checks_a_held_out_budget(tmp_path)
     assert [p[0] for p in sat] == steps
     with pytest.raises(SystemExit, match="method=mae"):
         trend.main(["--csv", str(results), "--method", "mae", "--out", str(out)])
+
+
+def test_a_snapshot_added_after_its_pretraining_ran_comes_from_a_kept_checkpoint(tmp_path):
+    """A budget-curve point decided after the long pretraining passed it: the finished pretraining stays valid
+    (export_steps only adds outputs), the new arm waits for its file and, the run over without it, fails naming
+    `medpretrain snapshot`; written from the kept checkpoint, the arm runs."""
+    from medpretrain.engine.pretrain import export_snapshot_from_checkpoint
+
+    raw = make_demo_dataset(tmp_path / "raw", n_cases=4, size=(40, 36, 20), seed=2)
+    tiny = {"model_options": {"features": [4, 4, 8, 8, 16, 4]}}
+
+    def config(snapshots):
+        return _config(raw, seeds=[0], n_labeled=[2], pool_add_downstream_train=False, curve_fractions=[],
+                       backbones={"unet": {"model": "unet", "steps": 1, "patch": [32, 32, 16], "batch": 1,
+                                           "precision": "32-true", "pretrain": tiny,
+                                           "finetune": {**tiny, "num_workers": 0, "augment": {"enabled": False}}}},
+                       methods={"avsdb": {"preset": None, "steps": 3, "snapshots": snapshots,
+                                          "config": {**TINY_AVSDB, "checkpoint_every": 1}}})
+
+    out = tmp_path / "bench"
+    run_benchmark(config([1]), out, select=["pretrain-avsdb-unet"])
+    run = out / "pretrain" / "avsdb-unet"
+    assert (run / "model.pt").is_file() and (run / "checkpoints" / "step0000002.ckpt").is_file()
+    later = config([1, 2])
+    assert any(j.name == "avsdb@2-unet-n2-s0" for j in plan(later, out))  # not refused as "other settings"
+    with pytest.raises(MedpretrainError, match="snapshot-avsdb-unet@2"):
+        run_benchmark(later, out, select=["avsdb@2-*"])
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert "medpretrain snapshot" in summary["failed"]["snapshot-avsdb-unet@2"]
+    export_snapshot_from_checkpoint(run, run / "checkpoints" / "step0000002.ckpt")
+    run_benchmark(later, out, select=["avsdb@2-*"])
+    assert (out / "runs" / "avsdb@2-unet-n2-s0" / "eval" / "metrics.json").is_file()
+    assert not json.loads((out / "summary.json").read_text(encoding="utf-8"))["failed"]
+    with pytest.raises(ConfigError, match="other settings"):  # a setting that changes the network still does
+        run_benchmark(_config(raw, seeds=[0], n_labeled=[2], pool_add_downstream_train=False,
+                              methods={"avsdb": {"preset": None, "steps": 4, "snapshots": [1],
+                                                 "config": {**TINY_AVSDB, "checkpoint_every": 1}}}), out)

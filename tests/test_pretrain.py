@@ -137,3 +137,38 @@ def test_snapshots_of_a_long_pretraining_load_like_model_pt(tmp_path):
     assert changed
     assert [warmup_constant_factor(s, 4, 0.5) for s in (2, 3, 100)] == [1.0, 1.0, 1.0]
     assert warmup_constant_factor(0, 4, 0.5) == pytest.approx(1 / 25)
+
+
+def test_snapshot_from_a_kept_checkpoint_equals_the_exporters(tmp_path):
+    """A snapshot step chosen after the run passed it is written from a kept checkpoint: the same weights and
+    metadata as the run's own exporter wrote at that step, and the final checkpoint gives model.pt's weights."""
+    import shutil
+
+    import torch
+
+    from medpretrain.engine.pretrain import export_snapshot_from_checkpoint
+    from medpretrain.engine.snapshots import snapshot_path
+
+    cfg = pretrain_config("avsdb", preset="smoke", overrides={"steps": 4, "export_steps": [2], "checkpoint_every": 2})
+    run = pretrain("avsdb", None, tmp_path / "run", cfg)
+    made = torch.load(snapshot_path(run, 2), weights_only=False)
+    snapshot_path(run, 2).rename(tmp_path / "by-exporter.pt")
+    written = export_snapshot_from_checkpoint(run, run / "checkpoints" / "step0000002.ckpt")
+    again = torch.load(written, weights_only=False)
+    assert written == snapshot_path(run, 2) and again["from_checkpoint"] == "step0000002.ckpt"
+    # the same metadata (run.json, JSON, holds the preset's tuples as lists)
+    assert json.dumps({k: v for k, v in again.items() if k not in ("state_dict", "from_checkpoint")}) == \
+        json.dumps({k: v for k, v in made.items() if k != "state_dict"})
+    assert again["state_dict"].keys() == made["state_dict"].keys()
+    assert all(torch.equal(v, made["state_dict"][k]) for k, v in again["state_dict"].items())
+    # the last checkpoint, copied elsewhere, gives the final network
+    shutil.copy(run / "checkpoints" / "last.ckpt", tmp_path / "copy.ckpt")
+    final = torch.load(export_snapshot_from_checkpoint(run, tmp_path / "copy.ckpt"), weights_only=False)
+    model = torch.load(run / "model.pt", weights_only=False)
+    assert final["global_step"] == model["global_step"] == 4
+    assert all(torch.equal(v, model["state_dict"][k]) for k, v in final["state_dict"].items())
+    with pytest.raises(ConfigError, match="exists already"):
+        export_snapshot_from_checkpoint(run, tmp_path / "copy.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable Lightning checkpoint"):
+        export_snapshot_from_checkpoint(run, tmp_path / "junk.ckpt")

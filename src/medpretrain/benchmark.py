@@ -894,7 +894,8 @@ def _check_recorded_commands(jobs: list[Job], out: Path, files: dict[Path, str],
         return sig
 
     current = {j.name: signature(j) for j in jobs}
-    changed = [j.name for j in jobs if j.name in recorded and recorded[j.name] != current[j.name]]
+    changed = [j.name for j in jobs if j.name in recorded
+               and _without_output_only(recorded[j.name]) != _without_output_only(current[j.name])]
     if changed:
         raise ConfigError(
             f"{out}: job(s) {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} were run with other "
@@ -905,6 +906,27 @@ def _check_recorded_commands(jobs: list[Job], out: Path, files: dict[Path, str],
         recorded.update({j.name: current[j.name] for j in jobs if j.done})
         atomic_write_json(path, recorded)
     return current
+
+
+# Settings of a job's --config file that add outputs without changing its network: a snapshot step added to a
+# budget curve after its pretraining ran (written then from a kept checkpoint: `medpretrain snapshot`) leaves the
+# finished pretraining valid.
+_OUTPUT_ONLY_SETTINGS = ("export_steps",)
+
+
+def _without_output_only(signature: list) -> list:
+    """A job signature with the output-only settings of the config files it read left out (compared, not stored:
+    signatures recorded before this rule compare the same way)."""
+    def settings(text: str):
+        try:
+            values = yaml.safe_load(text) if text else text
+        except yaml.YAMLError:
+            return text
+        if not isinstance(values, dict):
+            return text
+        return {k: v for k, v in values.items() if k not in _OUTPUT_ONLY_SETTINGS}
+
+    return [[cmd, [settings(t) for t in read]] for cmd, read in signature]
 
 
 def _record_started(out: Path, name: str, signature: list) -> None:
@@ -1082,6 +1104,10 @@ class _Runner:
                     elif any(n in self.failed for n in job.needs) or all(self.jobs[n].done for n in job.needs):
                         pending.remove(job)  # its writer failed, or finished without writing it
                         self.failed[job.name] = (f"{', '.join(job.needs)} finished without writing {job.done_marker}"
+                                                 + (" (a snapshot step added after the run passed it: write it "
+                                                    f"from a kept checkpoint, `medpretrain snapshot --run "
+                                                    f"{job.info['run']} --checkpoint CKPT`)" if "step" in job.info
+                                                    else "")
                                                  if all(self.jobs[n].done for n in job.needs) else
                                                  "skipped: " + ", ".join(n for n in job.needs if n in self.failed)
                                                  + " failed")

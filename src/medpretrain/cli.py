@@ -242,6 +242,18 @@ def pretrain(
     typer.echo(f"pretrained model: {run / 'model.pt'}")
 
 
+@app.command()
+def snapshot(
+    run: Path = typer.Option(..., help="A pretraining run folder (run.json)."),
+    checkpoint: Path = typer.Option(..., help="One of its kept checkpoints, e.g. RUN/checkpoints/step0008000.ckpt."),
+) -> None:
+    """Write the snapshot a pretraining would have written at a kept checkpoint's step (RUN/snapshots/), for a
+    budget-curve point chosen after the run passed it; it loads with `finetune --init` like model.pt."""
+    from medpretrain.engine.pretrain import export_snapshot_from_checkpoint
+
+    typer.echo(f"snapshot: {export_snapshot_from_checkpoint(run, checkpoint)}")
+
+
 @app.command("train-matcher")
 def train_matcher(
     data: Path = typer.Option(..., help="Prepared unlabelled pool (`prepare --pool`)."),

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from lightning.pytorch.callbacks import Callback
 
-from medpretrain.config import TrainingConfig, load_config
+from medpretrain.config import TrainingConfig, load_config, make_config
 from medpretrain.data.cache import PreparedData
 from medpretrain.engine.job import export_untrained, run_training
 from medpretrain.engine.snapshots import SnapshotExporter
@@ -89,6 +89,57 @@ def pretrain(method: str, data_dir: str | Path | None, out_dir: str | Path, cfg:
     if not is_launcher_child():
         write_pretext_report(run, m, cfg, dataset)
     return run
+
+
+def export_snapshot_from_checkpoint(run_dir: str | Path, checkpoint: str | Path) -> Path:
+    """Write the snapshot a pretraining run would have written at a kept checkpoint's step.
+
+    A budget curve that wants a point its run did not list in ``export_steps`` (decided after the run passed that
+    step) reads it from a Lightning checkpoint the run kept: the method's module is rebuilt from ``run.json``'s
+    configuration, the checkpoint's weights loaded, and ``snapshots/model-stepNNNNNNN.pt`` written exactly as the
+    run's own exporter writes it (the checkpoint and the exporter see the same weights after that optimizer step),
+    plus ``from_checkpoint`` naming the source. An existing snapshot is not overwritten.
+
+    Args:
+        run_dir: the pretraining's run folder (``run.json``).
+        checkpoint: a checkpoint of that run (``RUN/checkpoints/step0008000.ckpt``, or a copy of it).
+    """
+    import json
+
+    import torch
+
+    from medpretrain.engine.device import resolve_precision
+    from medpretrain.engine.job import export_model
+    from medpretrain.engine.snapshots import snapshot_path
+
+    run_dir, checkpoint = Path(run_dir), Path(checkpoint)
+    run_file = run_dir / "run.json"
+    if not run_file.is_file():
+        raise ConfigError(f"{run_file} not found: give the pretraining's run folder")
+    info = json.loads(run_file.read_text(encoding="utf-8"))
+    kind = str(info.get("kind", ""))
+    if not kind.startswith("pretrain:") or info.get("untrained"):
+        raise ConfigError(f"{run_file}: kind {kind!r} is not a trained pretraining; snapshots come from one")
+    method = info.get("method") or kind.split(":")[1]
+    m = get_method(method)
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state, step = ckpt["state_dict"], int(ckpt["global_step"])
+    except Exception as err:  # truncated, foreign or not a Lightning checkpoint
+        raise ConfigError(f"{checkpoint}: not a readable Lightning checkpoint ({err}); give one of "
+                          f"{run_dir / 'checkpoints'}/*.ckpt") from err
+    out = snapshot_path(run_dir, step)
+    if out.exists():
+        raise ConfigError(f"{out} exists already (step {step}); delete it first to write it again")
+    cfg = make_config(m.config_cls, info["config"], str(run_file))
+    module = m.build_module(cfg)
+    module.load_state_dict(state)  # strict: a checkpoint of another method or network fails here
+    out.parent.mkdir(parents=True, exist_ok=True)
+    precision = info.get("precision") or resolve_precision(cfg.precision, cfg.accelerator)
+    export_model(out, cfg, kind, precision, step, module,
+                 {"method": method, **m.model_meta(cfg), "snapshot": True, "from_checkpoint": checkpoint.name})
+    log.info("snapshot at step %d from %s: %s", step, checkpoint, out)
+    return out
 
 
 _DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
