@@ -929,6 +929,15 @@ def _without_output_only(signature: list) -> list:
     return [[cmd, [settings(t) for t in read]] for cmd, read in signature]
 
 
+def _not_written(job: Job) -> str:
+    """Why a wait job failed whose writers all finished (a snapshot: how to write it after the fact)."""
+    why = f"{', '.join(job.needs)} finished without writing {job.done_marker}"
+    if "step" in job.info:
+        why += (" (a snapshot step added after the run passed it: write it from a kept checkpoint, "
+                f"`medpretrain snapshot --run {job.info['run']} --checkpoint CKPT`)")
+    return why
+
+
 def _record_started(out: Path, name: str, signature: list) -> None:
     path = out / "jobs.json"
     recorded = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -1103,12 +1112,7 @@ class _Runner:
                         pending.remove(job)
                     elif any(n in self.failed for n in job.needs) or all(self.jobs[n].done for n in job.needs):
                         pending.remove(job)  # its writer failed, or finished without writing it
-                        self.failed[job.name] = (f"{', '.join(job.needs)} finished without writing {job.done_marker}"
-                                                 + (" (a snapshot step added after the run passed it: write it "
-                                                    f"from a kept checkpoint, `medpretrain snapshot --run "
-                                                    f"{job.info['run']} --checkpoint CKPT`)" if "step" in job.info
-                                                    else "")
-                                                 if all(self.jobs[n].done for n in job.needs) else
+                        self.failed[job.name] = (_not_written(job) if all(self.jobs[n].done for n in job.needs) else
                                                  "skipped: " + ", ".join(n for n in job.needs if n in self.failed)
                                                  + " failed")
                         log.error("%s: %s", job.name, self.failed[job.name])
