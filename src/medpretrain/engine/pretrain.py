@@ -68,11 +68,11 @@ def pretrain(method: str, data_dir: str | Path | None, out_dir: str | Path, cfg:
     if untrained:
         return export_untrained(out_dir, cfg, kind=f"pretrain:{method}:null",
                                 build_module=lambda fresh: m.build_module(cfg), run_info=run_info,
-                                model_meta=lambda module: {"method": method, **m.model_meta(cfg)})
+                                model_meta=lambda module: _model_meta(method, cfg))
     log.info("pretraining %s with %s for %d steps (patch %s, batch %d)", cfg.model, method, cfg.steps,
              cfg.patch, cfg.batch)
     dataset = m.build_dataset(cfg, data)
-    meta = lambda module: {"method": method, **m.model_meta(cfg)}  # noqa: E731
+    meta = lambda module: _model_meta(method, cfg)  # noqa: E731
     if cfg.export_steps:
         late = [s for s in cfg.export_steps if s > cfg.steps]
         if late:
@@ -91,6 +91,11 @@ def pretrain(method: str, data_dir: str | Path | None, out_dir: str | Path, cfg:
     return run
 
 
+def _model_meta(method: str, cfg: TrainingConfig) -> dict[str, Any]:
+    """What a pretraining's exported networks (model.pt, snapshots) store beside the weights."""
+    return {"method": method, **get_method(method).model_meta(cfg)}
+
+
 def export_snapshot_from_checkpoint(run_dir: str | Path, checkpoint: str | Path) -> Path:
     """Write the snapshot a pretraining run would have written at a kept checkpoint's step.
 
@@ -104,19 +109,16 @@ def export_snapshot_from_checkpoint(run_dir: str | Path, checkpoint: str | Path)
         run_dir: the pretraining's run folder (``run.json``).
         checkpoint: a checkpoint of that run (``RUN/checkpoints/step0008000.ckpt``, or a copy of it).
     """
-    import json
-
     import torch
 
     from medpretrain.engine.device import resolve_precision
     from medpretrain.engine.job import export_model
+    from medpretrain.engine.run_folder import RUN_FILE, read_run
     from medpretrain.engine.snapshots import snapshot_path
 
     run_dir, checkpoint = Path(run_dir), Path(checkpoint)
-    run_file = run_dir / "run.json"
-    if not run_file.is_file():
-        raise ConfigError(f"{run_file} not found: give the pretraining's run folder")
-    info = json.loads(run_file.read_text(encoding="utf-8"))
+    run_file = run_dir / RUN_FILE
+    info = read_run(run_dir, kind="pretrain")
     kind = str(info.get("kind", ""))
     if not kind.startswith("pretrain:") or info.get("untrained"):
         raise ConfigError(f"{run_file}: kind {kind!r} is not a trained pretraining; snapshots come from one")
@@ -137,7 +139,7 @@ def export_snapshot_from_checkpoint(run_dir: str | Path, checkpoint: str | Path)
     out.parent.mkdir(parents=True, exist_ok=True)
     precision = info.get("precision") or resolve_precision(cfg.precision, cfg.accelerator)
     export_model(out, cfg, kind, precision, step, module,
-                 {"method": method, **m.model_meta(cfg), "snapshot": True, "from_checkpoint": checkpoint.name})
+                 {**_model_meta(method, cfg), "snapshot": True, "from_checkpoint": checkpoint.name})
     log.info("snapshot at step %d from %s: %s", step, checkpoint, out)
     return out
 

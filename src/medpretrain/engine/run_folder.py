@@ -60,11 +60,11 @@ def run_folder_lock(run_dir: Path, what: str = "training"):
         os.close(fd)
 
 
-def read_run(run_dir: str | Path) -> dict:
-    """The run's ``run.json``; ConfigError if the folder is not a run."""
+def read_run(run_dir: str | Path, kind: str = "finetune") -> dict:
+    """The run's ``run.json``; ConfigError if the folder is not a run (the message asks for a ``kind`` run)."""
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a medpretrain run (no {RUN_FILE}); pass the --out of a finetune run")
+        raise ConfigError(f"{run_dir} is not a medpretrain run (no {RUN_FILE}); pass the --out of a {kind} run")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
