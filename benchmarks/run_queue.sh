@@ -73,7 +73,10 @@ entries=(
   # lane, and a grid's last run beside another arm's (13th session: the two-part split left a lane idle ~30 min
   # per grid). A network lost between sessions is re-run only while a VF job still needs it.
   "@ python benchmarks/adopt_runs.py --source runs/btcv-cpu --target runs/btcv-cpu-ft2x --target-config benchmarks/btcv-cpu-ft2x.yaml"
-  "btcv-cpu-ft2x btcv-cpu-ft2x --models --cpu=bf16 scratch-* null-* volume-fusion-*"
+  # 14th session: VF's gain shrank from +0.079 to +0.007 (seed 0) with 4,000 steps, so AVS-DB's arm (its curve closes
+  # sooner) follows at once in the same entry, its lr grid filling the lane VF's last seeds leave idle (~2 h; its
+  # 16k network adopted from btcv-cpu where it survived, else re-run with its seed, ~30 min on one lane)
+  "btcv-cpu-ft2x btcv-cpu-ft2x --models --cpu=bf16"
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-* *null* *volume-fusion*"
   # issue 20/23: the MAE and Models Genesis reference baselines on BTCV, the same way (~2 h each)
   "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-mae-unet"
@@ -88,12 +91,6 @@ entries=(
   # issue 20: the la2018 proxy curves of AVS-DB and MAE (~2 h each)
   "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *avsdb*"
   "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *mae*"
-  # issue 20: is AVS-DB's BTCV gain a head start too? Its arm of btcv-cpu-ft2x (its curve closes on scratch's between
-  # 1k and 2k fine-tuning steps): its 16k network adopted from btcv-cpu where it survived, else re-run alone on both
-  # threads (~27 min), then its lr grid and 3 test runs at 4,000 steps (~1.5 h on two lanes)
-  "@ python benchmarks/adopt_runs.py --source runs/btcv-cpu --target runs/btcv-cpu-ft2x --target-config benchmarks/btcv-cpu-ft2x.yaml"
-  "btcv-cpu-ft2x btcv-cpu-ft2x --models --cpu=bf16 --parallel=1 pretrain-avsdb-unet"
-  "btcv-cpu-ft2x btcv-cpu-ft2x --models --cpu=bf16 *avsdb*"
   # issue 20: Alice's longer points (16k-step pretraining, snapshots at 500 and 4k) on la2018, fp32 pinned in the
   # profile so that either kind of CPU runs it (~3 h on the AMX machine)
   "alice-la2018-scaling alice-la2018-scaling --models"
