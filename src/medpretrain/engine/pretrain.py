@@ -65,14 +65,14 @@ def pretrain(method: str, data_dir: str | Path | None, out_dir: str | Path, cfg:
     elif data_dir is not None:
         log.warning("method '%s' generates its own data; --data %s is ignored", method, data_dir)
     run_info = {"method": method, "data": str(Path(data_dir).resolve()) if data else None, **m.model_meta(cfg)}
+    build = lambda fresh: m.build_module(cfg)  # noqa: E731
+    meta = lambda module: _model_meta(method, cfg)  # noqa: E731
     if untrained:
-        return export_untrained(out_dir, cfg, kind=f"pretrain:{method}:null",
-                                build_module=lambda fresh: m.build_module(cfg), run_info=run_info,
-                                model_meta=lambda module: _model_meta(method, cfg))
+        return export_untrained(out_dir, cfg, kind=f"pretrain:{method}:null", build_module=build,
+                                run_info=run_info, model_meta=meta)
     log.info("pretraining %s with %s for %d steps (patch %s, batch %d)", cfg.model, method, cfg.steps,
              cfg.patch, cfg.batch)
     dataset = m.build_dataset(cfg, data)
-    meta = lambda module: _model_meta(method, cfg)  # noqa: E731
     if cfg.export_steps:
         late = [s for s in cfg.export_steps if s > cfg.steps]
         if late:
@@ -80,7 +80,7 @@ def pretrain(method: str, data_dir: str | Path | None, out_dir: str | Path, cfg:
         callbacks = [*callbacks, SnapshotExporter(out_dir, cfg, f"pretrain:{method}", meta)]
     run = run_training(
         out_dir, cfg, kind=f"pretrain:{method}",
-        build_module=lambda fresh: m.build_module(cfg),
+        build_module=build,
         dataset=dataset,
         run_info=run_info,
         model_meta=meta,
