@@ -66,6 +66,14 @@ entries=(
   # alone with both threads, then its grid and fine-tunings, so that network and runs end in one session (~2 h)
   "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-avsdb-unet"
   "btcv-cpu btcv-cpu --models --cpu=bf16 *avsdb*"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-* *null* *volume-fusion*"
+  # issue 20/23: the MAE and Models Genesis reference baselines on BTCV. MAE's pretraining alone with both threads
+  # (~16 min, as it first ran: its kept fraction-learnt belongs to that network), then its grid and 6 fine-tunings
+  # with Models Genesis's pretraining on the other lane, then Models Genesis's runs (~1.5 h + ~1 h). Before the ft2x
+  # arms since the 15th session: these two answer both issues, ft2x's third seed only firms up a measured answer.
+  "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-mae-unet"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 *mae* pretrain-models-genesis-unet"
+  "btcv-cpu btcv-cpu --models --cpu=bf16 *models-genesis*"
   # is VF's n = 4 gain a head start? 2x the fine-tuning steps for scratch, null and VF@16k (~16 fine-tunings of ~27
   # min and VF's 16k pretraining: ~4 h on two lanes, two sessions). The whole profile in one entry, so that the
   # driver fills both lanes: VF's pretraining (adopted where btcv-cpu's network survived, else re-run on one thread,
@@ -77,12 +85,6 @@ entries=(
   # sooner) follows at once in the same entry, its lr grid filling the lane VF's last seeds leave idle (~2 h; its
   # 16k network adopted from btcv-cpu where it survived, else re-run with its seed, ~30 min on one lane)
   "btcv-cpu-ft2x btcv-cpu-ft2x --models --cpu=bf16"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-* *null* *volume-fusion*"
-  # issue 20/23: the MAE and Models Genesis reference baselines on BTCV, the same way (~2 h each)
-  "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-mae-unet"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 *mae*"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-models-genesis-unet"
-  "btcv-cpu btcv-cpu --models --cpu=bf16 *models-genesis*"
   # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task); its
   # network (16 MB) kept between sessions with --models for as long as the checkout keeps ignored files (~2.5 h on
   # the AMX machine: 600 pretraining steps with both threads, then 6 fine-tunings of ~37 min on two lanes)
