@@ -66,6 +66,7 @@ entries=(
   # alone with both threads, then its grid and fine-tunings, so that network and runs end in one session (~2 h)
   "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-avsdb-unet"
   "btcv-cpu btcv-cpu --models --cpu=bf16 *avsdb*"
+  # any scratch / null / Volume Fusion job of btcv-cpu still left (none since the 14th session: a no-op check)
   "btcv-cpu btcv-cpu --models --cpu=bf16 scratch-* *null* *volume-fusion*"
   # issue 20/23: the MAE and Models Genesis reference baselines on BTCV. MAE's pretraining alone with both threads
   # (~16 min, as it first ran: its kept fraction-learnt belongs to that network), then its grid and 6 fine-tunings
