@@ -77,6 +77,12 @@ entries=(
   "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-mae-unet"
   "btcv-cpu btcv-cpu --models --cpu=bf16 *mae* pretrain-models-genesis-unet"
   "btcv-cpu btcv-cpu --models --cpu=bf16 *models-genesis*"
+  # issue 23: the swinunetr-ssl reference arm on la2018. 16th session: moved before ft2x's remaining runs, since it is
+  # the last measurement issue 23 needs while ft2x's third seeds only firm up a measured answer; its network (16 MB)
+  # kept between sessions with --models for as long as the checkout keeps ignored files (~2.5 h on the AMX machine:
+  # 600 pretraining steps with both threads, then 6 fine-tunings of ~37 min on two lanes)
+  "asa-la2018-ema asa-la2018-ema --models --cpu=fp32 --parallel=1 pretrain-swinunetr-ssl-*"
+  "asa-la2018-ema asa-la2018-ema --models --cpu=fp32 swinunetr-ssl-*"
   # is VF's n = 4 gain a head start? 2x the fine-tuning steps for scratch, null and VF@16k (~16 fine-tunings of ~27
   # min and VF's 16k pretraining: ~4 h on two lanes, two sessions). The whole profile in one entry, so that the
   # driver fills both lanes: VF's pretraining (adopted where btcv-cpu's network survived, else re-run on one thread,
@@ -88,11 +94,6 @@ entries=(
   # sooner) follows at once in the same entry, its lr grid filling the lane VF's last seeds leave idle (~2 h; its
   # 16k network adopted from btcv-cpu where it survived, else re-run with its seed, ~30 min on one lane)
   "btcv-cpu-ft2x btcv-cpu-ft2x --models --cpu=bf16"
-  # issue 23: the swinunetr-ssl reference arm on la2018 (after BTCV's first answers: issue 20's headline task); its
-  # network (16 MB) kept between sessions with --models for as long as the checkout keeps ignored files (~2.5 h on
-  # the AMX machine: 600 pretraining steps with both threads, then 6 fine-tunings of ~37 min on two lanes)
-  "asa-la2018-ema asa-la2018-ema --models --cpu=fp32 --parallel=1 pretrain-swinunetr-ssl-*"
-  "asa-la2018-ema asa-la2018-ema --models --cpu=fp32 swinunetr-ssl-*"
   # issue 20: the la2018 proxy curves of AVS-DB and MAE (~2 h each)
   "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *avsdb*"
   "scaling-la2018-proxy scaling-la2018-proxy --cpu=fp32 *mae*"
