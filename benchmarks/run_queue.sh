@@ -72,8 +72,7 @@ entries=(
   # (~16 min, as it first ran: its kept fraction-learnt belongs to that network), then its grid and 6 fine-tunings
   # with Models Genesis's pretraining on the other lane, then Models Genesis's runs (~1.5 h + ~1 h). Before the ft2x
   # arms since the 15th session: these two answer both issues, ft2x's third seed only firms up a measured answer.
-  # (15th session: MAE finished; Models Genesis's grid and seeds 0-1 ran, seed 2 left: its pretraining, run on one
-  # thread beside another lane, is re-run the same way if lost, ~27 min, then its last 2 fine-tunings, ~14 min.)
+  # (both finished in the 15th-16th sessions: these entries are no-op checks now.)
   "btcv-cpu btcv-cpu --models --cpu=bf16 --parallel=1 pretrain-mae-unet"
   "btcv-cpu btcv-cpu --models --cpu=bf16 *mae* pretrain-models-genesis-unet"
   "btcv-cpu btcv-cpu --models --cpu=bf16 *models-genesis*"
