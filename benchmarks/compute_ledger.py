@@ -42,7 +42,12 @@ def ledger(raw: Path) -> dict:
                 table[key][1] += hours
         timings = folder / "timings.json"
         if timings.is_file():
-            job_hours[folder.name] = sum(json.loads(timings.read_text(encoding="utf-8")).values()) / 3600
+            recorded = json.loads(timings.read_text(encoding="utf-8"))
+            # a folder whose training ran before timings.json existed may have re-recorded only its (cached, seconds
+            # long) preparation jobs since: beside its training, a sum of those would read as "this cost nothing"
+            trained_here = any(key[0] == folder.name for key in by_study)
+            if not trained_here or any(not job.startswith("prepare-") for job in recorded):
+                job_hours[folder.name] = sum(recorded.values()) / 3600
     return {"by_study": dict(by_study), "by_machine": dict(by_machine), "job_hours": job_hours}
 
 
@@ -54,7 +59,7 @@ def markdown(led: dict, command: str) -> str:
           "undercounted 2x). Evaluation and data preparation are not in run.json; the last column adds up the "
           "wall-clock seconds the benchmark driver recorded for a folder's jobs (`timings.json`, from 2026-12-01; "
           "evaluation included, a job resumed across sessions counts its last session only; one lane = one "
-          "thread).", "",
+          "thread; blank where only preparation jobs were recorded).", "",
           "| folder | kind | runs | training core-hours | jobs' wall-clock hours (all kinds) |", "|---|---|---|---|---|"]
     folders = sorted({f for f, _ in led["by_study"]} | set(led["job_hours"]))
     total_runs, total_hours = 0, 0.0

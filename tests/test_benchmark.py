@@ -465,6 +465,9 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     assert led["job_hours"]["bench-ft2x"] == 0.01 and led["job_hours"]["bench"] > 0
     compute_md = (tmp_path / "compute.md").read_text(encoding="utf-8")
     assert "| **all** | | 5 |" in compute_md and "| bench-ft2x | (no run trained here) | 0 | 0.00 | 0.01 |" in compute_md
+    # a folder that trained before timings.json existed and re-recorded only its preparation since: blank, not 0.00
+    (tmp_path / "raw-kept" / "bench" / "timings.json").write_text('{"prepare-downstream": 2.0}', encoding="utf-8")
+    assert "bench" not in ledger.ledger(tmp_path / "raw-kept")["job_hours"]
     assert not [p for p in kept.rglob("*") if p.suffix in (".pt", ".ckpt", ".npy", ".png")]
     assert (kept / "runs" / "avsdb@1-unet-n2-s0" / "eval" / "metrics.json").is_file()
     # the folder's absolute paths are part of the recorded commands: restore where it ran (a new session's
