@@ -33,7 +33,9 @@ def ledger(raw: Path) -> dict:
     by_machine: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0.0])
     job_hours: dict[str, float] = {}
     for folder in sorted(p for p in raw.iterdir() if p.is_dir()):
+        trained_here = False
         for kind, info in trained_runs(folder, skip_adopted=True):
+            trained_here = True
             hours = core_seconds_per_step(info) * int(info["training"].get("steps_done") or 0) / 3600
             for table, key in ((by_study, (folder.name, kind)),
                                (by_machine, (info["training"].get("cpu", "not recorded (before 2026-12-02)"),
@@ -45,7 +47,6 @@ def ledger(raw: Path) -> dict:
             recorded = json.loads(timings.read_text(encoding="utf-8"))
             # a folder whose training ran before timings.json existed may have re-recorded only its (cached, seconds
             # long) preparation jobs since: beside its training, a sum of those would read as "this cost nothing"
-            trained_here = any(key[0] == folder.name for key in by_study)
             if not trained_here or any(not job.startswith("prepare-") for job in recorded):
                 job_hours[folder.name] = sum(recorded.values()) / 3600
     return {"by_study": dict(by_study), "by_machine": dict(by_machine), "job_hours": job_hours}
