@@ -445,6 +445,15 @@ def test_snapshot_arms_wait_for_their_file_only_and_kept_results_resume_in_a_new
     with open(tmp_path / "scaling-orig" / "results.csv", encoding="utf-8") as fh:
         assert len(list(csv.DictReader(fh))) == len(curve)
     assert "source files' geometry" in (tmp_path / "scaling-orig" / "report.md").read_text(encoding="utf-8")
+    # where in the anatomy the gain sits (organ_gain.py): the "all" row is the curve's gain, each organ its own row
+    organs = _load_script("organ_gain")
+    assert organs.main(["--runs", str(out / "runs"), "--arms", "avsdb", "null", "--n", "2", "--seeds", "0",
+                        "--out", str(tmp_path / "organ_gain.md")]) == 0
+    organ_md = (tmp_path / "organ_gain.md").read_text(encoding="utf-8")
+    final = next(r for r in curve if r["group"] == "all" and r["reference"] == "scratch" and r["pretrain_steps"] == "3")
+    assert f"| all | avsdb | {float(final['gain_mean']):+.3f} | " in organ_md
+    assert re.search(r"\| 1 organ_a \| \d\.\d\d \| \d\.\d\d \([+-]\d\.\d\d, \d/1\) \|", organ_md)
+    assert "| 2 organ_b |" in organ_md and "| large |" not in organ_md  # BTCV's groups only for BTCV's labels
 
     keep = _load_script("keep_runs")
     kept, moved = tmp_path / "kept", tmp_path / "moved"
