@@ -1,14 +1,16 @@
 """Per-organ and per-organ-group gain of pretrained arms over a control (scratch by default) in a multi-organ
 benchmark's test runs: where in the anatomy a gain sits (issue 20's BTCV groups: large = spleen, kidneys, liver,
-stomach; small = gallbladder, oesophagus, veins, pancreas, adrenals; the aorta is in neither and counts in "all").
+stomach; small = gallbladder, oesophagus, IVC, portal/splenic vein, pancreas, adrenals; the aorta is in neither and
+counts in "all").
 
     python benchmarks/organ_gain.py --runs runs/btcv-cpu-ft2x/runs --arms volume-fusion avsdb null --n 4 \
         --seeds 0 1 2 --out docs/results/scaling/btcv-ft2x/organ_gain.md
 
 Per group: gain mean ± std over seeds, seeds improved, and the Wilcoxon p over the test cases of the seed-averaged
 gain (each case's Dice averaged over the group's organs it has a finite score for), as `gain_vs_control.py`. Per
-organ: the control's and each arm's mean Dice over seeds and cases, the gain and seeds improved (no p: with 12
-cases and organs a few voxels wide at 4 mm a per-organ test would be read as more than it is).
+organ: the control's mean Dice over its seeds and scored cases, each arm's over the cases both runs scored, the
+paired gain and seeds improved (no p: with 12 cases and organs a few voxels wide at 4 mm a per-organ test would be
+read as more than it is).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ def seed_pairs(runs: Path, arm: str, control: str, backbone: str, n: str, seeds:
     for s in seeds:
         a = case_dice(runs / f"{arm}-{backbone}-n{n}-s{s}", classes)
         c = case_dice(runs / f"{control}-{backbone}-n{n}-s{s}", classes)
-        if a and c:
-            shared = sorted(set(a) & set(c))  # a case with no finite score for the organ in either run drops out
+        shared = sorted(set(a or {}) & set(c or {}))  # a case with no finite score in either run drops out
+        if shared:
             pairs.append(({k: a[k] for k in shared}, {k: c[k] for k in shared}))
     return pairs
 
@@ -71,7 +73,11 @@ def report(runs: Path, arms: list[str], control: str, backbone: str, n: str, see
     lines += ["", f"| organ | {control} Dice | " + " | ".join(f"{a} Dice (gain, seeds improved)" for a in arms) + " |",
               "|---|---|" + "---|" * len(arms)]
     for cid, name in names.items():
-        cells, control_dice = [], None
+        # the control's own Dice over its seeds and scored cases, not over one arm's intersection with it
+        control_runs = [case_dice(runs / f"{control}-{backbone}-n{n}-s{s}", {cid}) for s in seeds]
+        control_runs = [r for r in control_runs if r]
+        control_dice = np.mean([np.mean(list(r.values())) for r in control_runs]) if control_runs else None
+        cells = []
         for arm in arms:
             pairs = seed_pairs(runs, arm, control, backbone, n, seeds, {cid})
             if not pairs:
@@ -79,7 +85,6 @@ def report(runs: Path, arms: list[str], control: str, backbone: str, n: str, see
                 continue
             mean, _, improved, _ = gain_cells(pairs)
             arm_dice = np.mean([np.mean(list(a.values())) for a, _ in pairs])
-            control_dice = np.mean([np.mean(list(c.values())) for _, c in pairs])
             cells.append(f"{arm_dice:.2f} ({mean:+.2f}, {improved}/{len(pairs)})")
         lines.append(f"| {cid} {name} | {'–' if control_dice is None else f'{control_dice:.2f}'} | "
                      + " | ".join(cells) + " |")
