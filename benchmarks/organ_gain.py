@@ -40,10 +40,11 @@ def seed_pairs(runs: Path, arm: str, control: str, backbone: str, n: str, seeds:
     return pairs
 
 
-def gain_cells(pairs) -> tuple[float, float | None, int, list[float]]:
+def gain_cells(pairs) -> tuple[float, float | None, int]:
+    """Mean gain over seeds, its sample std (None for one seed), seeds improved."""
     per_seed = [np.mean(list(a.values())) - np.mean(list(c.values())) for a, c in pairs]
     spread = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None
-    return float(np.mean(per_seed)), spread, sum(d > 0 for d in per_seed), per_seed
+    return float(np.mean(per_seed)), spread, sum(d > 0 for d in per_seed)
 
 
 def report(runs: Path, arms: list[str], control: str, backbone: str, n: str, seeds: list[int]) -> str:
@@ -64,7 +65,7 @@ def report(runs: Path, arms: list[str], control: str, backbone: str, n: str, see
             if not pairs:
                 lines.append(f"| {group} | {arm} | no seed with both runs finished | | | |")
                 continue
-            mean, spread, improved, _ = gain_cells(pairs)
+            mean, spread, improved = gain_cells(pairs)
             cases = per_case_gains(pairs)
             p = wilcoxon_p(cases)
             lines.append(f"| {group} | {arm} | {mean:+.3f}{'' if spread is None else f' ± {spread:.3f}'} | "
@@ -83,7 +84,7 @@ def report(runs: Path, arms: list[str], control: str, backbone: str, n: str, see
             if not pairs:
                 cells.append("–")
                 continue
-            mean, _, improved, _ = gain_cells(pairs)
+            mean, _, improved = gain_cells(pairs)
             arm_dice = np.mean([np.mean(list(a.values())) for a, _ in pairs])
             cells.append(f"{arm_dice:.2f} ({mean:+.2f}, {improved}/{len(pairs)})")
         lines.append(f"| {cid} {name} | {'–' if control_dice is None else f'{control_dice:.2f}'} | "
