@@ -105,7 +105,16 @@ entries=(
   "scaling-la2018 scaling-la2018 --cpu=fp32 scratch-* *null* *volume-fusion-unet*"
   "scaling-la2018 scaling-la2018 --cpu=fp32 *-long*"
   # issue 20: Alice's longer points (16k-step pretraining, snapshots at 500 and 4k) on la2018, fp32 pinned in the
-  # profile so that either kind of CPU runs it (~3 h on the AMX machine)
+  # profile so that either kind of CPU runs it (~3 h on the AMX machine, ~4.5 h on the EPYC: 2026-12-03's estimate
+  # from docs/results/alice/la2018's timings, 18 min per 600-step UNETR-small fine-tuning, 0.23 s per Alice step).
+  # 19th session: split into parts that each end in a session, since a checkout may lose runs/ and with it the
+  # uncommitted network (the 19th session's did). First the pretraining alone with both threads and every run that
+  # needs its final network or 4k snapshot (its lr grid, 3 test seeds each: ~2.3 h on the EPYC), then the 500-step
+  # snapshot's 3 runs (its network is the same pretraining's: re-run with the seed if lost), then scratch's grid and
+  # tests and the null control (no pretrained network: these span sessions safely, ~1.5 h).
+  "alice-la2018-scaling alice-la2018-scaling --models --parallel=1 pretrain-alice-*"
+  "alice-la2018-scaling alice-la2018-scaling --models alice-unetr-small-* alice@4000-*"
+  "alice-la2018-scaling alice-la2018-scaling --models alice@500-*"
   "alice-la2018-scaling alice-la2018-scaling --models"
 )
 current="" models=""

@@ -5,7 +5,8 @@ fraction learnt at each snapshot and the CPU hours it took.
     python benchmarks/scaling_report.py --bench runs/scaling-la2018-proxy --out docs/results/scaling/la2018-proxy
 
 Reads a finished (or partly finished) benchmark folder whose profile lists ``snapshots`` (arms
-``<method>@<step>``, the method's own arm being its final step); writes ``results.csv`` (one row per method,
+``<method>@<step>``, the method's own arm being its final step; a pretrained method without snapshots is one
+point at its steps, e.g. scaling-la2018's 200-step Volume Fusion arm beside its 2,000-step run); writes ``results.csv`` (one row per method,
 budget, n, reference and organ group; for a task of several classes also each one, ``organ:<name>``),
 ``report.md`` (with a per-organ table for such a task) and ``gain_vs_budget.png`` (gain over scratch, y,
 against pretraining steps, x log; one line per method and n, bars = std over seeds; one panel per organ group
@@ -186,13 +187,15 @@ def main(argv=None) -> int:
     rows = []
     for b_name in cfg["backbones"]:
         for m_name, m in cfg["methods"].items():
-            if m.get("untrained") or not m.get("snapshots"):
-                continue
+            if m.get("untrained"):
+                continue  # the null control is a reference, not a point on a curve
             final = m.get("steps")
             pre_run = args.bench / "pretrain" / f"{m_name}-{b_name}"
             if final is None and (pre_run / "run.json").is_file():
                 final = json.loads((pre_run / "run.json").read_text())["config"]["steps"]
-            budgets = [*m["snapshots"], final]
+            if final is None and not m.get("snapshots"):
+                continue  # a single point whose length neither the profile nor a finished pretraining says
+            budgets = [*m.get("snapshots", []), final]  # a method without snapshots is a single point
             facts = pretraining_facts(pre_run, budgets) if (pre_run / "run.json").is_file() else {}
             for step in budgets:
                 arm = m_name if step == final else f"{m_name}@{step}"
