@@ -67,7 +67,9 @@ def organ_names(runs: Path) -> dict[int, str]:
 
 
 def loss_near(csv_path: Path, term: str, step: int, rows: int = 20) -> float | None:
-    """Mean of the last ``rows`` logged ``train/<term>`` values at or before optimizer step ``step``."""
+    """Mean of the last ``rows`` logged ``train/<term>`` values before optimizer step ``step``, at most the later half
+    of them: in a short run (scaling-la2018's 200-step arm, 20 logged rows) a fixed window would average the whole
+    run, its first untrained steps included (budgets of 500 steps and more, 50 rows and more, are unaffected)."""
     if not csv_path.is_file():
         return None
     values = []
@@ -76,7 +78,7 @@ def loss_near(csv_path: Path, term: str, step: int, rows: int = 20) -> float | N
             v, s = r.get(f"train/{term}", ""), r.get("step", "")
             if v not in ("", None) and s not in ("", None) and int(float(s)) < step and math.isfinite(float(v)):
                 values.append(float(v))
-    return float(np.mean(values[-rows:])) if values else None
+    return float(np.mean(values[-min(rows, max(1, len(values) // 2)):])) if values else None
 
 
 def core_seconds_per_step(info: dict) -> float:
