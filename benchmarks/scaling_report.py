@@ -6,8 +6,9 @@ fraction learnt at each snapshot and the CPU hours it took.
 
 Reads a finished (or partly finished) benchmark folder whose profile lists ``snapshots`` (arms
 ``<method>@<step>``, the method's own arm being its final step; a pretrained method without snapshots is one
-point at its steps, e.g. scaling-la2018's 200-step Volume Fusion arm beside its 2,000-step run); writes ``results.csv`` (one row per method,
-budget, n, reference and organ group; for a task of several classes also each one, ``organ:<name>``),
+point at its steps, e.g. scaling-la2018's 200-step Volume Fusion arm beside its 2,000-step run); writes
+``results.csv`` (one row per method, budget, n, reference and organ group; for a task of several classes also
+each one, ``organ:<name>``),
 ``report.md`` (with a per-organ table for such a task) and ``gain_vs_budget.png`` (gain over scratch, y,
 against pretraining steps, x log; one line per method and n, bars = std over seeds; one panel per organ group
 when the task has several classes).
