@@ -112,13 +112,12 @@ entries=(
   # needs its final network or 4k snapshot (its lr grid, 3 test seeds each: ~2.3 h on the EPYC), then the 500-step
   # snapshot's 3 runs (its network is the same pretraining's: re-run with the seed if lost), then scratch's grid and
   # tests and the null control (no pretrained network: these span sessions safely, ~1.5 h).
-  # HELD since the 19th session: its pretraining's l_dv / l_st collapse after ~600 steps (st_spread -> 0, see
-  # docs/results/scaling/README.md, Alice bullet); running these would measure a collapsed Alice. Fix the collapse,
-  # delete docs/results/raw/alice-la2018-scaling/pretrain (the partial run) and put the four entries back.
-  #"alice-la2018-scaling alice-la2018-scaling --models --parallel=1 pretrain-alice-*"
-  #"alice-la2018-scaling alice-la2018-scaling --models alice-unetr-small-* alice@4000-*"
-  #"alice-la2018-scaling alice-la2018-scaling --models alice@500-*"
-  #"alice-la2018-scaling alice-la2018-scaling --models"
+  # Held in the 19th session (its embedding losses collapsed after ~600 steps); released in the 20th with the fix
+  # (online prediction heads, methods/alice.py) and the partial pretraining deleted.
+  "alice-la2018-scaling alice-la2018-scaling --models --parallel=1 pretrain-alice-*"
+  "alice-la2018-scaling alice-la2018-scaling --models alice-unetr-small-* alice@4000-*"
+  "alice-la2018-scaling alice-la2018-scaling --models alice@500-*"
+  "alice-la2018-scaling alice-la2018-scaling --models"
 )
 current="" models=""
 # what `precision: auto` resolves to on this CPU (--cpu=bf16 entries run only where it is bf16; --cpu=fp32 entries

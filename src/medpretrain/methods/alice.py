@@ -29,13 +29,25 @@ Losses (weights ``lambda_r``, ``lambda_dv``, ``lambda_st``):
 * ``l_r`` (eq. 1): MSE on MAE-normalised pixels of the masked patches of Q and K;
 * ``l_dv`` (eq. 2): projection heads phi (on the online decoder's tokens) and psi (on the target encoder's;
   psi is the EMA of phi, the DINO convention) are 3-layer MLPs with an L2-normalised bottleneck; ``[cls]`` is
-  their global average; ``l_s([cls]_u^Q, [cls]_v^K) + l_s([cls]_r^K, [cls]_w^Q)`` with ``l_s`` the cosine
-  similarity loss ``2 - 2 cos``;
+  their global average; ``l_s(q([cls]_u^Q), [cls]_v^K) + l_s(q([cls]_r^K), [cls]_w^Q)`` with ``l_s`` the cosine
+  similarity loss ``2 - 2 cos`` and ``q`` the online prediction head (below);
 * ``l_st`` (eq. 3-5, CASA): queries ``LN(V) W_q`` from the online encoder's visible tokens of the masked view;
   keys and values ``LN(.) W_k``, ``LN(.) W_v`` from phi's decoder tokens (student ``S``) or from psi's target
   encoder tokens of the intact view (teacher ``T``); ``softmax(q k^T / sqrt(C)) v`` then a projection zeta;
-  ``l_s(S_u^Q, T_w^Q) + l_s(S_r^K, T_v^K)`` per visible token. The teacher side is computed without gradient
-  (a stop-gradient, as every EMA-teacher loss): otherwise both sides of ``l_st`` could move to meet.
+  ``l_s(q'(S_u^Q), T_w^Q) + l_s(q'(S_r^K), T_v^K)`` per visible token. The teacher side is computed without
+  gradient (a stop-gradient, as every EMA-teacher loss): otherwise both sides of ``l_st`` could move to meet.
+
+Prediction heads ``q`` and ``q'`` (``predictor``, default on). The paper's ``l_s`` is "a general cosine similarity
+loss [BYOL, SimSiam]" with "the same projection head structure as [MoCo v3, BYOL]": all three put a predictor MLP
+on the online branch only, and BYOL and SimSiam show that without it the cosine loss against a stop-gradient or EMA
+target collapses to a constant embedding. Without it ours did: a 16k-step run on la2018 (docs/results/scaling,
+"Alice") drove both embedding losses to 0 after ~600 steps with every CASA embedding pointing the same way
+(``st_spread`` -> 0), leaving a plain MAE. ``q`` (on ``[cls]``, ``head_dim`` wide) and ``q'`` (on CASA's output,
+``casa_dim`` wide) are MoCo v3's 2-layer MLP (hidden ``head_hidden``, LayerNorm in place of BatchNorm, since the
+batches here are 2-4 samples). With ``contrast_loss: dino`` the pooled contrast uses DINO's centring and
+sharpening instead (the authors' code, no predictor), CASA's ``l_st`` keeps ``q'``. ``st_spread`` and
+``dv_spread`` (1 - norm of the mean unit embedding of CASA's student outputs and of the online ``[cls]``; 0 =
+collapsed) are logged every step.
 
 Only the online encoder goes downstream: ``AliceModule.model`` is the registered network whose encoder is the
 online encoder (fine-tune with ``--init-part encoder``).
@@ -105,6 +117,8 @@ class AliceConfig(TrainingConfig):
             weight-normalised linear layer to ``head_dim``.
         casa_dim: CASA's projection width C.
         lambda_r, lambda_dv, lambda_st: loss weights.
+        predictor: online prediction heads before every cosine loss (BYOL/SimSiam/MoCo v3; without them the
+            embedding losses collapse, see the module documentation). False only for the ablation.
         contrast_loss: ``cosine`` (paper's l_s) or ``dino`` (cross-entropy with centring, authors' code).
         casa: use CASA for ``l_st`` (False: pooled siamese contrast, paper Table 5 "w/o").
         casa_keys: teacher keys/values from the ``target_encoder`` (paper) or an EMA ``target_decoder``.
@@ -144,6 +158,7 @@ class AliceConfig(TrainingConfig):
     lambda_r: float = 1.0
     lambda_dv: float = 1.0
     lambda_st: float = 1.0
+    predictor: bool = True
     contrast_loss: Literal["cosine", "dino"] = "cosine"
     casa: bool = True
     casa_keys: Literal["target_encoder", "target_decoder"] = "target_encoder"
@@ -467,6 +482,12 @@ class AliceModule(StudentTeacherModule):
         self.phi = ProjectionHead(dim, cfg.head_dim, hidden_dim=cfg.head_hidden, n_layers=3,
                                   bottleneck_dim=cfg.head_bottleneck, normalize_bottleneck=True, weight_norm_last=True)
         self.casa = CASA(dim, cfg.head_dim, cfg.casa_dim)
+        # Online-only prediction heads (module documentation: what keeps the cosine losses from collapsing).
+        self.predict_cls = self.predict_st = None
+        if cfg.predictor:
+            if cfg.contrast_loss == "cosine":
+                self.predict_cls = ProjectionHead(cfg.head_dim, cfg.head_dim, hidden_dim=cfg.head_hidden, norm="layer")
+            self.predict_st = ProjectionHead(cfg.casa_dim, cfg.casa_dim, hidden_dim=cfg.head_hidden, norm="layer")
         self.target = make_teacher(self.online)
         self.psi = make_teacher(self.phi)
         self.target_decoder = make_teacher(self.decoder) if cfg.casa_keys == "target_decoder" else None
@@ -494,7 +515,10 @@ class AliceModule(StudentTeacherModule):
         return state
 
     def _contrast(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return self.dino(student, teacher) if self.dino is not None else embedding_loss(student, teacher)
+        """The pooled contrast of online ``[cls]`` embeddings with (detached) target ones."""
+        if self.dino is not None:
+            return self.dino(student, teacher)
+        return embedding_loss(self.predict_cls(student) if self.predict_cls is not None else student, teacher)
 
     def _online(self, x: torch.Tensor, mask: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         if isinstance(self.online, SwinEncoder):
@@ -522,6 +546,7 @@ class AliceModule(StudentTeacherModule):
             else:
                 y_keys = y
         cls_h, cls_y = h.mean(1), y.mean(1)
+        out["dv_spread"] = embedding_spread(cls_h.detach())  # collapse monitor of the pooled embeddings
         swap = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(x.device)  # Q <-> K
         if cfg.inter_volume and cfg.lambda_dv:
             out["dv"] = self._contrast(cls_h, cls_y[swap])  # (u^Q, v^K) and (r^K, w^Q)
@@ -530,7 +555,7 @@ class AliceModule(StudentTeacherModule):
                 s = self.casa(v_tokens, h)
                 with torch.no_grad():
                     t = self.casa(v_tokens, y_keys)
-                out["st"] = embedding_loss(s, t)
+                out["st"] = embedding_loss(self.predict_st(s) if self.predict_st is not None else s, t)
                 # Collapse monitor (logged, not optimised): S and T share W_v and zeta, so a small l_st can also
                 # mean every embedding became zeta's bias. Spread = 1 - |mean of the unit S vectors|: 0 when all
                 # tokens of all samples point the same way.
@@ -549,8 +574,8 @@ class AliceModule(StudentTeacherModule):
         return loss
 
     def student_parameters(self) -> list[nn.Parameter]:
-        modules = (self.online, self.decoder, self.phi, self.casa)
-        return [p for m in modules for p in m.parameters() if p.requires_grad]
+        modules = (self.online, self.decoder, self.phi, self.casa, self.predict_cls, self.predict_st)
+        return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
 
 
 def _model_meta(cfg: AliceConfig) -> dict:
