@@ -37,17 +37,21 @@ Losses (weights ``lambda_r``, ``lambda_dv``, ``lambda_st``):
   ``l_s(q'(S_u^Q), T_w^Q) + l_s(q'(S_r^K), T_v^K)`` per visible token. The teacher side is computed without
   gradient (a stop-gradient, as every EMA-teacher loss): otherwise both sides of ``l_st`` could move to meet.
 
-Prediction heads ``q`` and ``q'`` (``predictor``, default on). The paper's ``l_s`` is "a general cosine similarity
-loss [BYOL, SimSiam]" with "the same projection head structure as [MoCo v3, BYOL]": all three put a predictor MLP
-on the online branch only, and BYOL and SimSiam show that without it the cosine loss against a stop-gradient or EMA
-target collapses to a constant embedding. Without it ours did: a 16k-step run on la2018 (docs/results/scaling,
-"Alice") drove both embedding losses to 0 after ~600 steps with every CASA embedding pointing the same way
-(``st_spread`` -> 0), leaving a plain MAE. ``q`` (on ``[cls]``, ``head_dim`` wide) and ``q'`` (on CASA's output,
-``casa_dim`` wide) are MoCo v3's 2-layer MLP (hidden ``head_hidden``, LayerNorm in place of BatchNorm, since the
-batches here are 2-4 samples). With ``contrast_loss: dino`` the pooled contrast uses DINO's centring and
-sharpening instead (the authors' code, no predictor), CASA's ``l_st`` keeps ``q'``. ``st_spread`` and
-``dv_spread`` (1 - norm of the mean unit embedding of CASA's student outputs and of the online ``[cls]``; 0 =
-collapsed) are logged every step.
+Heads that keep the cosine losses from collapsing (``predictor``, ``head_norm``, default on). The paper's ``l_s``
+is "a general cosine similarity loss [BYOL, SimSiam]" with "the same projection head structure as [MoCo v3, BYOL]":
+phi is their projector (a 3-layer MLP with BatchNorm in the hidden layers, to ``head_bottleneck`` features; every
+token of the batch is a row of the BatchNorm), and the online branch alone has their predictor, a 2-layer MLP with
+BatchNorm (``q`` on ``[cls]``, ``q'`` on CASA's output). Without them ours collapsed: with an un-normalised
+projector every embedding of a random network points nearly the same way (spread ~0.01 at step 0), the cosine
+losses are solved by keeping it so, and a 16k-step run on la2018 drove ``l_dv`` and ``l_st`` to ~0 within ~600
+steps with every CASA embedding alike (``st_spread`` -> 0), leaving a plain MAE (docs/results/scaling/README.md,
+"Alice"); an online predictor alone did not prevent it, BatchNorm's centring of each feature over the batch does
+(spread ~0.25 at step 0 and 0.3-0.6 later). ``st_spread`` and ``dv_spread`` (1 - norm of the mean unit embedding of
+CASA's student outputs and of the online ``[cls]``; 0 = collapsed) are logged every step. With
+``contrast_loss: dino`` (the authors' code) phi is DINO's head (to an L2-normalised bottleneck, then ``head_dim``
+prototypes), both pooled and CASA contrasts use DINO's centred, sharpened cross-entropy and there is no predictor;
+measured at the CPU preset on la2018 it learnt nothing in 770 steps (``l_dv`` at log 1024) with ``l_st`` swinging
+between 0 and 40, so the CPU preset keeps the cosine loss.
 
 Only the online encoder goes downstream: ``AliceModule.model`` is the registered network whose encoder is the
 online encoder (fine-tune with ``--init-part encoder``).
@@ -56,9 +60,9 @@ Switches for the authors' public code (paper = default; ``--preset authors`` set
 ``contrast_loss: dino`` (DINO cross-entropy with centring instead of the cosine loss), ``casa_keys:
 target_decoder`` (the teacher's CASA keys/values from an EMA copy of the decoder run on the target encoder's
 tokens), ``mask_kind: tube`` (masks whole columns along z), ``recon_region: all`` (reconstruction over every
-patch) and 64^3 crops; ``contrast_loss`` applies to ``l_dv`` (and to the pooled contrast of ``casa: false``),
-CASA's ``l_st`` always compares with the cosine loss. Not from the paper (it does not give them): head widths
-(the paper preset uses hidden 2048, bottleneck 256, output 4096), the decoder depth (2 on CPU, 4 in the paper
+patch) and 64^3 crops; ``contrast_loss`` applies to ``l_dv``, to the pooled contrast of ``casa: false`` and to
+CASA's ``l_st`` (its own centre, as iBOT's patch loss in that code). Not from the paper (it does not give them):
+head widths (the paper preset: hidden 2048, projector output 256 as MoCo v3's, DINO prototypes 4096), the decoder depth (2 on CPU, 4 in the paper
 preset), the warm-up as a fraction of steps (the paper warms up for 100 epochs), and no MAE crop/flip on the
 masked views (the crops are already anatomy-centred). Ablations (paper Tables 4-5): ``inter_volume: false`` takes K from the same volume as
 Q (another of that volume's ``match_points`` body points; Q's centres are the match table's) and drops ``l_dv``; ``casa: false`` replaces CASA by the plain siamese contrast of the
@@ -113,12 +117,15 @@ class AliceConfig(TrainingConfig):
         mask_patch: side of a masked patch = one encoder token (16: ViT patch size, Swin's stride-16 stage).
         recon_region: ``masked`` (eq. 1) or ``all`` patches (the authors' code).
         decoder_depth, decoder_heads: the light online decoder (transformer blocks at the encoder's width).
-        head_dim, head_hidden, head_bottleneck: phi/psi: 3-layer MLP to an L2-normalised bottleneck, then a
-            weight-normalised linear layer to ``head_dim``.
+        head_hidden, head_bottleneck: phi/psi (and the predictors): hidden width and output width of the
+            BYOL/MoCo v3 projector (cosine loss); with ``contrast_loss: dino`` the width of DINO's L2-normalised
+            bottleneck, followed by a weight-normalised linear layer to ``head_dim`` prototypes.
+        head_norm: BatchNorm in the hidden layers of the projector and predictors (cosine loss; False only for
+            the ablation: the embeddings then start and stay collapsed, see the module documentation).
         casa_dim: CASA's projection width C.
         lambda_r, lambda_dv, lambda_st: loss weights.
-        predictor: online prediction heads before every cosine loss (BYOL/SimSiam/MoCo v3; without them the
-            embedding losses collapse, see the module documentation). False only for the ablation.
+        predictor: online prediction heads before every cosine loss (BYOL/SimSiam/MoCo v3). False only for the
+            ablation.
         contrast_loss: ``cosine`` (paper's l_s) or ``dino`` (cross-entropy with centring, authors' code).
         casa: use CASA for ``l_st`` (False: pooled siamese contrast, paper Table 5 "w/o").
         casa_keys: teacher keys/values from the ``target_encoder`` (paper) or an EMA ``target_decoder``.
@@ -159,6 +166,7 @@ class AliceConfig(TrainingConfig):
     lambda_dv: float = 1.0
     lambda_st: float = 1.0
     predictor: bool = True
+    head_norm: bool = True
     contrast_loss: Literal["cosine", "dino"] = "cosine"
     casa: bool = True
     casa_keys: Literal["target_encoder", "target_decoder"] = "target_encoder"
@@ -439,7 +447,7 @@ class CASA(nn.Module):
         self.w_q = nn.Linear(query_dim, dim, bias=False)
         self.w_k = nn.Linear(key_dim, dim, bias=False)
         self.w_v = nn.Linear(key_dim, dim, bias=False)
-        self.zeta = nn.Linear(dim, dim)
+        self.zeta = nn.Linear(dim, dim, bias=False)  # a bias would be a constant both sides could collapse to
         self.dim = dim
 
     def attention(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -479,19 +487,27 @@ class AliceModule(StudentTeacherModule):
         n_tokens = int(np.prod(cfg.grid))
         self.decoder = MaskedDecoder(dim, n_tokens, cfg.decoder_depth, cfg.decoder_heads,
                                      cfg.mask_patch**3 * cfg.in_channels)
-        self.phi = ProjectionHead(dim, cfg.head_dim, hidden_dim=cfg.head_hidden, n_layers=3,
-                                  bottleneck_dim=cfg.head_bottleneck, normalize_bottleneck=True, weight_norm_last=True)
-        self.casa = CASA(dim, cfg.head_dim, cfg.casa_dim)
+        if cfg.contrast_loss == "cosine":
+            # BYOL / MoCo v3 projector: BatchNorm in the hidden layers (every token of the batch a row)
+            self.phi = ProjectionHead(dim, cfg.head_bottleneck, hidden_dim=cfg.head_hidden, n_layers=3,
+                                      norm="batch" if cfg.head_norm else None)
+        else:  # DINO head: to an L2-normalised bottleneck, then head_dim "prototypes"
+            self.phi = ProjectionHead(dim, cfg.head_dim, hidden_dim=cfg.head_hidden, n_layers=3,
+                                      bottleneck_dim=cfg.head_bottleneck, normalize_bottleneck=True,
+                                      weight_norm_last=True)
+        self.casa = CASA(dim, self.phi.out_dim, cfg.casa_dim)
         # Online-only prediction heads (module documentation: what keeps the cosine losses from collapsing).
         self.predict_cls = self.predict_st = None
-        if cfg.predictor:
-            if cfg.contrast_loss == "cosine":
-                self.predict_cls = ProjectionHead(cfg.head_dim, cfg.head_dim, hidden_dim=cfg.head_hidden, norm="layer")
-            self.predict_st = ProjectionHead(cfg.casa_dim, cfg.casa_dim, hidden_dim=cfg.head_hidden, norm="layer")
+        if cfg.predictor and cfg.contrast_loss == "cosine":
+            norm = "batch" if cfg.head_norm else None
+            self.predict_cls = ProjectionHead(self.phi.out_dim, self.phi.out_dim, hidden_dim=cfg.head_hidden, norm=norm)
+            self.predict_st = ProjectionHead(cfg.casa_dim, cfg.casa_dim, hidden_dim=cfg.head_hidden, norm=norm)
         self.target = make_teacher(self.online)
         self.psi = make_teacher(self.phi)
         self.target_decoder = make_teacher(self.decoder) if cfg.casa_keys == "target_decoder" else None
         self.dino = DINOLoss(cfg.head_dim) if cfg.contrast_loss == "dino" else None
+        # l_st's own centre: CASA's outputs are casa_dim wide and per token (iBOT's patch loss in the authors' code)
+        self.dino_st = DINOLoss(cfg.casa_dim) if cfg.contrast_loss == "dino" else None
         self._updates_done = 0
 
     def teacher_pairs(self):
@@ -555,9 +571,22 @@ class AliceModule(StudentTeacherModule):
                 s = self.casa(v_tokens, h)
                 with torch.no_grad():
                     t = self.casa(v_tokens, y_keys)
-                out["st"] = embedding_loss(self.predict_st(s) if self.predict_st is not None else s, t)
+                if self.dino_st is not None:
+                    out["st"] = self.dino_st(s, t)
+                    if self.training:
+                        self.dino_st.update_center(t)
+                else:
+                    p = self.predict_st(s) if self.predict_st is not None else s
+                    out["st"] = embedding_loss(p, t)
+                    if b > 1:
+                        # Shortcut monitor (logged, not optimised): the same loss against the teacher embeddings of
+                        # ANOTHER crop of the batch (its keys and values, these queries). Near l_st: the alignment
+                        # ignores the crop's content (e.g. it matches positions only).
+                        with torch.no_grad():
+                            other = torch.cat([torch.arange(b).roll(1), torch.arange(b, 2 * b).roll(1)]).to(x.device)
+                            out["st_other"] = embedding_loss(p.detach(), self.casa(v_tokens, y_keys[other]))
                 # Collapse monitor (logged, not optimised): S and T share W_v and zeta, so a small l_st can also
-                # mean every embedding became zeta's bias. Spread = 1 - |mean of the unit S vectors|: 0 when all
+                # mean every embedding became one constant. Spread = 1 - |mean of the unit S vectors|: 0 when all
                 # tokens of all samples point the same way.
                 out["st_spread"] = embedding_spread(s.detach())
             else:
