@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch.utils.data import Dataset
 
-from medpretrain.blocks.contrastive import DINOLoss, embedding_loss
+from medpretrain.blocks.contrastive import DINOLoss, embedding_loss, info_nce
 from medpretrain.blocks.ema import make_teacher, resolve_ema_momentum, teacher_init_share
 from medpretrain.blocks.heads import ProjectionHead
 from medpretrain.blocks.masking import (gather_tokens, masked_mse, normalized_pixels, patchify, random_token_mask,
@@ -167,7 +167,8 @@ class AliceConfig(TrainingConfig):
     lambda_st: float = 1.0
     predictor: bool = True
     head_norm: bool = True
-    contrast_loss: Literal["cosine", "dino"] = "cosine"
+    contrast_loss: Literal["cosine", "infonce", "dino"] = "cosine"
+    temperature: float = 0.2
     casa: bool = True
     casa_keys: Literal["target_encoder", "target_decoder"] = "target_encoder"
     inter_volume: bool = True
@@ -487,7 +488,7 @@ class AliceModule(StudentTeacherModule):
         n_tokens = int(np.prod(cfg.grid))
         self.decoder = MaskedDecoder(dim, n_tokens, cfg.decoder_depth, cfg.decoder_heads,
                                      cfg.mask_patch**3 * cfg.in_channels)
-        if cfg.contrast_loss == "cosine":
+        if cfg.contrast_loss != "dino":
             # BYOL / MoCo v3 projector: BatchNorm in the hidden layers (every token of the batch a row)
             self.phi = ProjectionHead(dim, cfg.head_bottleneck, hidden_dim=cfg.head_hidden, n_layers=3,
                                       norm="batch" if cfg.head_norm else None)
@@ -498,7 +499,7 @@ class AliceModule(StudentTeacherModule):
         self.casa = CASA(dim, self.phi.out_dim, cfg.casa_dim)
         # Online-only prediction heads (module documentation: what keeps the cosine losses from collapsing).
         self.predict_cls = self.predict_st = None
-        if cfg.predictor and cfg.contrast_loss == "cosine":
+        if cfg.predictor and cfg.contrast_loss != "dino":
             norm = "batch" if cfg.head_norm else None
             self.predict_cls = ProjectionHead(self.phi.out_dim, self.phi.out_dim, hidden_dim=cfg.head_hidden, norm=norm)
             self.predict_st = ProjectionHead(cfg.casa_dim, cfg.casa_dim, hidden_dim=cfg.head_hidden, norm=norm)
@@ -530,11 +531,20 @@ class AliceModule(StudentTeacherModule):
                 state[prefix + name] = value
         return state
 
-    def _contrast(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """The pooled contrast of online ``[cls]`` embeddings with (detached) target ones."""
+    def _contrast(self, student: torch.Tensor, teacher: torch.Tensor, positive: torch.Tensor,
+                  exclude: torch.Tensor) -> torch.Tensor:
+        """The pooled contrast: online ``[cls]`` row ``i`` against target row ``positive[i]`` (``(2b, D)`` each);
+        with ``infonce`` every other target row but ``exclude[i]`` (the other view of the same pair, not a
+        negative) is a negative."""
         if self.dino is not None:
-            return self.dino(student, teacher)
-        return embedding_loss(self.predict_cls(student) if self.predict_cls is not None else student, teacher)
+            return self.dino(student, teacher[positive])
+        s = self.predict_cls(student) if self.predict_cls is not None else student
+        if self.cfg.contrast_loss == "cosine":
+            return embedding_loss(s, teacher[positive])
+        logits = F.normalize(s.float(), dim=-1) @ F.normalize(teacher.float(), dim=-1).T / self.cfg.temperature
+        logits = logits.masked_fill(F.one_hot(exclude, len(logits)).bool() & (exclude != positive)[:, None],
+                                    float("-inf"))
+        return F.cross_entropy(logits, positive)
 
     def _online(self, x: torch.Tensor, mask: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         if isinstance(self.online, SwinEncoder):
@@ -564,8 +574,9 @@ class AliceModule(StudentTeacherModule):
         cls_h, cls_y = h.mean(1), y.mean(1)
         out["dv_spread"] = embedding_spread(cls_h.detach())  # collapse monitor of the pooled embeddings
         swap = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(x.device)  # Q <-> K
+        same = torch.arange(2 * b, device=x.device)
         if cfg.inter_volume and cfg.lambda_dv:
-            out["dv"] = self._contrast(cls_h, cls_y[swap])  # (u^Q, v^K) and (r^K, w^Q)
+            out["dv"] = self._contrast(cls_h, cls_y, swap, same)  # (u^Q, v^K) and (r^K, w^Q)
         if cfg.lambda_st:
             if cfg.casa:
                 s = self.casa(v_tokens, h)
@@ -577,20 +588,30 @@ class AliceModule(StudentTeacherModule):
                         self.dino_st.update_center(t)
                 else:
                     p = self.predict_st(s) if self.predict_st is not None else s
-                    out["st"] = embedding_loss(p, t)
-                    if b > 1:
-                        # Shortcut monitor (logged, not optimised): the same loss against the teacher embeddings of
-                        # ANOTHER crop of the batch (its keys and values, these queries). Near l_st: the alignment
-                        # ignores the crop's content (e.g. it matches positions only).
-                        with torch.no_grad():
-                            other = torch.cat([torch.arange(b).roll(1), torch.arange(b, 2 * b).roll(1)]).to(x.device)
-                            out["st_other"] = embedding_loss(p.detach(), self.casa(v_tokens, y_keys[other]))
+                    # T of the same queries over ANOTHER sample's keys and values (Q's among the Q crops, K's among
+                    # the K crops: the matched crop is no negative): infonce's negatives, and the shortcut monitor.
+                    with torch.no_grad():
+                        others = [self.casa(v_tokens, y_keys[torch.cat([torch.arange(b).roll(r),
+                                                                         torch.arange(b, 2 * b).roll(r)]).to(x.device)])
+                                  for r in range(1, b)]
+                    if cfg.contrast_loss == "infonce":
+                        c = t.shape[-1]
+                        negatives = torch.stack(others, 2).reshape(-1, b - 1, c) if others else None
+                        out["st"] = info_nce(p.reshape(-1, c), t.reshape(-1, c), negatives, cfg.temperature)
+                    else:
+                        out["st"] = embedding_loss(p, t)
+                    if others:
+                        # Shortcut monitor (logged, not optimised): the cosine loss against another sample's T. Near
+                        # the cosine loss against its own T: the alignment ignores the crop's content (e.g. it
+                        # matches positions only).
+                        out["st_own"] = embedding_loss(p.detach(), t)
+                        out["st_other"] = embedding_loss(p.detach(), others[0])
                 # Collapse monitor (logged, not optimised): S and T share W_v and zeta, so a small l_st can also
                 # mean every embedding became one constant. Spread = 1 - |mean of the unit S vectors|: 0 when all
                 # tokens of all samples point the same way.
                 out["st_spread"] = embedding_spread(s.detach())
             else:
-                out["st"] = self._contrast(cls_h, cls_y)     # (u^Q, w^Q) and (r^K, v^K)
+                out["st"] = self._contrast(cls_h, cls_y, same, swap)  # (u^Q, w^Q) and (r^K, v^K)
         if self.dino is not None and self.training:
             self.dino.update_center(cls_y)
         out["loss"] = (cfg.lambda_r * out["recon"] + cfg.lambda_dv * out.get("dv", 0.0)
