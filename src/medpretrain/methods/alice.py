@@ -37,21 +37,23 @@ Losses (weights ``lambda_r``, ``lambda_dv``, ``lambda_st``):
   ``l_s(q'(S_u^Q), T_w^Q) + l_s(q'(S_r^K), T_v^K)`` per visible token. The teacher side is computed without
   gradient (a stop-gradient, as every EMA-teacher loss): otherwise both sides of ``l_st`` could move to meet.
 
-Heads that keep the cosine losses from collapsing (``predictor``, ``head_norm``, default on). The paper's ``l_s``
-is "a general cosine similarity loss [BYOL, SimSiam]" with "the same projection head structure as [MoCo v3, BYOL]":
-phi is their projector (a 3-layer MLP with BatchNorm in the hidden layers, to ``head_bottleneck`` features; every
-token of the batch is a row of the BatchNorm), and the online branch alone has their predictor, a 2-layer MLP with
-BatchNorm (``q`` on ``[cls]``, ``q'`` on CASA's output). Without them ours collapsed: with an un-normalised
-projector every embedding of a random network points nearly the same way (spread ~0.01 at step 0), the cosine
-losses are solved by keeping it so, and a 16k-step run on la2018 drove ``l_dv`` and ``l_st`` to ~0 within ~600
-steps with every CASA embedding alike (``st_spread`` -> 0), leaving a plain MAE (docs/results/scaling/README.md,
-"Alice"); an online predictor alone did not prevent it, BatchNorm's centring of each feature over the batch does
-(spread ~0.25 at step 0 and 0.3-0.6 later). ``st_spread`` and ``dv_spread`` (1 - norm of the mean unit embedding of
-CASA's student outputs and of the online ``[cls]``; 0 = collapsed) are logged every step. With
-``contrast_loss: dino`` (the authors' code) phi is DINO's head (to an L2-normalised bottleneck, then ``head_dim``
-prototypes), both pooled and CASA contrasts use DINO's centred, sharpened cross-entropy and there is no predictor;
-measured at the CPU preset on la2018 it learnt nothing in 770 steps (``l_dv`` at log 1024) with ``l_st`` swinging
-between 0 and 40, so the CPU preset keeps the cosine loss.
+Heads against collapse (``predictor``, ``head_norm``, default on). The paper's ``l_s`` is "a general cosine
+similarity loss [BYOL, SimSiam]" with "the same projection head structure as [MoCo v3, BYOL]": phi is their
+projector (a 3-layer MLP with BatchNorm in the hidden layers, to ``head_bottleneck`` features; every token of the
+batch is a row of the BatchNorm), and the online branch alone has their predictor, a 2-layer MLP with BatchNorm
+(``q`` on ``[cls]``, ``q'`` on CASA's output); zeta has no bias. With the first heads (an un-normalised DINO-style
+projector, no predictor, a biased zeta) every embedding of a random network pointed nearly the same way (spread
+~0.02 at step 0), the cosine losses were solved by keeping it so, and a 16k-step la2018 run lost both embedding
+losses within ~600 steps. These heads start spread (0.25-0.45), but at batch 2 on the CPU every variant measured
+(these heads, ``infonce``, ``dino``, lr 1e-4) still collapses or turns content-free after ~1,000-2,000 steps
+(``docs/results/scaling/alice-collapse/``). Monitors, logged every step: ``st_spread`` and ``dv_spread`` (1 - norm
+of the mean unit embedding of CASA's student outputs and of the online ``[cls]``; 0 = collapsed), ``st_own`` and
+``st_other`` (the cosine loss of q'(S) against its own crop's T and against another sample's T over the same
+queries; equal = the alignment ignores the content). ``contrast_loss: infonce`` contrasts instead (temperature
+``temperature``): ``[cls]`` against the other samples' (the matched pair's other view excluded), and each CASA
+token against the other tokens and against the other samples' T over its queries. With ``contrast_loss: dino``
+(the authors' code) phi is DINO's head (to an L2-normalised bottleneck, then ``head_dim`` prototypes), both
+contrasts use DINO's centred, sharpened cross-entropy (CASA's with its own centre) and there is no predictor.
 
 Only the online encoder goes downstream: ``AliceModule.model`` is the registered network whose encoder is the
 online encoder (fine-tune with ``--init-part encoder``).
@@ -126,7 +128,9 @@ class AliceConfig(TrainingConfig):
         lambda_r, lambda_dv, lambda_st: loss weights.
         predictor: online prediction heads before every cosine loss (BYOL/SimSiam/MoCo v3). False only for the
             ablation.
-        contrast_loss: ``cosine`` (paper's l_s) or ``dino`` (cross-entropy with centring, authors' code).
+        contrast_loss: ``cosine`` (paper's l_s), ``infonce`` (in-batch negatives) or ``dino`` (cross-entropy with
+            centring, authors' code).
+        temperature: InfoNCE's temperature (MoCo v3: 0.2).
         casa: use CASA for ``l_st`` (False: pooled siamese contrast, paper Table 5 "w/o").
         casa_keys: teacher keys/values from the ``target_encoder`` (paper) or an EMA ``target_decoder``.
         inter_volume: K from another volume via the matcher (paper); False: from the query volume, no l_dv.
