@@ -114,7 +114,7 @@ entries=(
   # tests and the null control (no pretrained network: these span sessions safely, ~1.5 h).
   # HELD (19th and 20th sessions): Alice's embedding losses collapse at this batch size. The 20th session's heads
   # (BatchNorm projector, predictors, bias-free zeta) remove the collapse at initialisation, but every variant tried
-  # still collapses or turns content-free after ~1,000-2,000 steps (docs/results/scaling/alice-collapse/). Running
+  # still loses spread or content-dependence within ~600-2,000 steps (docs/results/scaling/alice-collapse/). Running
   # these would measure Alice without its contrastive terms. Put the entries back only with a pretraining whose
   # monitors hold (st_spread, dv_spread, st_own < st_other); delete runs/ and docs/results/raw/ of
   # alice-la2018-scaling's pretrain folder first.

@@ -362,8 +362,8 @@ def _spread_run(pool, out, **overrides) -> dict[str, float]:
 def test_alice_embeddings_do_not_collapse_with_the_byol_heads_and_do_without_them(pool, tmp_path):
     """The cosine losses need BYOL/MoCo v3 heads (BatchNorm projector, online predictor): without them every
     embedding starts nearly the same (spread ~0.01) and l_st is solved trivially within tens of steps; with them the
-    embeddings start spread and the losses stay away from 0 over these steps. (Longer runs on la2018 still collapse
-    after ~1,000 steps: docs/results/scaling/alice-collapse/.)"""
+    embeddings start spread and the losses stay away from 0 over these steps. (Longer runs on la2018 still lose spread
+    or content-dependence within ~600-2,000 steps: docs/results/scaling/alice-collapse/.)"""
     heads = _spread_run(pool, tmp_path / "heads")
     bare = _spread_run(pool, tmp_path / "bare", predictor=False, head_norm=False)
     assert heads["dv_spread"] > 0.2 and heads["st_spread"] > 0.2, heads

@@ -44,8 +44,8 @@ batch is a row of the BatchNorm), and the online branch alone has their predicto
 (``q`` on ``[cls]``, ``q'`` on CASA's output); zeta has no bias. With the first heads (an un-normalised DINO-style
 projector, no predictor, a biased zeta) every embedding of a random network pointed nearly the same way (spread
 ~0.02 at step 0), the cosine losses were solved by keeping it so, and a 16k-step la2018 run lost both embedding
-losses within ~600 steps. These heads start spread (0.25-0.45), but at batch 2 on the CPU every variant measured
-(these heads, ``infonce``, ``dino``, lr 1e-4) still collapses or turns content-free after ~1,000-2,000 steps
+losses within ~600 steps. These heads start spread (about 0.2-0.46), but at batch 2 on the CPU they, ``infonce``
+and lr 1e-4 still lose spread or content-dependence within ~600-2,000 steps, and ``dino`` learnt nothing in 880
 (``docs/results/scaling/alice-collapse/``). Monitors, logged every step: ``st_spread`` and ``dv_spread`` (1 - norm
 of the mean unit embedding of CASA's student outputs and of the online ``[cls]``; 0 = collapsed), ``st_own`` and
 ``st_other`` (the cosine loss of q'(S) against its own crop's T and against another sample's T over the same
