@@ -370,3 +370,28 @@ def test_alice_embeddings_do_not_collapse_with_the_byol_heads_and_do_without_the
     assert heads["dv"] > 0.2 and heads["st"] > 0.2, heads
     # without them: l_st solved trivially (every CASA output alike) and the pooled embeddings far less spread
     assert bare["st"] < 0.05 and heads["dv_spread"] - bare["dv_spread"] > 0.2, (bare, heads)
+
+
+@pytest.mark.parametrize("contrast_loss", ["cosine", "infonce", "dino"])
+def test_every_contrast_loss_gives_finite_losses_and_the_monitors(contrast_loss):
+    """One forward of each contrast (smoke sizes, batch 2): finite losses; the cosine and InfoNCE variants log the
+    spreads and the own/other monitor. InfoNCE cannot score 0 when CASA's teacher embeddings of the sample's own
+    crop and another sample's are the same (the content-free solution the monitor watches for)."""
+    torch.manual_seed(0)
+    cfg = pretrain_config("alice", preset="smoke", overrides={"contrast_loss": contrast_loss, "batch": 2})
+    module = AliceModule(cfg)
+    rng = np.random.default_rng(0)
+    masks = [torch.from_numpy(np.stack([random_token_mask(cfg.grid, cfg.mask_ratio, rng) for _ in range(2)]))
+             for _ in range(2)]
+    aug = torch.tensor([[[0, 1, 0, 0.1, 1.05, 0.02]] * 2] * 2, dtype=torch.float32)
+    batch = {"q": torch.randn(2, 1, *cfg.patch), "k": torch.randn(2, 1, *cfg.patch), "mask_q": masks[0],
+             "mask_k": masks[1], "aug": aug}
+    out = module.losses(batch)
+    assert all(torch.isfinite(v) for v in out.values()), out
+    assert {"recon", "dv", "st", "loss", "dv_spread", "st_spread"} <= set(out)
+    assert (contrast_loss != "dino") == ({"st_own", "st_other"} <= set(out))
+    if contrast_loss == "infonce":
+        from medpretrain.blocks.contrastive import info_nce
+
+        t = torch.randn(8, 16)
+        assert info_nce(t, t, t[:, None], 0.2) >= math.log(2) - 1e-5  # a negative equal to the positive
