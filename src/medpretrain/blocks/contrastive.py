@@ -20,7 +20,7 @@ def embedding_loss(a: torch.Tensor, b: torch.Tensor, normalize: bool = True) -> 
 
 
 def info_nce(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None = None,
-             temperature: float = 0.1) -> torch.Tensor:
+             temperature: float = 0.1, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE over L2-normalised embeddings: anchor ``i``'s positive is ``positives[i]``; its negatives are the
     other rows of ``positives`` and the ``negatives``.
 
@@ -30,9 +30,15 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Te
         negatives: ``(M, D)`` negatives shared by every anchor, ``(N, K, D)`` negatives per anchor (e.g. hard
             negatives near each positive), or None.
         temperature: softmax temperature.
+        exclude: ``(N,)`` a row of ``positives`` that is no negative of anchor ``i`` (e.g. another view of the same
+            sample), or None; ignored where it is ``i`` itself.
     """
     a = F.normalize(anchors.float(), dim=-1)
-    logits = [a @ F.normalize(positives.float(), dim=-1).T]
+    own = a @ F.normalize(positives.float(), dim=-1).T
+    if exclude is not None:
+        rows = torch.arange(len(own), device=own.device)
+        own = own.masked_fill(F.one_hot(exclude, len(own)).bool() & (exclude != rows)[:, None], float("-inf"))
+    logits = [own]
     if negatives is not None:
         n = F.normalize(negatives.float(), dim=-1)
         logits.append(a @ n.T if n.dim() == 2 else torch.einsum("nd,nkd->nk", a, n))

@@ -545,10 +545,9 @@ class AliceModule(StudentTeacherModule):
         s = self.predict_cls(student) if self.predict_cls is not None else student
         if self.cfg.contrast_loss == "cosine":
             return embedding_loss(s, teacher[positive])
-        logits = F.normalize(s.float(), dim=-1) @ F.normalize(teacher.float(), dim=-1).T / self.cfg.temperature
-        logits = logits.masked_fill(F.one_hot(exclude, len(logits)).bool() & (exclude != positive)[:, None],
-                                    float("-inf"))
-        return F.cross_entropy(logits, positive)
+        # info_nce's candidates are teacher[positive]: teacher row e sits at position argsort(positive)[e] there
+        return info_nce(s, teacher[positive], temperature=self.cfg.temperature,
+                        exclude=torch.argsort(positive)[exclude])
 
     def _online(self, x: torch.Tensor, mask: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         if isinstance(self.online, SwinEncoder):
