@@ -5,7 +5,10 @@ per window of steps, the mean of ``l_dv``, ``l_st`` and the reconstruction loss,
 ``st_spread``: 1 - norm of the mean unit embedding, 0 = every embedding alike) with the share of logged steps whose
 ``st_spread`` is below 0.05, and of ``st_own`` / ``st_other`` (the cosine loss of CASA's prediction against its own
 crop's teacher embeddings / another crop's, the same queries: equal means the alignment ignores the crop's content;
-with the cosine loss ``st_own`` is ``l_st``). Columns a run did not log are left empty.
+with the cosine loss ``st_own`` is ``l_st``), the median over the window's steps of ``st_other / st_own`` (1 = the
+alignment ignores the content; a window mean can be one step's spike), and of ``h_content`` / ``y_content`` (the
+share of phi's / psi's token-embedding variance that lies between samples at the same position: 0 = the embedding
+is a function of the position alone). Columns a run did not log are left empty.
 
 Reproduce (docs/results/scaling/alice-collapse/README.md):
     python benchmarks/alice_collapse.py --out docs/results/scaling/alice-collapse/summary.md \\
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 WINDOWS = [(0, 200), (200, 400), (400, 600), (600, 1000), (1000, 2000), (2000, 4000), (4000, 8000), (8000, 16001)]
-COLUMNS = ["dv", "st", "st_own", "st_other", "recon", "dv_spread", "st_spread"]
+COLUMNS = ["dv", "st", "st_own", "st_other", "recon", "dv_spread", "st_spread", "h_content", "y_content"]
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
@@ -39,7 +42,7 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 
 def window_table(rows: list[dict[str, float]]) -> list[str]:
-    head = ["steps", "logged"] + COLUMNS + ["st_spread < 0.05"]
+    head = ["steps", "logged"] + COLUMNS + ["st_spread < 0.05", "other/own (median)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lo, hi in WINDOWS:
         sel = [r for r in rows if lo <= r["step"] < hi]
@@ -51,6 +54,9 @@ def window_table(rows: list[dict[str, float]]) -> list[str]:
             cells.append(f"{np.mean(vals):.3g}" if vals else "")
         spreads = [r["st_spread"] for r in sel if "st_spread" in r]
         cells.append(f"{np.mean(np.array(spreads) < 0.05):.0%}" if spreads else "")
+        # per-step ratio, median: robust to the single-step spikes that dominate some windows' means
+        ratios = [r["st_other"] / r["st_own"] for r in sel if "st_other" in r and "st_own" in r and r["st_own"] > 0]
+        cells.append(f"{np.median(ratios):.2f}" if ratios else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -112,9 +112,10 @@ entries=(
   # needs its final network or 4k snapshot (its lr grid, 3 test seeds each: ~2.3 h on the EPYC), then the 500-step
   # snapshot's 3 runs (its network is the same pretraining's: re-run with the seed if lost), then scratch's grid and
   # tests and the null control (no pretrained network: these span sessions safely, ~1.5 h).
-  # HELD (19th and 20th sessions): Alice's embedding losses collapse at this batch size. The 20th session's heads
+  # HELD (19th-21st sessions): Alice's embedding losses collapse on this CPU. The 20th session's heads
   # (BatchNorm projector, predictors, bias-free zeta) remove the collapse at initialisation, but every variant tried
-  # still loses spread or content-dependence within ~600-2,000 steps (docs/results/scaling/alice-collapse/). Running
+  # (16 runs, batch 8 and seven CASA changes included) turns CASA's alignment content-free within ~400-2,000 steps
+  # (docs/results/scaling/alice-collapse/). Running
   # these would measure Alice without its contrastive terms. Put the entries back only with a pretraining whose
   # monitors hold (st_spread, dv_spread, st_own < st_other); delete runs/ and docs/results/raw/ of
   # alice-la2018-scaling's pretrain folder first.

@@ -30,7 +30,8 @@ from medpretrain.matching.registration import RegistrationMatcher
 from medpretrain.matching.sam import (FINE_STRIDE, AnatomicalEmbeddingNet, MatcherConfig,
                                       MatcherDataset, SamMatcher, sample_at, train_matcher)
 from medpretrain.methods.alice import (CASA, AliceConfig, AliceDataset, AliceModule, SwinEncoder, ViTEncoder,
-                                       augment_views, build_match_table, embedding_spread)
+                                       PositionCentre, augment_views, build_match_table, content_share,
+                                       embedding_spread)
 from medpretrain.models import build_model, get_spec, load_weights
 
 SHARED_POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pool"
@@ -125,6 +126,30 @@ def test_casa_shapes_and_attention_rows_sum_to_one():
     assert att.shape == (2, 7, 20) and torch.all(att >= 0)
     torch.testing.assert_close(att.sum(-1), torch.ones(2, 7))
     assert casa(q, k).shape == (2, 7, 32)
+
+
+def test_position_centre_removes_what_every_sample_shares_at_a_position_and_keeps_the_content():
+    """CASA's ``casa_centre: position``: a positional code common to all samples goes, per-sample content stays
+    (after the first batch the centre is that batch's mean; then an EMA)."""
+    torch.manual_seed(0)
+    centre = PositionCentre(n_tokens=6, dim=4, momentum=0.9).train()
+    position_code = torch.randn(1, 6, 4) * 5
+    for _ in range(3):
+        content = torch.randn(8, 6, 4)
+        content -= content.mean(0, keepdim=True)  # zero-mean content: the position code is the whole mean
+        out = centre(position_code + content)
+        torch.testing.assert_close(out, content, atol=1e-5, rtol=1e-5)
+    centre.eval()
+    frozen = centre.centre.clone()
+    centre(torch.randn(8, 6, 4) + 100)  # evaluation leaves the centre alone
+    torch.testing.assert_close(centre.centre, frozen)
+
+
+def test_content_share_is_zero_for_a_position_code_and_high_for_per_sample_content():
+    torch.manual_seed(0)
+    position_only = torch.randn(1, 30, 16).expand(8, 30, 16) * torch.rand(8, 1, 1).add(0.5)  # scale is not content
+    assert float(content_share(position_only)) == pytest.approx(0.0, abs=1e-6)
+    assert float(content_share(torch.randn(8, 30, 16))) == pytest.approx(7 / 8, abs=0.05)  # var over 8 samples
 
 
 def test_embedding_spread_detects_collapse():
@@ -372,13 +397,15 @@ def test_alice_embeddings_do_not_collapse_with_the_byol_heads_and_do_without_the
     assert bare["st"] < 0.05 and heads["dv_spread"] - bare["dv_spread"] > 0.2, (bare, heads)
 
 
-@pytest.mark.parametrize("contrast_loss", ["cosine", "infonce", "dino"])
-def test_every_contrast_loss_gives_finite_losses_and_the_monitors(contrast_loss):
+@pytest.mark.parametrize("contrast_loss,casa_options", [
+    ("cosine", {}), ("infonce", {}), ("dino", {}), ("cosine", {"casa_centre": "position", "casa_teacher": "ema"}),
+    ("cosine", {"casa_centre": "projector", "casa_teacher": "ema", "casa_kv_norm_bias": False})])
+def test_every_contrast_loss_gives_finite_losses_and_the_monitors(contrast_loss, casa_options):
     """One forward of each contrast (smoke sizes, batch 2): finite losses; the cosine and InfoNCE variants log the
     spreads and the own/other monitor. InfoNCE cannot score 0 when CASA's teacher embeddings of the sample's own
     crop and another sample's are the same (the content-free solution the monitor watches for)."""
     torch.manual_seed(0)
-    cfg = pretrain_config("alice", preset="smoke", overrides={"contrast_loss": contrast_loss, "batch": 2})
+    cfg = pretrain_config("alice", preset="smoke", overrides={"contrast_loss": contrast_loss, "batch": 2, **casa_options})
     module = AliceModule(cfg)
     rng = np.random.default_rng(0)
     masks = [torch.from_numpy(np.stack([random_token_mask(cfg.grid, cfg.mask_ratio, rng) for _ in range(2)]))
@@ -388,8 +415,13 @@ def test_every_contrast_loss_gives_finite_losses_and_the_monitors(contrast_loss)
              "mask_k": masks[1], "aug": aug}
     out = module.losses(batch)
     assert all(torch.isfinite(v) for v in out.values()), out
-    assert {"recon", "dv", "st", "loss", "dv_spread", "st_spread"} <= set(out)
+    assert {"recon", "dv", "st", "loss", "dv_spread", "st_spread", "h_content", "y_content"} <= set(out)
     assert (contrast_loss != "dino") == ({"st_own", "st_other"} <= set(out))
+    if casa_options:  # the teacher side's CASA is an EMA copy, frozen and updated with the other teachers
+        assert any(t is module.target_casa for t, _ in module.teacher_pairs())
+        assert not any(p.requires_grad for p in module.target_casa.parameters())
+        assert float(module.centre_s.centre.abs().sum()) > 0  # the first training batch set the centre
+        assert (module.casa.norm_kv.bias is None) == (casa_options.get("casa_kv_norm_bias") is False)
     if contrast_loss == "infonce":
         from medpretrain.blocks.contrastive import info_nce
 

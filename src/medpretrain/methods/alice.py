@@ -44,12 +44,14 @@ batch is a row of the BatchNorm), and the online branch alone has their predicto
 (``q`` on ``[cls]``, ``q'`` on CASA's output); zeta has no bias. With the first heads (an un-normalised DINO-style
 projector, no predictor, a biased zeta) every embedding of a random network pointed nearly the same way (spread
 ~0.02 at step 0), the cosine losses were solved by keeping it so, and a 16k-step la2018 run lost both embedding
-losses within ~600 steps. These heads start spread (about 0.2-0.46), but at batch 2 on the CPU they, ``infonce``
-and lr 1e-4 still lose spread or content-dependence within ~600-2,000 steps, and ``dino`` learnt nothing in 880
+losses within ~600 steps. These heads start spread (about 0.2-0.46), but on the CPU they, ``infonce``, lr 1e-4,
+batch 8 and the CASA options (``casa_teacher``, ``casa_centre``, ``casa_kv_norm_bias``; defaults = the paper) all
+turn CASA's alignment content-free within ~400-2,000 steps, and ``dino`` learnt nothing in 880
 (``docs/results/scaling/alice-collapse/``). Monitors, logged every step: ``st_spread`` and ``dv_spread`` (1 - norm
 of the mean unit embedding of CASA's student outputs and of the online ``[cls]``; 0 = collapsed), ``st_own`` and
 ``st_other`` (the cosine loss of q'(S) against its own crop's T and against another sample's T over the same
-queries; equal = the alignment ignores the content). ``contrast_loss: infonce`` contrasts instead (temperature
+queries; equal = the alignment ignores the content), ``h_content`` and ``y_content`` (``content_share`` of phi's
+and psi's tokens: 0 = a function of the position alone). ``contrast_loss: infonce`` contrasts instead (temperature
 ``temperature``): ``[cls]`` against the other samples' (the matched pair's other view excluded), and each CASA
 token against the other tokens and against the other samples' T over its queries. With ``contrast_loss: dino``
 (the authors' code) phi is DINO's head (to an L2-normalised bottleneck, then ``head_dim`` prototypes), both
@@ -133,6 +135,19 @@ class AliceConfig(TrainingConfig):
         temperature: InfoNCE's temperature (MoCo v3: 0.2).
         casa: use CASA for ``l_st`` (False: pooled siamese contrast, paper Table 5 "w/o").
         casa_keys: teacher keys/values from the ``target_encoder`` (paper) or an EMA ``target_decoder``.
+        casa_centre: ``none`` (paper), ``position``: CASA's key/value tokens minus an EMA of their mean at each
+            grid position (student and teacher sides each their own), so that what every crop shares at a
+            position (the positional code) cannot carry the alignment, or ``projector``: the same done to the
+            tokens phi and psi project (the online decoder's, the target encoder's), so that the projector's
+            BatchNorm can only find its variance between rows in the content. Not from the paper: a probe of the
+            content-free alignment seen on the CPU (``docs/results/scaling/alice-collapse/``).
+        casa_teacher: CASA's weights on the teacher side (T): the ``online`` module itself (the paper: "similar",
+            the same queries) or an ``ema`` copy (BYOL's target projector), so that the student's gradient cannot
+            move both sides of ``l_st`` at once (with shared weights a rank-1 zeta solves it). The query tokens
+            are the online encoder's either way (projected by the EMA copy's W_q on the teacher side). Not from
+            the paper: a collapse probe.
+        casa_kv_norm_bias: the learnt shift of CASA's key/value LayerNorm (paper's LN: True). False: no constant
+            vector shared by every key and value (a collapse probe).
         inter_volume: K from another volume via the matcher (paper); False: from the query volume, no l_dv.
         rotation_deg, intensity: strong augmentation of the target views (max rotation about z;
             (scale, shift) half-ranges).
@@ -175,6 +190,9 @@ class AliceConfig(TrainingConfig):
     temperature: float = 0.2
     casa: bool = True
     casa_keys: Literal["target_encoder", "target_decoder"] = "target_encoder"
+    casa_centre: Literal["none", "position", "projector"] = "none"
+    casa_teacher: Literal["online", "ema"] = "online"
+    casa_kv_norm_bias: bool = True
     inter_volume: bool = True
     rotation_deg: float = 15.0
     intensity: tuple[float, float] = (0.1, 0.1)
@@ -436,6 +454,15 @@ def embedding_spread(emb: torch.Tensor) -> torch.Tensor:
     return 1.0 - unit.mean(0).norm()
 
 
+def content_share(tokens: torch.Tensor) -> torch.Tensor:
+    """Of the variance of ``(B, N, C)`` unit token embeddings over all ``B * N`` rows, the share that lies between
+    samples at the same grid position (mean over positions of the variance over ``B``): 0 when the embedding is a
+    function of the position alone (every sample alike), near 1 when positions share nothing. Needs ``B >= 2``."""
+    unit = F.normalize(tokens.float(), dim=-1)
+    total = unit.reshape(-1, unit.shape[-1]).var(0, unbiased=False).sum()
+    return unit.var(0, unbiased=False).mean(0).sum() / total.clamp_min(1e-12)
+
+
 class CASA(nn.Module):
     """Conditional anatomical semantic alignment (eq. 3-4): ``zeta(softmax(q k^T / sqrt(C)) v)`` with
     ``q = LN(V) W_q`` and ``k, v = LN(H) W_k, LN(H) W_v``.
@@ -444,11 +471,14 @@ class CASA(nn.Module):
         query_dim: width of the encoder tokens V.
         key_dim: width of the tokens H keys and values come from.
         dim: projection width C.
+        kv_norm_bias: a learnt shift in the keys' and values' LayerNorm (the paper's LN; False for the probe).
     """
 
-    def __init__(self, query_dim: int, key_dim: int, dim: int):
+    def __init__(self, query_dim: int, key_dim: int, dim: int, kv_norm_bias: bool = True):
         super().__init__()
-        self.norm_q, self.norm_kv = nn.LayerNorm(query_dim), nn.LayerNorm(key_dim)
+        # kv_norm_bias False: LN(H)'s learnt shift is a vector every key and value share, so W_v of it is a
+        # constant both S and T could meet at (as zeta's bias was)
+        self.norm_q, self.norm_kv = nn.LayerNorm(query_dim), nn.LayerNorm(key_dim, bias=kv_norm_bias)
         self.w_q = nn.Linear(query_dim, dim, bias=False)
         self.w_k = nn.Linear(key_dim, dim, bias=False)
         self.w_v = nn.Linear(key_dim, dim, bias=False)
@@ -465,6 +495,32 @@ class CASA(nn.Module):
         """``(B, Nq, C)`` aligned embeddings of ``(B, Nq, Dq)`` queries over ``(B, Nk, Dk)`` key tokens."""
         att = self.attention(queries, keys)
         return self.zeta(att @ self.w_v(self.norm_kv(keys)))
+
+
+class PositionCentre(nn.Module):
+    """Subtracts from ``(B, N, D)`` tokens an EMA (momentum ``momentum``) of their batch mean at each of the ``N``
+    grid positions: the part every sample shares at a position (e.g. a positional embedding) is removed, the
+    content that differs between samples is kept. The centre is updated in training from the detached batch
+    (averaged over processes under DDP), as DINO's centre."""
+
+    def __init__(self, n_tokens: int, dim: int, momentum: float = 0.9):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("centre", torch.zeros(n_tokens, dim))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                batch = tokens.detach().float().mean(0)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(batch)
+                    batch /= torch.distributed.get_world_size()
+                # the first batch sets the centre: from zeros the positional part would take ~1/(1-m) steps to go
+                self.centre.copy_(torch.where(self.seen, self.momentum * self.centre + (1 - self.momentum) * batch,
+                                              batch))
+                self.seen.fill_(True)
+        return tokens - self.centre.to(tokens.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,7 +556,11 @@ class AliceModule(StudentTeacherModule):
             self.phi = ProjectionHead(dim, cfg.head_dim, hidden_dim=cfg.head_hidden, n_layers=3,
                                       bottleneck_dim=cfg.head_bottleneck, normalize_bottleneck=True,
                                       weight_norm_last=True)
-        self.casa = CASA(dim, self.phi.out_dim, cfg.casa_dim)
+        self.casa = CASA(dim, self.phi.out_dim, cfg.casa_dim, kv_norm_bias=cfg.casa_kv_norm_bias)
+        self.centre_s = self.centre_t = None
+        if cfg.casa_centre != "none":
+            width = self.phi.out_dim if cfg.casa_centre == "position" else dim
+            self.centre_s, self.centre_t = PositionCentre(n_tokens, width), PositionCentre(n_tokens, width)
         # Online-only prediction heads (module documentation: what keeps the cosine losses from collapsing).
         self.predict_cls = self.predict_st = None
         if cfg.predictor and cfg.contrast_loss != "dino":
@@ -509,6 +569,7 @@ class AliceModule(StudentTeacherModule):
             self.predict_st = ProjectionHead(cfg.casa_dim, cfg.casa_dim, hidden_dim=cfg.head_hidden, norm=norm)
         self.target = make_teacher(self.online)
         self.psi = make_teacher(self.phi)
+        self.target_casa = make_teacher(self.casa) if cfg.casa_teacher == "ema" else None
         self.target_decoder = make_teacher(self.decoder) if cfg.casa_keys == "target_decoder" else None
         self.dino = DINOLoss(cfg.head_dim) if cfg.contrast_loss == "dino" else None
         # l_st's own centre: CASA's outputs are casa_dim wide and per token (iBOT's patch loss in the authors' code)
@@ -519,6 +580,8 @@ class AliceModule(StudentTeacherModule):
         pairs = [(self.target, self.online), (self.psi, self.phi)]
         if self.target_decoder is not None:
             pairs.append((self.target_decoder, self.decoder))
+        if self.target_casa is not None:
+            pairs.append((self.target_casa, self.casa))
         return pairs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -564,10 +627,14 @@ class AliceModule(StudentTeacherModule):
         dec_tokens, pred = self.decoder(v_tokens, visible)
         target = normalized_pixels(patchify(x.float(), cfg.mask_patch))
         out: dict[str, torch.Tensor] = {"recon": masked_mse(pred, target, mask if cfg.recon_region == "masked" else None)}
+        if cfg.casa_centre == "projector":
+            dec_tokens = self.centre_s(dec_tokens)
         h = self.phi(dec_tokens)                            # H_u^Q, H_r^K
         with torch.no_grad():
             views = augment_views(x, torch.cat([batch["aug"][:, 0], batch["aug"][:, 1]]))  # X_w^Q, X_v^K
             y_tokens = self.target(views)
+            if cfg.casa_centre == "projector":
+                y_tokens = self.centre_t(y_tokens)
             y = self.psi(y_tokens)                          # Y_w^Q, Y_v^K
             if self.target_decoder is not None:
                 full = torch.arange(y_tokens.shape[1], device=x.device).expand(x.shape[0], -1)
@@ -576,15 +643,20 @@ class AliceModule(StudentTeacherModule):
                 y_keys = y
         cls_h, cls_y = h.mean(1), y.mean(1)
         out["dv_spread"] = embedding_spread(cls_h.detach())  # collapse monitor of the pooled embeddings
+        # content monitors (logged): how much of phi's / psi's token embeddings differs between samples at a position
+        out["h_content"], out["y_content"] = content_share(h.detach()), content_share(y)
         swap = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(x.device)  # Q <-> K
         same = torch.arange(2 * b, device=x.device)
         if cfg.inter_volume and cfg.lambda_dv:
             out["dv"] = self._contrast(cls_h, cls_y, swap, same)  # (u^Q, v^K) and (r^K, w^Q)
         if cfg.lambda_st:
             if cfg.casa:
+                if cfg.casa_centre == "position":
+                    h, y_keys = self.centre_s(h), self.centre_t(y_keys)
                 s = self.casa(v_tokens, h)
+                casa_t = self.target_casa if self.target_casa is not None else self.casa
                 with torch.no_grad():
-                    t = self.casa(v_tokens, y_keys)
+                    t = casa_t(v_tokens, y_keys)
                 if self.dino_st is not None:
                     out["st"] = self.dino_st(s, t)
                     if self.training:
@@ -594,7 +666,7 @@ class AliceModule(StudentTeacherModule):
                     # T of the same queries over ANOTHER sample's keys and values (Q's among the Q crops, K's among
                     # the K crops: the matched crop is no negative): infonce's negatives, and the shortcut monitor.
                     with torch.no_grad():
-                        others = [self.casa(v_tokens, y_keys[torch.cat([torch.arange(b).roll(r),
+                        others = [casa_t(v_tokens, y_keys[torch.cat([torch.arange(b).roll(r),
                                                                          torch.arange(b, 2 * b).roll(r)]).to(x.device)])
                                   for r in range(1, b)]
                     if cfg.contrast_loss == "infonce":
