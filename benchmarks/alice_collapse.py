@@ -6,14 +6,14 @@ per window of steps, the mean of ``l_dv``, ``l_st`` and the reconstruction loss,
 ``st_spread`` is below 0.05, and of ``st_own`` / ``st_other`` (the cosine loss of CASA's prediction against its own
 crop's teacher embeddings / another crop's, the same queries: equal means the alignment ignores the crop's content;
 with the cosine loss ``st_own`` is ``l_st``), the median over the window's steps of ``st_other / st_own`` (1 = the
-alignment ignores the content; a window mean can be one step's spike), and of ``h_content`` / ``y_content`` (the
+alignment ignores the content; a window mean can be a few steps' spikes), and of ``h_content`` / ``y_content`` (the
 share of phi's / psi's token-embedding variance that lies between samples at the same position: 0 = the embedding
 is a function of the position alone). Columns a run did not log are left empty.
 
-Reproduce (docs/results/scaling/alice-collapse/README.md):
-    python benchmarks/alice_collapse.py --out docs/results/scaling/alice-collapse/summary.md \\
-        --run "old heads (19th session)=docs/results/scaling/alice-collapse/no-predictor-metrics.csv" \\
-        --run "BYOL heads=runs/alice-la2018-scaling/pretrain/alice-unetr-small/logs/csv/metrics.csv"
+Reproduce probes.md from every committed metrics file (docs/results/scaling/alice-collapse/README.md):
+    bash benchmarks/alice-collapse/probes.sh
+or one run:
+    python benchmarks/alice_collapse.py --out /tmp/probe.md --run "LABEL=runs/alice-collapse/NAME/logs/csv/metrics.csv"
 """
 
 from __future__ import annotations

@@ -114,10 +114,10 @@ entries=(
   # tests and the null control (no pretrained network: these span sessions safely, ~1.5 h).
   # HELD (19th-21st sessions): Alice's embedding losses collapse on this CPU. The 20th session's heads
   # (BatchNorm projector, predictors, bias-free zeta) remove the collapse at initialisation, but every variant tried
-  # (16 runs, batch 8 and seven CASA changes included) turns CASA's alignment content-free within ~400-2,000 steps
+  # (16 runs, batch 8 and six CASA changes included) collapses or turns CASA's alignment content-free within ~2,000 steps
   # (docs/results/scaling/alice-collapse/). Running
   # these would measure Alice without its contrastive terms. Put the entries back only with a pretraining whose
-  # monitors hold (st_spread, dv_spread, st_own < st_other); delete runs/ and docs/results/raw/ of
+  # monitors hold (st_spread, dv_spread, median st_other / st_own clearly above 1, e.g. > 1.1); delete runs/ and docs/results/raw/ of
   # alice-la2018-scaling's pretrain folder first.
   #"alice-la2018-scaling alice-la2018-scaling --models --parallel=1 pretrain-alice-*"
   #"alice-la2018-scaling alice-la2018-scaling --models alice-unetr-small-* alice@4000-*"

@@ -143,7 +143,8 @@ class AliceConfig(TrainingConfig):
             content-free alignment seen on the CPU (``docs/results/scaling/alice-collapse/``).
         casa_teacher: CASA's weights on the teacher side (T): the ``online`` module itself (the paper: "similar",
             the same queries) or an ``ema`` copy (BYOL's target projector), so that the student's gradient cannot
-            move both sides of ``l_st`` at once (with shared weights a rank-1 zeta solves it). The query tokens
+            move both sides of ``l_st`` at once (with shared weights, e.g., a zeta that maps every input to one direction
+            would solve it: a hypothesis, and the EMA copy did not stop the content-free solution either). The query tokens
             are the online encoder's either way (projected by the EMA copy's W_q on the teacher side). Not from
             the paper: a collapse probe.
         casa_kv_norm_bias: the learnt shift of CASA's key/value LayerNorm (paper's LN: True). False: no constant
@@ -457,7 +458,8 @@ def embedding_spread(emb: torch.Tensor) -> torch.Tensor:
 def content_share(tokens: torch.Tensor) -> torch.Tensor:
     """Of the variance of ``(B, N, C)`` unit token embeddings over all ``B * N`` rows, the share that lies between
     samples at the same grid position (mean over positions of the variance over ``B``): 0 when the embedding is a
-    function of the position alone (every sample alike), near 1 when positions share nothing. Needs ``B >= 2``."""
+    function of the position alone (every sample alike), near 1 when the mean embedding is the same at every position
+    (the position carries nothing). Needs ``B >= 2``."""
     unit = F.normalize(tokens.float(), dim=-1)
     total = unit.reshape(-1, unit.shape[-1]).var(0, unbiased=False).sum()
     return unit.var(0, unbiased=False).mean(0).sum() / total.clamp_min(1e-12)
