@@ -401,11 +401,12 @@ def test_alice_embeddings_do_not_collapse_with_the_byol_heads_and_do_without_the
     ("cosine", {}), ("infonce", {}), ("dino", {}), ("cosine", {"casa_centre": "position", "casa_teacher": "ema"}),
     ("cosine", {"casa_centre": "projector", "casa_teacher": "ema", "casa_kv_norm_bias": False})])
 def test_every_contrast_loss_gives_finite_losses_and_the_monitors(contrast_loss, casa_options):
-    """One forward of each contrast (smoke sizes, batch 2): finite losses; the cosine and InfoNCE variants log the
-    spreads and the own/other monitor. InfoNCE cannot score 0 when CASA's teacher embeddings of the sample's own
+    """One forward of each contrast (smoke sizes, batch 2), and of the CASA probe options: finite losses; every
+    variant logs the spreads and content shares, the cosine and InfoNCE ones the own/other monitor. InfoNCE cannot score 0 when CASA's teacher embeddings of the sample's own
     crop and another sample's are the same (the content-free solution the monitor watches for)."""
     torch.manual_seed(0)
-    cfg = pretrain_config("alice", preset="smoke", overrides={"contrast_loss": contrast_loss, "batch": 2, **casa_options})
+    cfg = pretrain_config("alice", preset="smoke",
+                          overrides={"contrast_loss": contrast_loss, "batch": 2, **casa_options})
     module = AliceModule(cfg)
     rng = np.random.default_rng(0)
     masks = [torch.from_numpy(np.stack([random_token_mask(cfg.grid, cfg.mask_ratio, rng) for _ in range(2)]))

@@ -46,7 +46,7 @@ projector, no predictor, a biased zeta) every embedding of a random network poin
 ~0.02 at step 0), the cosine losses were solved by keeping it so, and a 16k-step la2018 run lost both embedding
 losses within ~600 steps. These heads start spread (about 0.2-0.46), but on the CPU they, ``infonce``, lr 1e-4,
 batch 8 and the CASA options (``casa_teacher``, ``casa_centre``, ``casa_kv_norm_bias``; defaults = the paper) all
-turn CASA's alignment content-free within ~400-2,000 steps, and ``dino`` learnt nothing in 880
+turn CASA's alignment content-free within ~300-2,000 steps, and ``dino`` learnt nothing in 880
 (``docs/results/scaling/alice-collapse/``). Monitors, logged every step: ``st_spread`` and ``dv_spread`` (1 - norm
 of the mean unit embedding of CASA's student outputs and of the online ``[cls]``; 0 = collapsed), ``st_own`` and
 ``st_other`` (the cosine loss of q'(S) against its own crop's T and against another sample's T over the same
@@ -143,10 +143,10 @@ class AliceConfig(TrainingConfig):
             content-free alignment seen on the CPU (``docs/results/scaling/alice-collapse/``).
         casa_teacher: CASA's weights on the teacher side (T): the ``online`` module itself (the paper: "similar",
             the same queries) or an ``ema`` copy (BYOL's target projector), so that the student's gradient cannot
-            move both sides of ``l_st`` at once (with shared weights, e.g., a zeta that maps every input to one direction
-            would solve it: a hypothesis, and the EMA copy did not stop the content-free solution either). The query tokens
-            are the online encoder's either way (projected by the EMA copy's W_q on the teacher side). Not from
-            the paper: a collapse probe.
+            move both sides of ``l_st`` at once (with shared weights, e.g., a zeta that maps every input to one
+            direction would solve it: a hypothesis, and the EMA copy did not stop the content-free solution
+            either). The query tokens are the online encoder's either way (projected by the EMA copy's W_q on the
+            teacher side). Not from the paper: a collapse probe.
         casa_kv_norm_bias: the learnt shift of CASA's key/value LayerNorm (paper's LN: True). False: no constant
             vector shared by every key and value (a collapse probe).
         inter_volume: K from another volume via the matcher (paper); False: from the query volume, no l_dv.
