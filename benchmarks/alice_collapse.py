@@ -61,10 +61,36 @@ def window_table(rows: list[dict[str, float]]) -> list[str]:
     return lines
 
 
+def watch_verdicts(rows: list[dict[str, float]], cosine: bool) -> list[str]:
+    """What ``methods.alice.AlignmentWatch`` (the warning a run logs) would have said over these logged rows: each
+    logged row stands for the 10 steps up to the next one. Runs that did not log ``st_own`` use their ``st`` where it
+    is the same number (the cosine loss)."""
+    import torch
+
+    from medpretrain.methods.alice import AlignmentWatch
+
+    watch, said = AlignmentWatch(), []
+    for r in rows:
+        parts = {}
+        own = r.get("st_own", r.get("st") if cosine else None)
+        if own is not None and "st_other" in r:
+            parts["st_own"], parts["st_other"] = torch.tensor(own), torch.tensor(r["st_other"])
+        if "st_spread" in r:
+            parts["st_spread"] = torch.tensor(r["st_spread"])
+        for step in range(r["step"], r["step"] + 10):
+            message = watch.update(step, parts)
+            if message:
+                said.append(f"{message.split('(')[1].split(')')[0]}: **{watch.state}**")
+    return said or ["no warning"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="append", required=True, help="LABEL=path/to/metrics.csv (repeatable)")
     ap.add_argument("--out", type=Path, required=True, help="Markdown file to write")
+    ap.add_argument("--watch", action="store_true",
+                    help="add what the run-time warning (methods.alice.AlignmentWatch) would have said per run; a "
+                         "run whose LABEL contains 'infonce' or 'dino' is read as not using the cosine l_st")
     args = ap.parse_args()
     out = ["# Alice's embedding losses per window of pretraining steps", "",
            "Means over the logged steps of each window (every 10th step is logged; batch 2, so single steps are "
@@ -74,6 +100,9 @@ def main() -> None:
         rows = read_metrics(Path(path))
         out += [f"## {label}", "", f"`{path}`, {len(rows)} logged steps, last step {rows[-1]['step']}.", ""]
         out += window_table(rows) + [""]
+        if args.watch:
+            cosine = not any(k in label.lower() for k in ("infonce", "dino"))
+            out += ["AlignmentWatch (200-step windows): " + "; ".join(watch_verdicts(rows, cosine)) + ".", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(out))
     print(args.out.read_text())

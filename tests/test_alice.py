@@ -29,7 +29,7 @@ from medpretrain.matching.accuracy import body_points, random_affine, warp, warp
 from medpretrain.matching.registration import RegistrationMatcher
 from medpretrain.matching.sam import (FINE_STRIDE, AnatomicalEmbeddingNet, MatcherConfig,
                                       MatcherDataset, SamMatcher, sample_at, train_matcher)
-from medpretrain.methods.alice import (CASA, AliceConfig, AliceDataset, AliceModule, SwinEncoder, ViTEncoder,
+from medpretrain.methods.alice import (CASA, AlignmentWatch, AliceConfig, AliceDataset, AliceModule, SwinEncoder, ViTEncoder,
                                        PositionCentre, augment_views, build_match_table, content_share,
                                        embedding_spread)
 from medpretrain.models import build_model, get_spec, load_weights
@@ -150,6 +150,24 @@ def test_content_share_is_zero_for_a_position_code_and_high_for_per_sample_conte
     position_only = torch.randn(1, 30, 16).expand(8, 30, 16) * torch.rand(8, 1, 1).add(0.5)  # scale is not content
     assert float(content_share(position_only)) == pytest.approx(0.0, abs=1e-6)
     assert float(content_share(torch.randn(8, 30, 16))) == pytest.approx(7 / 8, abs=0.05)  # var over 8 samples
+
+
+def test_alignment_watch_reports_each_change_of_state_once():
+    """The log warning of a run whose CASA alignment goes content-free or collapses, and its recovery."""
+    watch = AlignmentWatch(window=10)
+
+    def steps(start, own, other, spread):
+        parts = {"st_own": torch.tensor(own), "st_other": torch.tensor(other), "st_spread": torch.tensor(spread)}
+        return [m for s in range(start, start + 10) if (m := watch.update(s, parts))]
+
+    assert steps(0, 0.2, 0.5, 0.6) == []                      # learning: other/own 2.5
+    free = steps(10, 0.01, 0.0101, 0.6)                       # other/own 1.01: content-free
+    assert len(free) == 1 and "no longer looks at the content" in free[0] and "steps 10-20" in free[0]
+    assert steps(20, 0.01, 0.0094, 0.6) == []                 # closer to the other crop: content-free too, said once
+    collapsed = steps(30, 0.01, 0.03, 0.01)
+    assert len(collapsed) == 1 and "collapsed" in collapsed[0]
+    again = steps(40, 0.1, 0.2, 0.5)
+    assert len(again) == 1 and "carries content again" in again[0]
 
 
 def test_embedding_spread_detects_collapse():
@@ -418,6 +436,7 @@ def test_every_contrast_loss_gives_finite_losses_and_the_monitors(contrast_loss,
     assert all(torch.isfinite(v) for v in out.values()), out
     assert {"recon", "dv", "st", "loss", "dv_spread", "st_spread", "h_content", "y_content"} <= set(out)
     assert (contrast_loss != "dino") == ({"st_own", "st_other"} <= set(out))
+    assert (module.alignment_watch is None) == (contrast_loss == "dino")
     if casa_options:  # the teacher side's CASA is an EMA copy, frozen and updated with the other teachers
         assert any(t is module.target_casa for t, _ in module.teacher_pairs())
         assert not any(p.requires_grad for p in module.target_casa.parameters())

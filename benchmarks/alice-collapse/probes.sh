@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 D=docs/results/scaling/alice-collapse
-python benchmarks/alice_collapse.py --out "$D/probes.md" \
+python benchmarks/alice_collapse.py --watch --out "$D/probes.md" \
   --run "first heads (19th session's 16k run, stopped at 2,100; commit 1588ece)=$D/no-predictor-metrics.csv" \
   --run "DINO loss (contrast_loss: dino), probe=$D/probe-dino-metrics.csv" \
   --run "BatchNorm heads + predictors, zeta with a bias (intermediate code), probe=$D/probe-byol-heads-zeta-bias-metrics.csv" \

@@ -51,7 +51,8 @@ turn CASA's alignment content-free within ~300-2,000 steps, and ``dino`` learnt 
 of the mean unit embedding of CASA's student outputs and of the online ``[cls]``; 0 = collapsed), ``st_own`` and
 ``st_other`` (the cosine loss of q'(S) against its own crop's T and against another sample's T over the same
 queries; equal = the alignment ignores the content), ``h_content`` and ``y_content`` (``content_share`` of phi's
-and psi's tokens: 0 = a function of the position alone). ``contrast_loss: infonce`` contrasts instead (temperature
+and psi's tokens: 0 = a function of the position alone); ``AlignmentWatch`` warns in the log when the alignment
+goes content-free or collapses. ``contrast_loss: infonce`` contrasts instead (temperature
 ``temperature``): ``[cls]`` against the other samples' (the matched pair's other view excluded), and each CASA
 token against the other tokens and against the other samples' T over its queries. With ``contrast_loss: dino``
 (the authors' code) phi is DINO's head (to an L2-normalised bottleneck, then ``head_dim`` prototypes), both
@@ -499,6 +500,54 @@ class CASA(nn.Module):
         return self.zeta(att @ self.w_v(self.norm_kv(keys)))
 
 
+class AlignmentWatch:
+    """Warns in the log when Alice's contrastive terms stop carrying content (what 16 CPU runs did,
+    ``docs/results/scaling/alice-collapse/``): every ``window`` steps it reads the window's per-step ``st_other /
+    st_own`` (CASA's prediction against another crop's teacher embeddings over against its own) and ``st_spread``,
+    and reports a change of state: **content-free** when the median ratio is at most ``1 + tolerance`` (the
+    alignment no longer prefers its own crop), **collapsed** when the median ``st_spread`` is below ``min_spread`` (every
+    CASA output alike), and the return to neither.
+
+    Args:
+        window: steps per verdict.
+        tolerance: how far above 1 the median ratio must be to count as content-dependent (content-free runs read
+            0.94-1.05, learning ones 1.1-2.5).
+        min_spread: the collapsed ``st_spread``.
+    """
+
+    def __init__(self, window: int = 200, tolerance: float = 0.05, min_spread: float = 0.05):
+        self.window, self.tolerance, self.min_spread = window, tolerance, min_spread
+        self.ratios: list[torch.Tensor] = []  # kept as tensors: one device sync per window, not per step
+        self.spreads: list[torch.Tensor] = []
+        self.state = "ok"
+
+    def update(self, step: int, parts: dict[str, torch.Tensor]) -> str | None:
+        """Record one step's losses (``Alice.losses``' output); at the end of each window, the message for a change
+        of state (None otherwise)."""
+        if "st_own" in parts:
+            self.ratios.append((parts["st_other"] / parts["st_own"]).detach().float())
+        if "st_spread" in parts:
+            self.spreads.append(parts["st_spread"].detach().float())
+        if (step + 1) % self.window:
+            return None
+        ratios, spreads, self.ratios, self.spreads = self.ratios, self.spreads, [], []
+        ratio = float(torch.stack(ratios).nanmedian()) if ratios else float("nan")  # 0/0 = nan: skipped
+        spread = float(torch.stack(spreads).median()) if spreads else float("nan")
+        state = ("collapsed" if spread < self.min_spread else
+                 "content-free" if ratio <= 1.0 + self.tolerance else "ok")  # nan (no monitor): ok
+        if state == self.state:
+            return None
+        self.state = state
+        where = f"steps {step + 1 - self.window}-{step + 1}: median st_other/st_own {ratio:.2f}, st_spread {spread:.2f}"
+        if state == "ok":
+            return f"Alice's CASA alignment carries content again ({where})"
+        what = ("CASA's outputs have collapsed to one direction" if state == "collapsed" else
+                "CASA's prediction is as close to another crop's teacher embeddings as to its own: l_st no longer "
+                "looks at the content")
+        return (f"Alice: {what} ({where}). The run now trains mostly its masked-image reconstruction; "
+                "see docs/results/scaling/alice-collapse/ (larger batch, e.g. the paper preset on GPUs)")
+
+
 class PositionCentre(nn.Module):
     """Subtracts from ``(B, N, D)`` tokens an EMA (momentum ``momentum``) of their batch mean at each of the ``N``
     grid positions: the part every sample shares at a position (e.g. a positional embedding) is removed, the
@@ -577,6 +626,7 @@ class AliceModule(StudentTeacherModule):
         # l_st's own centre: CASA's outputs are casa_dim wide and per token (iBOT's patch loss in the authors' code)
         self.dino_st = DINOLoss(cfg.casa_dim) if cfg.contrast_loss == "dino" else None
         self._updates_done = 0
+        self.alignment_watch = AlignmentWatch() if cfg.casa and cfg.contrast_loss != "dino" else None
 
     def teacher_pairs(self):
         pairs = [(self.target, self.online), (self.psi, self.phi)]
@@ -696,7 +746,12 @@ class AliceModule(StudentTeacherModule):
         return out
 
     def training_step(self, batch, batch_idx):
-        loss = log_loss_parts(self, self.losses(batch), batch["q"].shape[0])
+        parts = self.losses(batch)
+        loss = log_loss_parts(self, parts, batch["q"].shape[0])
+        if self.alignment_watch is not None:
+            message = self.alignment_watch.update(self.global_step, parts)
+            if message and self.global_rank == 0:
+                log.warning(message)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
         return loss
 
