@@ -80,7 +80,7 @@ def watch_verdicts(rows: list[dict[str, float]], cosine: bool) -> list[str]:
         for step in range(r["step"], r["step"] + 10):
             message = watch.update(step, parts)
             if message:
-                said.append(f"{message.split('(')[1].split(')')[0]}: **{watch.state}**")
+                said.append(f"{watch.where}: **{watch.state}**")
     return said or ["no warning"]
 
 

@@ -45,6 +45,15 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Te
     return F.cross_entropy(torch.cat(logits, 1) / temperature, torch.arange(a.shape[0], device=a.device))
 
 
+def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """``value`` averaged over the DDP processes (itself when not distributed): the batch statistics an EMA centre
+    follows are then the global batch's."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value)
+        value /= torch.distributed.get_world_size()
+    return value
+
+
 class DINOLoss(nn.Module):
     """DINO's self-distillation cross-entropy: ``-softmax((t - center) / t_temp) . log_softmax(s / s_temp)``,
     with the centre an EMA of the teacher outputs (updated by :meth:`update_center`, in the caller's
@@ -70,8 +79,5 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher: torch.Tensor) -> None:
-        batch_center = teacher.detach().float().reshape(-1, teacher.shape[-1]).mean(0)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(batch_center)
-            batch_center /= torch.distributed.get_world_size()
+        batch_center = mean_over_processes(teacher.detach().float().reshape(-1, teacher.shape[-1]).mean(0))
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)

@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch.utils.data import Dataset
 
-from medpretrain.blocks.contrastive import DINOLoss, embedding_loss, info_nce
+from medpretrain.blocks.contrastive import DINOLoss, embedding_loss, info_nce, mean_over_processes
 from medpretrain.blocks.ema import make_teacher, resolve_ema_momentum, teacher_init_share
 from medpretrain.blocks.heads import ProjectionHead
 from medpretrain.blocks.masking import (gather_tokens, masked_mse, normalized_pixels, patchify, random_token_mask,
@@ -520,6 +520,7 @@ class AlignmentWatch:
         self.ratios: list[torch.Tensor] = []  # kept as tensors: one device sync per window, not per step
         self.spreads: list[torch.Tensor] = []
         self.state = "ok"
+        self.where = ""  # the last verdict's window and medians
 
     def update(self, step: int, parts: dict[str, torch.Tensor]) -> str | None:
         """Record one step's losses (``Alice.losses``' output); at the end of each window, the message for a change
@@ -538,7 +539,7 @@ class AlignmentWatch:
         if state == self.state:
             return None
         self.state = state
-        where = f"steps {step + 1 - self.window}-{step + 1}: median st_other/st_own {ratio:.2f}, st_spread {spread:.2f}"
+        self.where = where = f"steps {step + 1 - self.window}-{step + 1}: median st_other/st_own {ratio:.2f}, st_spread {spread:.2f}"
         if state == "ok":
             return f"Alice's CASA alignment carries content again ({where})"
         what = ("CASA's outputs have collapsed to one direction" if state == "collapsed" else
@@ -563,10 +564,7 @@ class PositionCentre(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.training:
             with torch.no_grad():
-                batch = tokens.detach().float().mean(0)
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(batch)
-                    batch /= torch.distributed.get_world_size()
+                batch = mean_over_processes(tokens.detach().float().mean(0))
                 # the first batch sets the centre: from zeros the positional part would take ~1/(1-m) steps to go
                 self.centre.copy_(torch.where(self.seen, self.momentum * self.centre + (1 - self.momentum) * batch,
                                               batch))
